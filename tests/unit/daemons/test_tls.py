@@ -1,0 +1,390 @@
+"""TLSLayer: a server and a client layer pumped against each other, no sockets."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemons.tls import TLSLayer, client_context, server_context
+from ipc_core.errors import PeerClosed, ProtocolError
+
+# -- certificates (local helper: a CA, a server cert, a client cert) ---------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _make_leaf(
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    cn: str,
+    *,
+    server: bool,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(cn), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+@dataclass(frozen=True)
+class PKI:
+    ca: Path
+    other_ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    d = tmp_path_factory.mktemp("pki")
+    ca, ca_key = _make_ca("Test CA")
+    other, _ = _make_ca("Other CA")
+    srv, srv_key = _make_leaf(ca, ca_key, "localhost", server=True)
+    cli, cli_key = _make_leaf(ca, ca_key, "client-1", server=False)
+    paths = PKI(
+        ca=d / "ca.pem",
+        other_ca=d / "other-ca.pem",
+        server_cert=d / "server.pem",
+        server_key=d / "server.key",
+        client_cert=d / "client.pem",
+        client_key=d / "client.key",
+    )
+    _write_cert(paths.ca, ca)
+    _write_cert(paths.other_ca, other)
+    _write_cert(paths.server_cert, srv)
+    _write_key(paths.server_key, srv_key)
+    _write_cert(paths.client_cert, cli)
+    _write_key(paths.client_key, cli_key)
+    return paths
+
+
+# -- pumping -----------------------------------------------------------------
+
+
+def pump(a: TLSLayer, b: TLSLayer, rounds: int = 10) -> tuple[bytes, bytes]:
+    """Move bytes both ways until quiet; return (plaintext a got, plaintext b got)."""
+    got_a: list[bytes] = []
+    got_b: list[bytes] = []
+    for _ in range(rounds):
+        to_b = a.data_to_send()
+        to_a = b.data_to_send()
+        if not to_a and not to_b:
+            break
+        if to_b:
+            got_b.append(b.receive_data(to_b))
+        if to_a:
+            got_a.append(a.receive_data(to_a))
+    return b"".join(got_a), b"".join(got_b)
+
+
+def make_pair(
+    pki: PKI,
+    *,
+    hostname: str = "localhost",
+    ca: Path | None = None,
+    client_cert: bool = False,
+    client_ca: bool = False,
+    require_client_cert: bool = False,
+) -> tuple[TLSLayer, TLSLayer]:
+    sctx = server_context(
+        pki.server_cert,
+        pki.server_key,
+        client_ca=pki.ca if client_ca else None,
+        require_client_cert=require_client_cert,
+    )
+    cctx = client_context(
+        ca=ca or pki.ca,
+        cert=pki.client_cert if client_cert else None,
+        key=pki.client_key if client_cert else None,
+    )
+    server = TLSLayer(sctx, server_side=True)
+    client = TLSLayer(cctx, server_side=False, server_hostname=hostname)
+    return server, client
+
+
+# -- tests -------------------------------------------------------------------
+
+
+def test_handshake_and_data_both_ways(pki: PKI) -> None:
+    server, client = make_pair(pki)
+    assert not server.handshake_complete
+    assert server.version is None and server.cipher is None
+    assert server.peer_certificate_der() is None
+    pump(client, server)
+    assert server.handshake_complete and client.handshake_complete
+    assert client.version in ("TLSv1.2", "TLSv1.3")
+    assert client.cipher is not None
+    assert client.peer_certificate_der() == ssl.PEM_cert_to_DER_cert(pki.server_cert.read_text())
+    assert server.peer_certificate_der() is None  # no client certificate asked
+
+    client.send(b"\x00\x00\x00\x04ping")
+    got_client, got_server = pump(client, server)
+    assert got_server == b"\x00\x00\x00\x04ping"
+    server.send(b"\x00\x00\x00\x04pong")
+    got_client, got_server = pump(client, server)
+    assert got_client == b"\x00\x00\x00\x04pong"
+    assert not server.closed and not client.closed
+
+
+def test_send_before_handshake_is_flushed(pki: PKI) -> None:
+    server, client = make_pair(pki)
+    client.send(b"early")
+    server.send(b"early too")
+    got_client, got_server = pump(client, server)
+    assert got_server == b"early"
+    assert got_client == b"early too"
+
+
+def test_ip_address_hostname(pki: PKI) -> None:
+    server, client = make_pair(pki, hostname="127.0.0.1")
+    client.send(b"x")
+    assert pump(client, server)[1] == b"x"
+
+
+def test_one_mebibyte_each_way(pki: PKI) -> None:
+    server, client = make_pair(pki)
+    pump(client, server)
+    blob = bytes(range(256)) * 4096
+    client.send(blob)
+    # One receive_data call gets the whole MiB: all records are decrypted at once.
+    assert server.receive_data(client.data_to_send()) == blob
+    server.send(blob[::-1])
+    assert client.receive_data(server.data_to_send()) == blob[::-1]
+
+
+def test_ciphertext_fed_in_small_chunks(pki: PKI) -> None:
+    server, client = make_pair(pki)
+    pump(client, server)
+    blob = b"abc" * 10000
+    client.send(blob)
+    wire = client.data_to_send()
+    got = b"".join(server.receive_data(wire[i : i + 7]) for i in range(0, len(wire), 7))
+    assert got == blob
+
+
+def test_wrong_ca_fails_verification(pki: PKI) -> None:
+    server, client = make_pair(pki, ca=pki.other_ca)
+    with pytest.raises(ProtocolError, match="certificate verify failed"):
+        pump(client, server)
+    assert client.closed
+    # The client queued an alert; the server learns of the failure from it.
+    with pytest.raises(ProtocolError):
+        server.receive_data(client.data_to_send())
+
+
+def test_hostname_mismatch_fails(pki: PKI) -> None:
+    server, client = make_pair(pki, hostname="example.org")
+    with pytest.raises(ProtocolError, match="certificate verify failed: Hostname mismatch"):
+        pump(client, server)
+
+
+def test_mtls_client_certificate_accepted(pki: PKI) -> None:
+    server, client = make_pair(pki, client_cert=True, client_ca=True, require_client_cert=True)
+    client.send(b"hello")
+    assert pump(client, server)[1] == b"hello"
+    der = server.peer_certificate_der()
+    assert der is not None
+    assert x509.load_der_x509_certificate(der).subject == _name("client-1")
+
+
+def test_mtls_missing_client_certificate_fails_on_server(pki: PKI) -> None:
+    server, client = make_pair(pki, client_ca=True, require_client_cert=True)
+    with pytest.raises(ProtocolError, match="certificate"):
+        pump(client, server)
+    assert server.closed
+    assert not server.handshake_complete
+
+
+def test_require_client_cert_needs_a_ca(pki: PKI) -> None:
+    with pytest.raises(ValueError):
+        server_context(pki.server_cert, pki.server_key, require_client_cert=True)
+
+
+def test_contexts_have_secure_defaults(pki: PKI) -> None:
+    sctx = server_context(pki.server_cert, pki.server_key)
+    cctx = client_context(ca=pki.ca)
+    for ctx in (sctx, cctx):
+        assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert cctx.check_hostname and cctx.verify_mode == ssl.CERT_REQUIRED
+    insecure = client_context(insecure=True)
+    assert not insecure.check_hostname and insecure.verify_mode == ssl.CERT_NONE
+
+
+def test_garbage_before_client_hello(pki: PKI) -> None:
+    server, _ = make_pair(pki)
+    with pytest.raises(ProtocolError, match=r"^tls: "):
+        server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert server.closed
+    # The error sticks: the connection is unusable from now on.
+    with pytest.raises(ProtocolError):
+        server.receive_data(b"more")
+
+
+def test_close_notify_is_peer_closed(pki: PKI) -> None:
+    server, client = make_pair(pki)
+    pump(client, server)
+    client.close()
+    assert client.closed
+    with pytest.raises(PeerClosed, match="close_notify"):
+        server.receive_data(client.data_to_send())
+    client.send(b"dropped after close")
+    assert client.data_to_send() == b""
+
+
+def test_data_then_close_notify_in_one_chunk(pki: PKI) -> None:
+    server, client = make_pair(pki)
+    pump(client, server)
+    client.send(b"last words")
+    client.close()
+    assert server.receive_data(client.data_to_send()) == b"last words"
+    assert server.closed
+    with pytest.raises(PeerClosed):
+        server.receive_data(b"")
+
+
+def test_eof_without_close_notify(pki: PKI) -> None:
+    server, client = make_pair(pki)
+    pump(client, server)
+    with pytest.raises(PeerClosed):
+        server.receive_data(b"")
+
+
+def test_eof_mid_handshake(pki: PKI) -> None:
+    server, client = make_pair(pki)
+    hello = client.data_to_send()
+    server.receive_data(hello[:20])
+    with pytest.raises((PeerClosed, ProtocolError)):
+        server.receive_data(b"")
+    # And on the client side, after the ServerHello started arriving.
+    server, client = make_pair(pki)
+    server.receive_data(client.data_to_send())
+    flight = server.data_to_send()
+    client.receive_data(flight[:50])
+    with pytest.raises((PeerClosed, ProtocolError)):
+        client.receive_data(b"")
+
+
+def test_close_before_handshake(pki: PKI) -> None:
+    server, _ = make_pair(pki)
+    server.close()
+    assert server.closed
+    assert server.data_to_send() == b""
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(chunks=st.lists(st.binary(min_size=0, max_size=300), max_size=8))
+def test_random_bytes_only_raise_protocol_errors(pki: PKI, chunks: list[bytes]) -> None:
+    server = TLSLayer(server_context(pki.server_cert, pki.server_key), server_side=True)
+    for chunk in chunks:
+        try:
+            server.receive_data(chunk)
+        except (ProtocolError, PeerClosed):
+            break
+        server.data_to_send()
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_corrupted_client_flight_only_raises_protocol_errors(pki: PKI, data: st.DataObject) -> None:
+    """A real ClientHello with random bytes flipped: parsing goes deeper than noise."""
+    server, client = make_pair(pki)
+    hello = bytearray(client.data_to_send())
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(hello) - 1))
+        hello[pos] = data.draw(st.integers(0, 255))
+    try:
+        server.receive_data(bytes(hello))
+        server.receive_data(b"")
+    except (ProtocolError, PeerClosed):
+        pass

@@ -1,0 +1,59 @@
+"""ipc_core: LibIPC for Python.
+
+Local services listen on Unix sockets in a run directory, clients connect by
+service name, messages are ``u32 big-endian length + payload``, and an
+application is "init a service or a connection, then loop over events".
+"""
+
+from .context import Context, ContextStopped, TimerHandle
+from .errors import (
+    InvalidServiceName,
+    IPCError,
+    MessageTooLarge,
+    PeerClosed,
+    ProtocolError,
+    ServiceBusy,
+    ServiceError,
+    ServiceUnavailable,
+    UsageError,
+)
+from .events import Event, EventType
+from .fdpass import recv_fd, send_fd
+from .framing import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, FrameScanner, encode
+from .routing import parse_network
+from .rundir import DEFAULT_RUNDIR, list_services, rundir, service_alive, socket_path
+from .switch import Layer, StackedLayer, SwitchResult
+from .typed import TypeRegistry
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_RUNDIR",
+    "Context",
+    "ContextStopped",
+    "Event",
+    "EventType",
+    "FrameDecoder",
+    "FrameScanner",
+    "IPCError",
+    "InvalidServiceName",
+    "Layer",
+    "MessageTooLarge",
+    "PeerClosed",
+    "ProtocolError",
+    "ServiceBusy",
+    "ServiceError",
+    "ServiceUnavailable",
+    "StackedLayer",
+    "SwitchResult",
+    "TimerHandle",
+    "TypeRegistry",
+    "UsageError",
+    "encode",
+    "list_services",
+    "parse_network",
+    "recv_fd",
+    "rundir",
+    "send_fd",
+    "service_alive",
+    "socket_path",
+]

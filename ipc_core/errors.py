@@ -54,6 +54,7 @@ class MessageTooLarge(ProtocolError):
         super().__init__(f"message of {length} bytes announced, limit is {limit}")
         self.length = length
         self.limit = limit
+        self.valid_bytes = 0  # bytes of the scanned chunk before the bad header
 
 
 class PeerClosed(IPCError):

@@ -50,7 +50,7 @@ class FrameDecoder:
     never exceeds ``HEADER_SIZE + max_message_size``.
     """
 
-    __slots__ = ("max_message_size", "_buf")
+    __slots__ = ("_buf", "max_message_size")
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.max_message_size = check_limit(max_message_size)
@@ -59,6 +59,13 @@ class FrameDecoder:
     @property
     def pending(self) -> int:
         return len(self._buf)
+
+    def take_pending(self) -> bytes:
+        """Remove and return the bytes of the unfinished frame (when the stream
+        is handed to something else, e.g. switched)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add received bytes; return every payload completed by them.
@@ -102,11 +109,13 @@ class FrameScanner:
     """Follows frame boundaries in a stream that is forwarded unchanged.
 
     ``scan(chunk)`` raises :class:`MessageTooLarge` if a header in the chunk
-    announces an oversize message and returns the number of frames that the
-    chunk completed (useful for counters).
+    announces an oversize message (its ``valid_bytes`` attribute tells how
+    much of the chunk precedes the bad header, so a relay can still forward
+    the good messages) and returns the number of frames that the chunk
+    completed (useful for counters).
     """
 
-    __slots__ = ("max_message_size", "_body_left", "_head")
+    __slots__ = ("_body_left", "_head", "max_message_size")
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.max_message_size = check_limit(max_message_size)
@@ -139,7 +148,7 @@ class FrameScanner:
             self._head = b""
             (length,) = _unpack_from(head)
             if length > limit:
-                raise MessageTooLarge(length, limit)
+                raise _too_large(length, limit, 0)
             take = min(length, end - pos)
             pos += take
             self._body_left = length - take
@@ -151,7 +160,7 @@ class FrameScanner:
                 break
             (length,) = _unpack_from(chunk, pos)
             if length > limit:
-                raise MessageTooLarge(length, limit)
+                raise _too_large(length, limit, pos)
             pos += HEADER_SIZE
             take = min(length, end - pos)
             pos += take
@@ -160,3 +169,9 @@ class FrameScanner:
                 break
             frames += 1
         return frames
+
+
+def _too_large(length: int, limit: int, valid_bytes: int) -> MessageTooLarge:
+    exc = MessageTooLarge(length, limit)
+    exc.valid_bytes = valid_bytes
+    return exc

@@ -1,0 +1,165 @@
+"""The ``ipc`` tool: the example pong service and small clients for scripts.
+
+ipc pongd [NAME]        echo service (default ``pong``)
+ipc cat NAME            each stdin line is a message; replies are printed
+ipc send NAME MESSAGE   one request, print the reply
+ipc ls                  the services in the run directory, alive or stale
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ipc_core import Context, EventType, IPCError, list_services
+from ipc_core import rundir as default_rundir
+
+log = logging.getLogger("ipc")
+
+
+def _rundir_option(f):  # type: ignore[no-untyped-def]
+    return click.option(
+        "--rundir",
+        envvar="RUNDIR",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Run directory (default: $RUNDIR or /tmp/.libipc-run/).",
+    )(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """LibIPC command-line tool."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def serve_pong(ctx: Context, name: str, ready: bool = True) -> None:
+    """Echo every message back to its sender until stopped."""
+    ctx.service_init(name)
+    ctx.handle_signals()
+    if ready:
+        click.echo(f"pongd: serving {name!r} in {ctx.rundir}", err=True)
+    write = ctx.write
+    MESSAGE_RX = EventType.MESSAGE_RX
+    for event in ctx:
+        if event.type is MESSAGE_RX:
+            write(event.fd, event.message)  # type: ignore[arg-type]
+        elif event.type is EventType.DISCONNECTION and event.reason:
+            log.info("client %d left: %s", event.fd, event.reason)
+
+
+@main.command()
+@click.argument("name", default="pong")
+@_rundir_option
+@click.option("--max-message-size", type=int, default=16 * 1024 * 1024, show_default=True)
+def pongd(name: str, rundir: Path | None, max_message_size: int) -> None:
+    """Run the example echo service NAME (default: pong)."""
+    try:
+        with Context(rundir_path=rundir, max_message_size=max_message_size) as ctx:
+            serve_pong(ctx, name)
+    except IPCError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("name")
+@click.argument("message")
+@_rundir_option
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def send(name: str, message: str, rundir: Path | None, timeout: float) -> None:
+    """Send MESSAGE to service NAME and print the reply."""
+    try:
+        with Context(rundir_path=rundir) as ctx:
+            fd = ctx.connect_service(name, timeout=timeout)
+            ctx.write(fd, message.encode())
+            reply = ctx.read(fd, timeout=timeout)
+    except TimeoutError:
+        raise click.ClickException(f"no reply from {name!r} within {timeout} s") from None
+    except IPCError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(reply.decode(errors="replace"))
+
+
+@main.command()
+@click.argument("name")
+@_rundir_option
+@click.option("--raw", is_flag=True, help="Binary mode: stdin chunks are messages, replies raw.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for outstanding replies after stdin ends.",
+)
+def cat(name: str, rundir: Path | None, raw: bool, timeout: float) -> None:
+    """Send each line of stdin to service NAME as one message; print replies."""
+    try:
+        ctx = Context(rundir_path=rundir)
+        fd = ctx.connect_service(name, timeout=timeout)
+    except IPCError as exc:
+        raise click.ClickException(str(exc)) from None
+    with ctx:
+        _cat_loop(ctx, fd, raw, timeout)
+
+
+def _cat_loop(ctx: Context, fd: int, raw: bool, timeout: float) -> None:
+    stdin = sys.stdin.buffer
+    out = sys.stdout.buffer
+    stdin_fd = stdin.fileno()
+    ctx.add_external(stdin_fd)
+    outstanding = 0
+    stdin_open = True
+    pending = b""
+    while stdin_open or outstanding:
+        event = ctx.wait_event(timeout=None if stdin_open else timeout)
+        if event.type == EventType.EXTERNAL:
+            chunk = os.read(stdin_fd, 65536)
+            if not chunk:
+                stdin_open = False
+                ctx.remove_external(stdin_fd)
+                if pending and not raw:
+                    ctx.write(fd, pending)
+                    outstanding += 1
+                continue
+            if raw:
+                ctx.write(fd, chunk)
+                outstanding += 1
+                continue
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                ctx.write(fd, line)
+                outstanding += 1
+        elif event.type == EventType.MESSAGE_RX:
+            outstanding -= 1
+            assert event.message is not None
+            out.write(event.message if raw else event.message + b"\n")
+            out.flush()
+        elif event.type == EventType.DISCONNECTION:
+            if outstanding or stdin_open:
+                raise click.ClickException(
+                    f"service closed the connection ({event.reason or 'EOF'})"
+                )
+            return
+        elif event.type == EventType.TIMER:
+            raise click.ClickException(f"{outstanding} replies missing after {timeout} s")
+
+
+@main.command(name="ls")
+@_rundir_option
+def ls_(rundir: Path | None) -> None:
+    """List the services in the run directory and whether each is alive."""
+    directory = rundir or default_rundir()
+    services = list_services(directory)
+    if not services:
+        click.echo(f"no services in {directory}", err=True)
+        return
+    width = max(len(n) for n, _ in services)
+    for name, alive in services:
+        click.echo(f"{name:<{width}}  {'alive' if alive else 'stale'}")

@@ -1,0 +1,65 @@
+"""Events returned by :meth:`Context.wait_event`: exactly the reference's set.
+
+An event is a frozen dataclass, so it can be matched::
+
+    match ctx.wait_event():
+        case Event(EventType.MESSAGE_RX, fd, message):
+            ctx.write(fd, message)
+        case Event(EventType.DISCONNECTION, fd):
+            ...
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class EventType(enum.IntEnum):
+    """The reference's event types, in its order."""
+
+    ERROR = 0
+    CONNECTION = 1
+    DISCONNECTION = 2
+    MESSAGE_RX = 3
+    MESSAGE_TX = 4
+    TIMER = 5
+    EXTERNAL = 6
+    SWITCH_RX = 7
+    SWITCH_TX = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing that happened in a context.
+
+    ``fd`` is the descriptor concerned (-1 for TIMER); ``message`` the payload
+    of MESSAGE_RX; ``origin`` the listening service's descriptor for a
+    CONNECTION; ``reason`` why a DISCONNECTION or ERROR happened (None for an
+    orderly close).
+    """
+
+    type: EventType
+    fd: int = -1
+    message: bytes | None = None
+    origin: int = -1
+    reason: str | None = None
+
+
+# Preallocated constants and fast constructors for the hot path: a frozen
+# dataclass __init__ goes through object.__setattr__ for every field.
+_new = object.__new__
+_set = object.__setattr__
+
+
+def message_rx(fd: int, message: bytes) -> Event:
+    ev = _new(Event)
+    _set(ev, "type", EventType.MESSAGE_RX)
+    _set(ev, "fd", fd)
+    _set(ev, "message", message)
+    _set(ev, "origin", -1)
+    _set(ev, "reason", None)
+    return ev
+
+
+TIMER_EVENT = Event(EventType.TIMER)

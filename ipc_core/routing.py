@@ -1,0 +1,124 @@
+"""``IPC_NETWORK``: how a client reaches a service that may be remote.
+
+The variable holds directives ``<service> <uri>`` separated by ``;`` (spaces
+around ``;`` tolerated). When it names a route for the service, the client
+asks the router ``ipc`` with one LibIPC message ``SERVICE;IPC_NETWORK`` and
+receives the connected descriptor over SCM_RIGHTS with the raw bytes ``ok``.
+Unlike the reference, a client whose variable names no route for the service,
+or whose router is not running, falls back to the direct local connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+from .errors import PeerClosed, ProtocolError, ServiceUnavailable
+from .fdpass import recv_fd
+from .framing import encode
+from .rundir import socket_path
+
+log = logging.getLogger("ipc_core.routing")
+
+ROUTER_SERVICE = "ipc"
+
+
+def parse_network(value: str) -> dict[str, str]:
+    """Parse ``IPC_NETWORK`` into ``{service: target}`` (first directive wins).
+
+    Raises ProtocolError for a directive that is not ``NAME TARGET``.
+    """
+    routes: dict[str, str] = {}
+    for raw in value.split(";"):
+        directive = raw.strip()
+        if not directive:
+            continue
+        parts = directive.split()
+        if len(parts) != 2:
+            raise ProtocolError(f"bad IPC_NETWORK directive {directive!r}: expected 'NAME URI'")
+        routes.setdefault(parts[0], parts[1])
+    return routes
+
+
+def lookup_message(service: str, network: str) -> bytes:
+    """The payload a client sends to the router: ``SERVICE;IPC_NETWORK``."""
+    return f"{service};{network}".encode()
+
+
+def parse_lookup(payload: bytes) -> tuple[str, str]:
+    """Split a router look-up message into (service, IPC_NETWORK)."""
+    try:
+        text = payload.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("look-up message is not UTF-8") from None
+    service, sep, network = text.partition(";")
+    if not sep or not service.strip():
+        raise ProtocolError(f"bad look-up message {text[:80]!r}: expected 'SERVICE;ROUTES'")
+    return service.strip(), network
+
+
+def connect_direct(name: str, directory: Path, timeout: float = 5.0) -> socket.socket:
+    """Connect to the local service socket ``directory/name``."""
+    path = socket_path(name, directory)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.fsencode(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise ServiceUnavailable(f"no service {name!r} in {directory} ({exc.strerror})") from None
+    except OSError as exc:
+        sock.close()
+        raise ServiceUnavailable(f"cannot connect to service {name!r}: {exc.strerror}") from exc
+    return sock
+
+
+def ask_router(
+    router: socket.socket, name: str, network: str, timeout: float = 5.0
+) -> socket.socket:
+    """Ask a connected router for ``name``; return the received socket.
+
+    The router socket is closed in every case.
+    """
+    router.settimeout(timeout)
+    try:
+        router.sendall(encode(lookup_message(name, network)))
+        try:
+            data, fd = recv_fd(router)
+        except TimeoutError:
+            raise ServiceUnavailable(
+                f"router gave no answer for {name!r} within {timeout} s"
+            ) from None
+        except OSError as exc:
+            raise PeerClosed(f"router failed: {exc}") from exc
+    finally:
+        router.close()
+    if data[:2] == b"ok" and fd is not None:
+        return socket.socket(fileno=fd)
+    if fd is not None:
+        os.close(fd)
+    reason = data.decode(errors="replace").strip() or "router closed the connection"
+    raise ServiceUnavailable(f"router cannot reach {name!r}: {reason}")
+
+
+def connect(name: str, directory: Path, timeout: float = 5.0) -> socket.socket:
+    """Connect to ``name``, through the router when ``IPC_NETWORK`` says so."""
+    network = os.environ.get("IPC_NETWORK")
+    if network:
+        try:
+            routes = parse_network(network)
+        except ProtocolError as exc:
+            log.warning("ignoring IPC_NETWORK: %s", exc)
+            routes = {}
+        if name in routes:
+            try:
+                router = connect_direct(ROUTER_SERVICE, directory, timeout)
+            except ServiceUnavailable as exc:
+                log.debug("router not running (%s); connecting to %r directly", exc, name)
+            else:
+                return ask_router(router, name, network, timeout)
+        else:
+            log.debug("IPC_NETWORK has no route for %r; connecting directly", name)
+    return connect_direct(name, directory, timeout)

@@ -1,0 +1,183 @@
+"""The run directory: where services live, how they are named and locked.
+
+Every service is a Unix stream socket ``$RUNDIR/<name>`` (0660) guarded by an
+exclusive ``flock`` on ``$RUNDIR/<name>.lock``. The lock, not the socket file,
+says whether an instance is alive: a socket file whose lock is free was left
+by a crashed instance and is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidServiceName, ServiceBusy, ServiceError
+
+DEFAULT_RUNDIR = "/tmp/.libipc-run/"
+RUNDIR_MODE = 0o770
+SOCKET_UMASK = 0o117  # sockets come out 0660
+LOCK_SUFFIX = ".lock"
+# sun_path is 108 bytes including the terminating NUL.
+_SUN_PATH_MAX = 107
+
+
+def rundir(env: dict[str, str] | None = None) -> Path:
+    """The run directory from ``$RUNDIR`` (default ``/tmp/.libipc-run/``)."""
+    value = (os.environ if env is None else env).get("RUNDIR") or DEFAULT_RUNDIR
+    return Path(value)
+
+
+def ensure_rundir(path: Path) -> Path:
+    """Create the run directory (0770) if needed and return it."""
+    try:
+        path.mkdir(mode=RUNDIR_MODE, parents=True)
+        os.chmod(path, RUNDIR_MODE)  # exactly 0770, whatever the umask
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ServiceError(f"cannot create run directory {path}: {exc.strerror}") from exc
+    return path
+
+
+def validate_name(name: str, directory: Path | None = None) -> str:
+    """Return ``name`` if it can be a service socket in ``directory``, else raise."""
+    if not isinstance(name, str):
+        raise InvalidServiceName(f"service name must be a str, not {type(name).__name__}")
+    if not name:
+        raise InvalidServiceName("service name is empty")
+    if "/" in name or "\0" in name:
+        raise InvalidServiceName(f"service name {name!r} contains '/' or NUL")
+    if name in (".", ".."):
+        raise InvalidServiceName(f"service name {name!r} is not allowed")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in name):
+        raise InvalidServiceName(f"service name {name!r} contains control characters")
+    directory = rundir() if directory is None else directory
+    path = os.fsencode(directory / (name + LOCK_SUFFIX))
+    if len(path) > _SUN_PATH_MAX:
+        raise InvalidServiceName(
+            f"service name {name[:40]!r}... is too long for a socket path in {directory}"
+        )
+    return name
+
+
+def socket_path(name: str, directory: Path | None = None) -> Path:
+    """Where service ``name`` listens (the name is validated)."""
+    directory = rundir() if directory is None else directory
+    return directory / validate_name(name, directory)
+
+
+@dataclass
+class ServiceSocket:
+    """A bound, listening service socket and the lock that proves we own it."""
+
+    name: str
+    path: Path
+    sock: socket.socket
+    lock_fd: int
+
+    def close(self) -> None:
+        """Remove the socket file, then release the lock (in that order, so a
+        new instance never sees our socket file with a free lock)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self.sock.close()
+        if self.lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(str(self.path) + LOCK_SUFFIX)
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+def _take_lock(lock_path: Path, name: str) -> int:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ServiceBusy(
+                f"service {name!r} is already running (lock {lock_path} held)"
+            ) from None
+        raise ServiceError(f"cannot lock {lock_path}: {exc.strerror}") from exc
+    # The file may have been unlinked by a closing instance between our open
+    # and our flock; then we hold a lock on a ghost. Check and retry once.
+    try:
+        if os.fstat(fd).st_ino != os.stat(lock_path).st_ino:
+            os.close(fd)
+            return _take_lock(lock_path, name)
+    except FileNotFoundError:
+        os.close(fd)
+        return _take_lock(lock_path, name)
+    return fd
+
+
+def bind_service(name: str, directory: Path | None = None, backlog: int = 1024) -> ServiceSocket:
+    """Lock, clean up a stale socket, bind and listen: one service instance."""
+    directory = ensure_rundir(rundir() if directory is None else directory)
+    path = socket_path(name, directory)
+    lock_fd = _take_lock(Path(str(path) + LOCK_SUFFIX), name)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # lock is ours: any socket file here is stale
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(SOCKET_UMASK)
+        try:
+            sock.bind(os.fsencode(path))
+        finally:
+            os.umask(old)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        os.close(lock_fd)
+        raise ServiceError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    return ServiceSocket(name, path, sock, lock_fd)
+
+
+def service_alive(name: str, directory: Path | None = None) -> bool:
+    """True when an instance holds the service's lock (it is running)."""
+    directory = rundir() if directory is None else directory
+    lock_path = directory / (validate_name(name, directory) + LOCK_SUFFIX)
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def list_services(directory: Path | None = None) -> list[tuple[str, bool]]:
+    """Every socket file in the run directory, with whether it is connectable."""
+    directory = rundir() if directory is None else directory
+    found: list[tuple[str, bool]] = []
+    try:
+        entries = sorted(directory.iterdir())
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        try:
+            if not stat.S_ISSOCK(entry.lstat().st_mode):
+                continue
+        except OSError:
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(os.fsencode(entry))
+            alive = True
+        except OSError:
+            alive = False
+        finally:
+            probe.close()
+        found.append((entry.name, alive))
+    return found

@@ -1,0 +1,97 @@
+"""Switching: the vocabulary for joining two descriptors.
+
+A switched pair forwards everything read on one end to the other end, inside
+the :class:`~ipc_core.Context` loop. There are three ways to say how one end
+(usually the network end) turns bytes into LibIPC messages and back:
+
+* nothing: the end already carries the LibIPC stream (``u32`` length +
+  payload), as a TCP connection after the TCPd handshake does. Chunks are
+  forwarded unchanged, their frame boundaries checked against the size limit.
+* reference-style callbacks, ``set_switch_callbacks(fd, in_cb, out_cb)``:
+  ``in_cb(fd)`` reads from ``fd`` itself and returns ``(SwitchResult,
+  payload)``; ``out_cb(fd, payload)`` writes one message to ``fd`` itself and
+  returns a :class:`SwitchResult`. This keeps the reference's API.
+* a Sans-I/O :class:`Layer` (TLS, WebSocket, ...), ``set_switch_codec(fd,
+  layer)``: the loop does every read and write and the layer only converts
+  bytes. This is what our daemons use: no I/O outside the loop.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+
+class SwitchResult(enum.IntEnum):
+    """What a switch callback reports (the reference's codes)."""
+
+    NO_ERROR = 0
+    ERROR = 1
+    FD_CLOSING = 2
+    IGNORE = 3
+
+
+InCallback = Callable[[int], "tuple[SwitchResult, bytes | None]"]
+OutCallback = Callable[[int, bytes], SwitchResult]
+
+
+@runtime_checkable
+class Layer(Protocol):
+    """A Sans-I/O protocol layer between a network descriptor and LibIPC.
+
+    ``receive_data`` takes bytes read from the network (``b""`` = EOF) and
+    returns the LibIPC stream bytes to deliver to the local end; ``send``
+    takes LibIPC stream bytes from the local end; ``data_to_send`` returns
+    the bytes the layer wants written to the network (after every call).
+    Bad input raises :class:`~ipc_core.errors.ProtocolError`, an orderly
+    close by the peer :class:`~ipc_core.errors.PeerClosed`.
+    """
+
+    def receive_data(self, data: bytes) -> bytes: ...
+
+    def send(self, data: bytes) -> None: ...
+
+    def data_to_send(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class StackedLayer:
+    """Two layers on top of each other (e.g. WebSocket over TLS).
+
+    ``lower`` touches the network; ``upper`` produces the LibIPC stream.
+    """
+
+    def __init__(self, lower: Layer, upper: Layer) -> None:
+        self.lower = lower
+        self.upper = upper
+
+    def receive_data(self, data: bytes) -> bytes:
+        plain = self.lower.receive_data(data)  # EOF raises here
+        if not plain:
+            self._push_down()
+            return b""
+        try:
+            out = self.upper.receive_data(plain)
+        finally:
+            self._push_down()
+        return out
+
+    def send(self, data: bytes) -> None:
+        self.upper.send(data)
+        self._push_down()
+
+    def data_to_send(self) -> bytes:
+        self._push_down()
+        return self.lower.data_to_send()
+
+    def close(self) -> None:
+        self.upper.close()
+        self._push_down()
+        self.lower.close()
+
+    def _push_down(self) -> None:
+        pending = self.upper.data_to_send()
+        if pending:
+            self.lower.send(pending)

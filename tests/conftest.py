@@ -1,0 +1,29 @@
+"""Shared fixtures: short run directories and processes that always stop."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Processes
+
+
+@pytest.fixture
+def rundir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh, short run directory (socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="ipc-", dir="/tmp"))
+    monkeypatch.setenv("RUNDIR", str(path))
+    monkeypatch.delenv("IPC_NETWORK", raising=False)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    p = Processes()
+    yield p
+    p.stop_all()

@@ -1,0 +1,480 @@
+"""The Context loop over real Unix sockets: services, clients, limits, switching."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import pytest
+
+from ipc_core import (
+    Context,
+    ContextStopped,
+    Event,
+    EventType,
+    PeerClosed,
+    SwitchResult,
+    encode,
+    recv_fd,
+    send_fd,
+)
+from ipc_core.framing import FrameDecoder
+from tests.helpers import connectable
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_msg(sock: socket.socket) -> bytes:
+    (n,) = struct.unpack(">I", recv_exact(sock, 4))
+    return recv_exact(sock, n)
+
+
+def client(rundir, name="pong", timeout=5.0) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(str(rundir / name))
+    return s
+
+
+@contextmanager
+def echo_service(rundir, name="pong", **ctx_kwargs) -> Iterator[Context]:
+    """An echo service running its loop in a thread; stopped at exit."""
+    ctx = Context(**ctx_kwargs)
+    ctx.service_init(name)
+    log: list[Event] = []
+
+    def run() -> None:
+        for ev in ctx:
+            log.append(ev)
+            if ev.type == EventType.MESSAGE_RX:
+                ctx.write(ev.fd, ev.message)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ctx.events_seen = log  # type: ignore[attr-defined]
+    try:
+        yield ctx
+    finally:
+        ctx.call_soon_threadsafe(ctx.stop)
+        thread.join(5)
+        assert not thread.is_alive()
+
+
+def test_echo_and_empty_payload(rundir):
+    with echo_service(rundir):
+        s = client(rundir)
+        for payload in (b"hello", b"", b"x" * 100_000, bytes(range(256))):
+            s.sendall(encode(payload))
+            assert recv_msg(s) == payload
+        s.close()
+
+
+def test_connection_and_disconnection_events(rundir):
+    with Context() as ctx:
+        lfd = ctx.service_init("pong")
+        s = client(rundir)
+        ev = ctx.wait_event(timeout=2)
+        assert ev.type == EventType.CONNECTION and ev.origin == lfd
+        s.sendall(encode(b"a") + encode(b"b"))
+        got = [ctx.wait_event(timeout=2), ctx.wait_event(timeout=2)]
+        assert [(e.type, e.fd, e.message) for e in got] == [
+            (EventType.MESSAGE_RX, ev.fd, b"a"),
+            (EventType.MESSAGE_RX, ev.fd, b"b"),
+        ]
+        s.close()
+        ev2 = ctx.wait_event(timeout=2)
+        assert ev2.type == EventType.DISCONNECTION and ev2.fd == ev.fd and ev2.reason is None
+        match ev2:
+            case Event(EventType.DISCONNECTION, fd):
+                assert fd == ev.fd
+            case _:
+                pytest.fail("match on Event failed")
+
+
+def test_oversize_header_closes_only_that_connection(rundir, caplog):
+    with echo_service(rundir, max_message_size=1024) as ctx:
+        good = client(rundir)
+        bad = client(rundir)
+        bad.sendall(struct.pack(">I", 2**31))
+        assert bad.recv(10) == b""  # closed by the service
+        good.sendall(encode(b"still here"))
+        assert recv_msg(good) == b"still here"
+        reasons = [e.reason for e in ctx.events_seen if e.type == EventType.DISCONNECTION]
+        assert any(r and "limit is 1024" in r for r in reasons)
+
+
+def test_split_and_merged_writes(rundir):
+    with echo_service(rundir):
+        s = client(rundir)
+        stream = b"".join(encode(b"m%d" % i) for i in range(2000))
+        pos = 0
+        rng = random.Random(7)
+        while pos < len(stream):
+            step = rng.randint(1, 7)
+            s.sendall(stream[pos : pos + step])
+            pos += step
+        for i in range(2000):
+            assert recv_msg(s) == b"m%d" % i
+
+
+def test_200_clients_byte_exact(rundir, procs):
+    procs.pongd(rundir)
+    rng = random.Random(1)
+    clients = [client(rundir) for _ in range(200)]
+    sent: list[list[bytes]] = []
+    for s in clients:
+        msgs = [rng.randbytes(rng.randint(0, 2000)) for _ in range(10)]
+        sent.append(msgs)
+        s.sendall(b"".join(encode(m) for m in msgs))
+    for s, msgs in zip(clients, sent, strict=True):
+        assert [recv_msg(s) for _ in msgs] == msgs
+        s.close()
+
+
+def test_sigterm_removes_socket_and_lock(rundir, procs):
+    proc = procs.pongd(rundir)
+    assert (rundir / "pong.lock").exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(5) == 0
+    assert not (rundir / "pong").exists()
+    assert not (rundir / "pong.lock").exists()
+
+
+def test_sigint_stops_too(rundir, procs):
+    proc = procs.pongd(rundir)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(5) == 0
+    assert not (rundir / "pong").exists()
+
+
+def test_double_start_of_a_process_fails_clearly(rundir, procs):
+    procs.pongd(rundir)
+    second = procs.ipc("pongd", env={"RUNDIR": str(rundir)})
+    assert second.wait(5) == 1
+    assert b"already running" in second.stderr.read()
+    assert connectable(rundir / "pong")
+
+
+def test_schedule_from_another_thread_wakes_the_loop(rundir):
+    with Context() as ctx:
+        ctx.service_init("svc")
+        s = client(rundir, "svc")
+        conn = ctx.wait_event(timeout=2)
+        assert conn.type == EventType.CONNECTION
+        threading.Timer(0.2, lambda: ctx.schedule(conn.fd, b"from thread")).start()
+        t0 = time.monotonic()
+        ev = ctx.wait_event(timeout=5)  # blocked in epoll when the thread schedules
+        assert ev.type == EventType.MESSAGE_TX and ev.fd == conn.fd
+        assert time.monotonic() - t0 < 2
+        assert recv_msg(s) == b"from thread"
+
+
+def test_client_that_never_reads_is_bounded(rundir):
+    high = 64 * 1024
+    with echo_service(rundir, queue_high_water=high) as ctx:
+        s = client(rundir, timeout=0.5)
+        chunk = b"".join(encode(b"y" * 1000) for _ in range(64))
+        sent = 0
+        with pytest.raises(TimeoutError):
+            for _ in range(20_000):  # 1.3 GB if nothing pushed back
+                s.sendall(chunk)
+                sent += len(chunk)
+        assert sent < 32 * 1024 * 1024  # back-pressure reached the client
+        fd = next(e.fd for e in ctx.events_seen if e.type == EventType.CONNECTION)
+        queued = ctx.pending_bytes(fd)
+        assert queued <= high + 300 * 1024, queued
+        # Reading resumes the flow: everything sent comes back, in order.
+        s.settimeout(5)
+        total = 0
+        while total < sent:
+            total += len(recv_msg(s)) + 4
+        assert total == sent
+
+
+def test_busy_client_does_not_starve_others(rundir, procs):
+    procs.pongd(rundir)
+    hog = client(rundir)
+    stop = threading.Event()
+    blob = b"".join(encode(b"z" * 100) for _ in range(500))
+
+    def flood() -> None:
+        hog.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                hog.sendall(blob)
+                hog.recv(1 << 20)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    try:
+        s = client(rundir)
+        worst = 0.0
+        for _ in range(200):
+            t0 = time.perf_counter()
+            s.sendall(encode(b"ping"))
+            assert recv_msg(s) == b"ping"
+            worst = max(worst, time.perf_counter() - t0)
+        assert worst < 0.25, worst
+    finally:
+        stop.set()
+        t.join(2)
+
+
+def test_timer_and_call_later(rundir):
+    with Context() as ctx:
+        ctx.set_timer(0.05)
+        t0 = time.monotonic()
+        assert ctx.wait_event().type == EventType.TIMER
+        assert 0.04 < time.monotonic() - t0 < 1
+        fired = []
+        ctx.call_later(0.01, lambda: fired.append(1))
+        h = ctx.call_later(0.01, lambda: fired.append(2))
+        h.cancel()
+        assert ctx.wait_event(timeout=0.1).type == EventType.TIMER
+        assert fired == [1]
+
+
+def test_external_pipe_events(rundir):
+    r, w = os.pipe()
+    with Context() as ctx:
+        ctx.add_external(r)
+        assert ctx.wait_event(timeout=0.05).type == EventType.TIMER
+        os.write(w, b"x")
+        ev = ctx.wait_event(timeout=2)
+        assert ev.type == EventType.EXTERNAL and ev.fd == r
+        assert os.read(r, 10) == b"x"
+        ctx.remove_external(r)
+    os.close(w)
+    os.close(r)  # still ours: remove_external does not close an int fd
+
+
+def test_iteration_ends_on_stop_and_context_manager_cleans_up(rundir):
+    ctx = Context()
+    ctx.service_init("a")
+    ctx.service_init("b")
+    ctx.call_later(0.05, ctx.stop)
+    assert list(ctx) == []
+    assert list(rundir.iterdir()) == []
+    with pytest.raises(ContextStopped):
+        ctx.wait_event()
+
+
+def test_read_blocks_for_one_message(rundir):
+    with echo_service(rundir), Context() as ctx:
+        fd = ctx.connect_service("pong")
+        ctx.write(fd, b"one")
+        ctx.write(fd, b"two")
+        assert ctx.read(fd, timeout=2) == b"one"
+        assert ctx.read(fd, timeout=2) == b"two"
+        with pytest.raises(TimeoutError):
+            ctx.read(fd, timeout=0.05)
+
+
+def test_read_reports_peer_closed(rundir):
+    with Context() as srv, Context() as ctx:
+        srv.service_init("x")
+        fd = ctx.connect_service("x")
+        conn = srv.wait_event(timeout=2)
+        srv.close(conn.fd)
+        with pytest.raises(PeerClosed):
+            ctx.read(fd, timeout=2)
+
+
+def test_descriptor_passing():
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    send_fd(a, b"ok", w)
+    data, fd = recv_fd(b)
+    assert data == b"ok" and fd is not None
+    os.write(fd, b"through")
+    assert os.read(r, 10) == b"through"
+    for x in (fd, r, w):
+        os.close(x)
+    a.close()
+    b.close()
+
+
+# ---------------------------------------------------------------- switching
+
+
+def _pair_with_switch(**ctx_kwargs):
+    """net_peer <-> [net_end ~switch~ local_end] <-> local_peer"""
+    net_peer, net_end = socket.socketpair()
+    local_peer, local_end = socket.socketpair()
+    for s in (net_peer, local_peer):
+        s.settimeout(5)
+    ctx = Context(**ctx_kwargs)
+    ctx.add_switch(net_end, local_end)
+    return ctx, net_peer, local_peer, net_end.fileno(), local_end.fileno()
+
+
+def _pump(ctx: Context, until, timeout=5.0) -> list[Event]:
+    seen: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while not until(seen):
+        assert time.monotonic() < deadline, "pump timed out"
+        seen.append(ctx.wait_event(timeout=0.05))
+    return seen
+
+
+def test_plain_switch_forwards_both_ways_with_events():
+    ctx, net, local, nfd, _lfd = _pair_with_switch()
+    with ctx:
+        net.sendall(encode(b"to local"))
+        evs = _pump(ctx, lambda s: any(e.type == EventType.SWITCH_TX for e in s))
+        assert (EventType.SWITCH_RX, nfd) in [(e.type, e.fd) for e in evs]
+        assert recv_msg(local) == b"to local"
+        local.sendall(encode(b"to net"))
+        _pump(ctx, lambda s: any(e.type == EventType.SWITCH_TX for e in s))
+        assert recv_msg(net) == b"to net"
+
+
+def test_switch_closes_both_ends_when_one_closes():
+    ctx, net, local, nfd, lfd = _pair_with_switch()
+    with ctx:
+        net.sendall(encode(b"last words"))
+        net.close()
+        evs = _pump(ctx, lambda s: sum(e.type == EventType.DISCONNECTION for e in s) == 2)
+        assert {e.fd for e in evs if e.type == EventType.DISCONNECTION} == {nfd, lfd}
+        assert recv_msg(local) == b"last words"  # flushed before closing
+        assert local.recv(1) == b""
+        assert ctx.descriptors == []
+
+
+def test_switch_refuses_oversize_frame():
+    ctx, net, local, _nfd, _lfd = _pair_with_switch(max_message_size=100)
+    with ctx:
+        net.sendall(encode(b"fine") + struct.pack(">I", 101))
+        _pump(ctx, lambda s: sum(e.type == EventType.DISCONNECTION for e in s) == 2)
+        assert recv_msg(local) == b"fine"
+        assert local.recv(1) == b""
+
+
+def test_switch_reference_callbacks():
+    ctx, net, local, nfd, _lfd = _pair_with_switch()
+    lines = {"buf": b""}
+
+    def line_in(fd: int):
+        data = os.read(fd, 4096)
+        if not data:
+            return SwitchResult.FD_CLOSING, None
+        if data == b"ping\n":
+            return SwitchResult.IGNORE, None
+        return SwitchResult.NO_ERROR, data.rstrip(b"\n")
+
+    def line_out(fd: int, payload: bytes):
+        os.write(fd, payload + b"\n")
+        return SwitchResult.NO_ERROR
+
+    with ctx:
+        ctx.set_switch_callbacks(nfd, line_in, line_out)
+        net.sendall(b"ping\n")
+        assert ctx.wait_event(timeout=0.2).type == EventType.TIMER  # ignored
+        assert ctx.wait_event(timeout=0.05).type == EventType.TIMER
+        net.sendall(b"hello\n")
+        _pump(ctx, lambda s: any(e.type == EventType.SWITCH_TX for e in s))
+        assert recv_msg(local) == b"hello"
+        local.sendall(encode(b"a") + encode(b"b"))
+        _pump(ctx, lambda s: sum(e.type == EventType.SWITCH_TX for e in s) >= 1)
+        got = b""
+        while got.count(b"\n") < 2:
+            got += net.recv(100)
+        assert got == b"a\nb\n" and lines["buf"] == b""
+
+
+class LineLayer:
+    """A toy Sans-I/O layer: newline-terminated text on the network side."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.out = b""
+        self.decoder = FrameDecoder()
+
+    def receive_data(self, data: bytes) -> bytes:
+        if not data:
+            raise PeerClosed("eof")
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        return b"".join(encode(line) for line in lines)
+
+    def send(self, data: bytes) -> None:
+        for payload in self.decoder.feed(data):
+            self.out += payload + b"\n"
+
+    def data_to_send(self) -> bytes:
+        out, self.out = self.out, b""
+        return out
+
+    def close(self) -> None:
+        self.out += b"bye\n"
+
+
+def test_switch_with_sans_io_layer():
+    ctx, net, local, nfd, _lfd = _pair_with_switch(switch_events=False)
+    with ctx:
+        ctx.set_switch_codec(nfd, LineLayer())
+        net.sendall(b"one\ntw")
+        net.sendall(b"o\n")
+        _pump(ctx, lambda s: local_ready(local))
+        assert recv_msg(local) == b"one"
+        assert recv_msg(local) == b"two"
+        local.sendall(encode(b"reply"))
+        _pump(ctx, lambda s: net_ready(net))
+        assert net.recv(100) == b"reply\n"
+        local.close()  # the layer's close bytes reach the network end
+        _pump(ctx, lambda s: any(e.type == EventType.DISCONNECTION for e in s))
+        data = b""
+        while chunk := net.recv(100):
+            data += chunk
+        assert data == b"bye\n"
+
+
+def local_ready(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+net_ready = local_ready
+
+
+def test_switch_backpressure_bounds_memory():
+    """The local reader stops reading: the net end must be paused, not buffered."""
+    high = 128 * 1024
+    ctx, net, local, _nfd, lfd = _pair_with_switch(queue_high_water=high, switch_events=False)
+    net.setblocking(False)
+    blob = encode(b"q" * 60_000)
+    sent = 0
+    with ctx:
+        for _ in range(2000):
+            with suppress(BlockingIOError):
+                sent += net.send(blob)
+            ctx.wait_event(timeout=0.001)
+        assert ctx.pending_bytes(lfd) <= high + 256 * 1024 + len(blob)
+        assert sent < 2000 * len(blob)
+        # Drain on the far side: everything arrives, nothing was dropped.
+        local.setblocking(False)
+        received = 0
+        deadline = time.monotonic() + 10
+        while received < sent and time.monotonic() < deadline:
+            with suppress(BlockingIOError):
+                received += len(local.recv(1 << 20))
+            ctx.wait_event(timeout=0.001)
+        assert received == sent

@@ -150,8 +150,13 @@ class TLSLayer:
 
     @property
     def closed(self) -> bool:
-        """True once the connection is over (either side closed, or an error)."""
-        return self._closing or self._error is not None
+        """True once the connection is over and data_to_send() is drained.
+
+        "Over" means close() was called, the peer closed, or an error occurred;
+        waiting for the drain keeps a driver from dropping our close_notify or
+        alert on the floor.
+        """
+        return (self._closing or self._error is not None) and not self._outgoing.pending
 
     @property
     def version(self) -> str | None:
@@ -201,7 +206,7 @@ class TLSLayer:
         Data sent after close() or after the connection failed is dropped: in
         a relay the local side routinely races the network side's close.
         """
-        if self.closed or not data:
+        if self._closing or self._error is not None or not data:
             return
         if not self._handshake_complete:
             self._pending.append(bytes(data))
@@ -210,7 +215,7 @@ class TLSLayer:
 
     def close(self) -> None:
         """Start an orderly close: queue our close_notify."""
-        if self.closed:
+        if self._closing or self._error is not None:
             return
         self._closing = True
         self._pending.clear()

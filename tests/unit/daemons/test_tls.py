@@ -253,10 +253,11 @@ def test_wrong_ca_fails_verification(pki: PKI) -> None:
     server, client = make_pair(pki, ca=pki.other_ca)
     with pytest.raises(ProtocolError, match="certificate verify failed"):
         pump(client, server)
-    assert client.closed
-    # The client queued an alert; the server learns of the failure from it.
-    with pytest.raises(ProtocolError):
-        server.receive_data(client.data_to_send())
+    assert not client.closed  # an alert is queued for the server
+    alert = client.data_to_send()
+    assert alert and client.closed
+    with pytest.raises(ProtocolError, match="unknown ca"):
+        server.receive_data(alert)
 
 
 def test_hostname_mismatch_fails(pki: PKI) -> None:
@@ -278,6 +279,7 @@ def test_mtls_missing_client_certificate_fails_on_server(pki: PKI) -> None:
     server, client = make_pair(pki, client_ca=True, require_client_cert=True)
     with pytest.raises(ProtocolError, match="certificate"):
         pump(client, server)
+    server.data_to_send()
     assert server.closed
     assert not server.handshake_complete
 
@@ -311,9 +313,10 @@ def test_close_notify_is_peer_closed(pki: PKI) -> None:
     server, client = make_pair(pki)
     pump(client, server)
     client.close()
-    assert client.closed
+    assert not client.closed  # until close_notify is taken by the driver
     with pytest.raises(PeerClosed, match="close_notify"):
         server.receive_data(client.data_to_send())
+    assert client.closed and server.closed
     client.send(b"dropped after close")
     assert client.data_to_send() == b""
 
@@ -324,7 +327,7 @@ def test_data_then_close_notify_in_one_chunk(pki: PKI) -> None:
     client.send(b"last words")
     client.close()
     assert server.receive_data(client.data_to_send()) == b"last words"
-    assert server.closed
+    assert server.closed  # the data came first; the close is reported next
     with pytest.raises(PeerClosed):
         server.receive_data(b"")
 

@@ -1,0 +1,543 @@
+"""A private CA for ipc-tlsd: make certificates, name and match peers by them.
+
+Why a built-in tool: mutual TLS between two LibIPC hosts needs a CA, a server
+certificate and client certificates, and the ``openssl`` incantations for
+correct extensions (SANs, EKUs, key identifiers) are error-prone. Here one
+command makes each, with sane defaults:
+
+* keys are EC P-256 (every TLS stack supports it; Ed25519 certificates are
+  still refused by some clients), unencrypted PKCS#8 PEM, mode 0600;
+* certificates are PEM, mode 0644, SHA-256 signed, with key identifiers and
+  the EKU of their role (server auth / client auth);
+* nothing is overwritten unless asked (``force`` / ``--force``).
+
+Peers are then named by :class:`CertIdentity` and matched against
+``--allow-client`` patterns with :func:`matches_allow`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CertIdentity",
+    "allow_pattern_error",
+    "cert",
+    "describe",
+    "fingerprint",
+    "generate_key",
+    "identity",
+    "is_expired",
+    "load_ca",
+    "load_cert",
+    "load_key",
+    "make_ca",
+    "make_cert",
+    "matches_allow",
+    "normalize_fingerprint",
+    "write_cert",
+    "write_key",
+]
+
+StrPath = str | os.PathLike[str]
+PrivateKey = ec.EllipticCurvePrivateKey
+CertSource = x509.Certificate | bytes | StrPath
+CertAndKey = tuple[x509.Certificate, PrivateKey]
+F = TypeVar("F", bound=Callable[..., Any])
+
+CA_DAYS = 3650
+LEAF_DAYS = 825
+#: Backdating of notBefore, so peers with a slightly slow clock accept new certs.
+_SKEW = _dt.timedelta(minutes=5)
+
+# --------------------------------------------------------------------------
+# Making certificates
+# --------------------------------------------------------------------------
+
+
+def generate_key() -> PrivateKey:
+    """A fresh EC P-256 private key."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _validity(
+    days: int, not_before: _dt.datetime | None, not_after: _dt.datetime | None
+) -> tuple[_dt.datetime, _dt.datetime]:
+    """Default: valid from a few minutes ago for ``days``. Negative ``days``
+    give a certificate that expired ``-days`` days ago (for tests)."""
+    now = _dt.datetime.now(_dt.UTC)
+    if not_after is None:
+        not_after = now + _dt.timedelta(days=days)
+    if not_before is None:
+        not_before = min(now - _SKEW, not_after - _dt.timedelta(days=1))
+    if not_before >= not_after:
+        raise ValueError(f"not_before {not_before} is not before not_after {not_after}")
+    return not_before, not_after
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    """An IP address SAN if ``name`` parses as one, else a DNS SAN."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not name or any(c.isspace() or c in "/\\@:" for c in name):
+        raise ValueError(f"not a host name or IP address: {name!r}")
+    return x509.DNSName(name.encode("idna").decode() if not name.isascii() else name)
+
+
+def make_ca(
+    name: str = "LibIPC CA",
+    days: int = CA_DAYS,
+    *,
+    key: PrivateKey | None = None,
+    not_before: _dt.datetime | None = None,
+    not_after: _dt.datetime | None = None,
+) -> tuple[x509.Certificate, PrivateKey]:
+    """A self-signed CA that may sign leaf certificates only (pathlen 0)."""
+    key = key or generate_key()
+    start, end = _validity(days, not_before, not_after)
+    public = key.public_key()
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return ca, key
+
+
+def make_cert(
+    ca_cert: x509.Certificate,
+    ca_key: PrivateKey,
+    cn: str,
+    sans: Iterable[str] = (),
+    *,
+    usage: Literal["server", "client"] = "server",
+    days: int = LEAF_DAYS,
+    key: PrivateKey | None = None,
+    not_before: _dt.datetime | None = None,
+    not_after: _dt.datetime | None = None,
+) -> tuple[x509.Certificate, PrivateKey]:
+    """A leaf certificate signed by the CA, for TLS server or client auth.
+
+    ``sans`` are host names or IP addresses (each becomes a DNS or IP SAN);
+    a server needs at least one, since TLS clients ignore the CN.
+    """
+    if usage not in ("server", "client"):
+        raise ValueError(f"usage must be 'server' or 'client', got {usage!r}")
+    if not cn:
+        raise ValueError("empty common name")
+    names = [_general_name(n) for n in dict.fromkeys(sans)]
+    if usage == "server" and not names:
+        raise ValueError("a server certificate needs at least one host name or IP address")
+    key = key or generate_key()
+    start, end = _validity(days, not_before, not_after)
+    eku = ExtendedKeyUsageOID.SERVER_AUTH if usage == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+
+
+def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
+    """Create ``path`` with exactly ``mode``; never follow a symlink, never
+    overwrite unless ``force`` (then atomically, via a temporary file)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if force else path
+    fd = os.open(target, flags, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have removed bits we want (0644)
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(data)
+    except BaseException:
+        os.close(fd)
+        os.unlink(target)
+        raise
+    os.close(fd)
+    if force:
+        os.replace(target, path)
+
+
+def write_key(path: StrPath, key: PrivateKey, *, force: bool = False) -> None:
+    """Write ``key`` as unencrypted PKCS#8 PEM, mode 0600."""
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write(Path(path), data, 0o600, force)
+
+
+def write_cert(path: StrPath, certificate: x509.Certificate, *, force: bool = False) -> None:
+    """Write ``certificate`` as PEM, mode 0644."""
+    _write(Path(path), certificate.public_bytes(serialization.Encoding.PEM), 0o644, force)
+
+
+def _write_pair(
+    out: Path, stem: str, certificate: x509.Certificate, key: PrivateKey, force: bool
+) -> tuple[Path, Path]:
+    """Write STEM.pem and STEM.key, checking both are free before writing either."""
+    cert_path, key_path = out / f"{stem}.pem", out / f"{stem}.key"
+    if not force:
+        for p in (cert_path, key_path):
+            if os.path.lexists(p):
+                raise FileExistsError(f"refusing to overwrite {p} (use --force)")
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_key(key_path, key, force=force)
+    write_cert(cert_path, certificate, force=force)
+    return cert_path, key_path
+
+
+def load_cert(source: CertSource) -> x509.Certificate:
+    """A certificate from an object, PEM or DER bytes, or a PEM/DER file
+    (the first certificate of a bundle)."""
+    if isinstance(source, x509.Certificate):
+        return source
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if b"-----BEGIN" in data:
+        return x509.load_pem_x509_certificate(data)
+    return x509.load_der_x509_certificate(data)
+
+
+def load_key(path: StrPath) -> PrivateKey:
+    """An unencrypted PEM EC private key."""
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path}: not an EC private key")
+    return key
+
+
+def load_ca(ca_dir: StrPath) -> tuple[x509.Certificate, PrivateKey]:
+    """The CA written by ``cert ca``: ``ca.pem`` and ``ca.key`` in ``ca_dir``."""
+    return load_cert(Path(ca_dir) / "ca.pem"), load_key(Path(ca_dir) / "ca.key")
+
+
+# --------------------------------------------------------------------------
+# Identities and matching
+# --------------------------------------------------------------------------
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def fingerprint(source: CertSource) -> str:
+    """SHA-256 of the DER certificate as ``SHA256:AB:CD:...`` (openssl's hex form)."""
+    digest = load_cert(source).fingerprint(hashes.SHA256()).hex().upper()
+    return "SHA256:" + ":".join(digest[i : i + 2] for i in range(0, 64, 2))
+
+
+def normalize_fingerprint(text: str) -> str | None:
+    """64 lowercase hex digits if ``text`` is a SHA-256 fingerprint in any
+    usual spelling (``SHA256:`` prefix or not, colons or not, any case)."""
+    text = text.strip().lower()
+    for prefix in ("sha256:", "sha256="):
+        text = text.removeprefix(prefix)
+    text = text.replace(":", "")
+    return text if _HEX64.fullmatch(text) else None
+
+
+@dataclass(frozen=True)
+class CertIdentity:
+    """What names a peer: CN, SANs (``DNS:x``, ``IP:1.2.3.4``, ``URI:``, ``email:``)
+    and fingerprint (``SHA256:AB:...``)."""
+
+    cn: str | None
+    sans: tuple[str, ...]
+    fingerprint: str
+
+
+def _sans(certificate: x509.Certificate) -> tuple[str, ...]:
+    try:
+        ext = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return ()
+    out: list[str] = []
+    for gn in ext.value:
+        if isinstance(gn, x509.DNSName):
+            out.append(f"DNS:{gn.value}")
+        elif isinstance(gn, x509.IPAddress):
+            out.append(f"IP:{gn.value}")
+        elif isinstance(gn, x509.UniformResourceIdentifier):
+            out.append(f"URI:{gn.value}")
+        elif isinstance(gn, x509.RFC822Name):
+            out.append(f"email:{gn.value}")
+    return tuple(out)
+
+
+def identity(source: CertSource) -> CertIdentity:
+    """The identity of a certificate (e.g. ``TLSLayer.peer_certificate_der()``)."""
+    certificate = load_cert(source)
+    cns = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = cns[0].value if cns else None
+    return CertIdentity(
+        cn if isinstance(cn, str) else None, _sans(certificate), fingerprint(certificate)
+    )
+
+
+def allow_pattern_error(pattern: str) -> str | None:
+    """Why an ``--allow-client`` pattern is malformed, or None (check at start-up)."""
+    upper = pattern.upper()
+    if not pattern.strip():
+        return "empty pattern"
+    if upper.startswith("IP:"):
+        try:
+            ipaddress.ip_address(pattern[3:])
+        except ValueError:
+            return f"bad IP address in {pattern!r}"
+    elif upper.startswith(("DNS:", "CN:")):
+        if not pattern.partition(":")[2]:
+            return f"empty name in {pattern!r}"
+    elif upper.startswith(("SHA256:", "SHA256=")) and normalize_fingerprint(pattern) is None:
+        return f"bad SHA-256 fingerprint {pattern!r} (expected 64 hex digits)"
+    return None
+
+
+def _matches(ident: CertIdentity, pattern: str) -> bool:
+    kind, sep, value = pattern.partition(":")
+    kind = kind.upper() if sep else ""
+    if kind == "DNS":
+        want = value.rstrip(".").lower()
+        return any(
+            s.startswith("DNS:") and s[4:].rstrip(".").lower() == want for s in ident.sans
+        )
+    if kind == "IP":
+        try:
+            want_ip = ipaddress.ip_address(value)
+        except ValueError:
+            return False
+        for s in ident.sans:
+            if s.startswith("IP:"):
+                with contextlib.suppress(ValueError):
+                    if ipaddress.ip_address(s[3:]) == want_ip:
+                        return True
+        return False
+    if kind == "CN":
+        return ident.cn == value
+    wanted = normalize_fingerprint(pattern)
+    if wanted is not None:
+        return wanted == normalize_fingerprint(ident.fingerprint)
+    if kind == "SHA256":
+        return False  # a malformed fingerprint never falls back to a CN
+    return ident.cn == pattern
+
+
+def matches_allow(ident: CertIdentity, patterns: Iterable[str]) -> bool:
+    """True if any pattern names this peer.
+
+    A pattern is ``DNS:name`` (case-insensitive) or ``IP:addr`` (any
+    spelling) matched against the SANs; a SHA-256 fingerprint (``SHA256:``
+    prefix optional, colons optional, any case); ``CN:name`` or a bare
+    ``name``, matched exactly against the CN. Exact matches only, no globs:
+    this is authentication.
+    """
+    return any(_matches(ident, p) for p in patterns)
+
+
+def is_expired(source: CertSource, now: _dt.datetime | None = None) -> bool:
+    """True outside the validity period (not yet valid counts as expired)."""
+    certificate = load_cert(source)
+    now = now or _dt.datetime.now(_dt.UTC)
+    return not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc
+
+
+def describe(source: CertSource) -> str:
+    """The human summary printed by ``cert inspect``."""
+    certificate = load_cert(source)
+    try:
+        bc = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+        is_ca = bc.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    rows = [
+        ("subject", certificate.subject.rfc4514_string()),
+        ("issuer", certificate.issuer.rfc4514_string()),
+        ("SANs", ", ".join(_sans(certificate)) or "(none)"),
+        ("not before", certificate.not_valid_before_utc.isoformat()),
+        ("not after", certificate.not_valid_after_utc.isoformat()),
+        ("serial", f"{certificate.serial_number:x}"),
+        ("fingerprint", fingerprint(certificate)),
+        ("CA", "yes" if is_ca else "no"),
+        ("expired", "yes" if is_expired(certificate) else "no"),
+    ]
+    return "\n".join(f"{label + ':':<13}{value}" for label, value in rows)
+
+
+# --------------------------------------------------------------------------
+# click commands
+# --------------------------------------------------------------------------
+
+_out_option = click.option(
+    "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+    show_default=True, help="Directory to write into (created 0700 if missing).",
+)
+_force_option = click.option("--force", is_flag=True, help="Overwrite existing files.")
+_ca_dir_option = click.option(
+    "--ca-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+    help="Directory holding ca.pem and ca.key (from `cert ca`).",
+)
+
+
+def _days_option(default: int) -> Callable[[F], F]:
+    return click.option(
+        "--days", type=int, default=default, show_default=True,
+        help="Validity in days (negative: already expired, for tests).",
+    )
+
+
+def _file_stem(name: str) -> str:
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise click.BadParameter(f"{name!r} cannot be used as a file name")
+    return name
+
+
+def _issue(out: Path, stem: str, make: Callable[[], CertAndKey], force: bool) -> None:
+    try:
+        certificate, key = make()
+        paths = _write_pair(out, stem, certificate, key, force)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {paths[0]} and {paths[1]}")
+    click.echo(fingerprint(certificate))
+
+
+@click.group(name="cert")
+def cert() -> None:
+    """Make and inspect certificates for ipc-tlsd (a private CA)."""
+
+
+@cert.command(name="ca")
+@_out_option
+@click.option("--name", default="LibIPC CA", show_default=True, help="CA common name.")
+@_days_option(CA_DAYS)
+@_force_option
+def ca_command(out: Path, name: str, days: int, force: bool) -> None:
+    """Create a CA: ca.pem and ca.key (keep ca.key secret)."""
+    _issue(out, "ca", lambda: make_ca(name, days), force)
+
+
+@cert.command(name="server")
+@_ca_dir_option
+@_out_option
+@_days_option(LEAF_DAYS)
+@_force_option
+@click.argument("names", nargs=-1, required=True)
+def server_command(ca_dir: Path, out: Path, days: int, force: bool, names: Sequence[str]) -> None:
+    """Create NAME.pem and NAME.key for a TLS server.
+
+    Every NAME (host name or IP address) becomes a SAN; the first is the CN
+    and the file name.
+    """
+    stem = _file_stem(names[0])
+
+    def make() -> CertAndKey:
+        ca_cert, ca_key = load_ca(ca_dir)
+        return make_cert(ca_cert, ca_key, names[0], names, usage="server", days=days)
+
+    _issue(out, stem, make, force)
+
+
+@cert.command(name="client")
+@_ca_dir_option
+@_out_option
+@_days_option(LEAF_DAYS)
+@_force_option
+@click.option("--san", multiple=True, metavar="NAME", help="Also add this DNS/IP SAN.")
+@click.argument("cn")
+def client_command(
+    ca_dir: Path, out: Path, days: int, force: bool, san: Sequence[str], cn: str
+) -> None:
+    """Create CN.pem and CN.key for a TLS client.
+
+    The server names the client by CN or fingerprint in --allow-client.
+    """
+    stem = _file_stem(cn)
+
+    def make() -> CertAndKey:
+        ca_cert, ca_key = load_ca(ca_dir)
+        return make_cert(ca_cert, ca_key, cn, san, usage="client", days=days)
+
+    _issue(out, stem, make, force)
+
+
+def _load_for_cli(path: Path) -> x509.Certificate:
+    try:
+        return load_cert(path)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(f"{path}: {exc}") from exc
+
+
+@cert.command(name="fingerprint")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def fingerprint_command(file: Path) -> None:
+    """Print the SHA-256 fingerprint (usable in --allow-client)."""
+    click.echo(fingerprint(_load_for_cli(file)))
+
+
+@cert.command(name="inspect")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def inspect_command(file: Path) -> None:
+    """Show subject, issuer, SANs, validity, serial and fingerprint."""
+    click.echo(describe(_load_for_cli(file)))

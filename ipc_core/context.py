@@ -160,6 +160,7 @@ class _Conn:
         "scanner",
         "service",
         "sock",
+        "stats",
     )
 
     def __init__(self, kind: int, sock: Any, owned: bool = True) -> None:
@@ -182,6 +183,10 @@ class _Conn:
         self.origin = -1
         self.closing = False  # close once the send queue is flushed
         self.linger: TimerHandle | None = None
+        self.stats: list[int] = _NO_STATS
+
+
+_NO_STATS = [0, 0]
 
 
 class Context:
@@ -212,6 +217,8 @@ class Context:
             8 * queue_high_water, queue_high_water + max_message_size + 4
         )
         self.switch_events = switch_events
+        #: Bytes and messages read from switched ends, by tag (see set_tag).
+        self.stats: dict[str, list[int]] = {}
         self.timer: float | None = None
         self._ep = select.epoll()
         self._conns: dict[int, _Conn] = {}
@@ -314,6 +321,8 @@ class Context:
         a.partner, b.partner = b, a
         for end in (a, b):
             end.kind = SWITCHED
+            if end.stats is _NO_STATS:
+                end.stats = self.stats.setdefault("switched", [0, 0])
             end.scanner = FrameScanner(self.max_message_size)
             self._update_mask(end)
         for end in (a, b):
@@ -345,12 +354,18 @@ class Context:
         conn.layer = layer
         self.flush_switch(fd)
 
+    def set_tag(self, fd: int, tag: str) -> None:
+        """Count bytes/messages read from switched end ``fd`` under
+        ``ctx.stats[tag]`` (e.g. "network" vs "local" in a daemon)."""
+        self._get(fd).stats = self.stats.setdefault(tag, [0, 0])
+
     def feed_switch(self, fd: int, data: bytes) -> None:
-        """Process ``data`` as if it had just been read from switched end ``fd``
-        (bytes a daemon read past its handshake)."""
+        """Forward LibIPC stream bytes as if they had come from switched end
+        ``fd`` (already decoded by its layer): the bytes a daemon received
+        past its handshake, so that nothing sent early is lost."""
         conn = self._switched(fd)
         if data:
-            self._relay_data(conn, data)
+            self._relay_data(conn, data, decoded=True)
 
     def flush_switch(self, fd: int) -> None:
         """Write what the end's layer wants to send (after a ping, a close...)."""
@@ -641,12 +656,12 @@ class Context:
             return
         self._relay_data(conn, self._view[:n])
 
-    def _relay_data(self, conn: _Conn, data: bytes | memoryview) -> None:
+    def _relay_data(self, conn: _Conn, data: bytes | memoryview, decoded: bool = False) -> None:
         """Forward bytes read from ``conn`` to its partner (the hot path)."""
         partner = conn.partner
         assert partner is not None
         layer = conn.layer
-        if layer is not None:
+        if layer is not None and not decoded:
             try:
                 data = layer.receive_data(bytes(data))
             except PeerClosed:
@@ -662,13 +677,16 @@ class Context:
             if not data or conn.fd not in self._conns:
                 return
         try:
-            conn.scanner.scan(data)  # type: ignore[union-attr]
+            frames = conn.scanner.scan(data)  # type: ignore[union-attr]
         except MessageTooLarge as exc:
             log.warning("descriptor %d: %s; closing the pair", conn.fd, exc)
             if exc.valid_bytes:  # deliver the good messages before the bad header
                 self._forward(conn, partner, data[: exc.valid_bytes])
             self._close_pair(conn, str(exc))
             return
+        stats = conn.stats
+        stats[0] += len(data)
+        stats[1] += frames
         self._forward(conn, partner, data)
         if self.switch_events:
             self._events.append(Event(EventType.SWITCH_RX, conn.fd))
@@ -761,12 +779,7 @@ class Context:
         if not partner.out:
             self._close_conn(partner, reason)
             return
-        partner.closing = True
-        partner.paused = True
-        self._update_mask(partner)
-        partner.linger = self.call_later(
-            LINGER_SECONDS, lambda: self._close_conn(partner, "linger timeout: peer not reading")
-        )
+        self._linger(partner)
 
     # ---------------------------------------------------------------- output
 
@@ -882,16 +895,39 @@ class Context:
 
     # ---------------------------------------------------------------- closing
 
-    def close(self, fd: int) -> None:
+    def close(self, fd: int, *, flush: bool = False) -> None:
         """Close one descriptor of the context (a service's socket file is
-        removed). For a switched end, its partner is closed too."""
+        removed). For a switched end, its partner is closed too.
+
+        With ``flush=True`` the descriptor stops being read and is closed once
+        its send queue is written (a refusal message, an HTTP error), or after
+        a linger deadline; a DISCONNECTION event reports the close.
+        """
         conn = self._conns.get(fd)
         if conn is None:
             return
         if conn.kind == SWITCHED:
             self._close_pair(conn, None)
+        elif flush and conn.out:
+            self._linger(conn)
         else:
-            self._close_conn(conn, None, report=False)
+            self._close_conn(conn, None, report=flush)
+
+    def _linger(self, conn: _Conn) -> None:
+        conn.closing = True
+        conn.paused = True
+        self._update_mask(conn)
+        conn.linger = self.call_later(
+            LINGER_SECONDS, lambda: self._close_conn(conn, "linger timeout: peer not reading")
+        )
+
+    def send_fd(self, fd: int, data: bytes, passed_fd: int) -> None:
+        """Send ``data`` with descriptor ``passed_fd`` attached (SCM_RIGHTS) on
+        Unix peer ``fd``; the router hands connections to clients this way."""
+        conn = self._get(fd)
+        if conn.out:
+            raise UsageError(f"descriptor {fd} has queued data; cannot pass a descriptor now")
+        socket.send_fds(conn.sock, [data], [passed_fd])
 
     def close_all(self) -> None:
         """Close every descriptor, remove every service's socket and lock."""
@@ -915,6 +951,14 @@ class Context:
     def descriptors(self) -> list[int]:
         """Every descriptor the context manages."""
         return list(self._conns)
+
+    def __contains__(self, fd: object) -> bool:
+        return fd in self._conns
+
+    def socket(self, fd: int) -> Any:
+        """The socket object behind descriptor ``fd`` (for EXTERNAL ones the
+        application reads itself)."""
+        return self._get(fd).sock
 
     def pending_bytes(self, fd: int) -> int:
         """Bytes queued for sending on ``fd`` (its send queue's size)."""

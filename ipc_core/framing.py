@@ -93,15 +93,17 @@ class FrameDecoder:
         pos = 0
         end = len(data)
         limit = self.max_message_size
-        while end - pos >= HEADER_SIZE:
-            (length,) = _unpack_from(data, pos)
-            if length > limit:
-                raise MessageTooLarge(length, limit)
-            stop = pos + HEADER_SIZE + length
-            if stop > end:
-                break
-            out.append(bytes(data[pos + HEADER_SIZE : stop]))
-            pos = stop
+        # Slice through a memoryview: bytes(bytearray[a:b]) would copy twice.
+        with memoryview(data) as view:
+            while end - pos >= HEADER_SIZE:
+                (length,) = _unpack_from(view, pos)
+                if length > limit:
+                    raise MessageTooLarge(length, limit)
+                stop = pos + HEADER_SIZE + length
+                if stop > end:
+                    break
+                out.append(bytes(view[pos + HEADER_SIZE : stop]))
+                pos = stop
         return out, pos
 
 

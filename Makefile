@@ -1,0 +1,48 @@
+# Everything runs inside a local virtual environment that the targets create.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PREFIX ?= /usr/local
+DESTDIR ?=
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+
+.PHONY: all setup run test lint bench bench-tools install clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,cbor]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job: the demo stack with the embedded pong service.
+run: setup
+	$(PY) -m daemons.demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench-tools:
+	$(MAKE) -C bench/c
+
+bench: setup bench-tools
+	$(PY) -m bench.run
+
+install:
+	install -d $(DESTDIR)$(UNITDIR)
+	install -m 0644 systemd/*.service systemd/*.socket $(DESTDIR)$(UNITDIR)/
+	install -d $(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/lib/tmpfiles.d
+	install -m 0644 systemd/libipc.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/libipc.conf
+	install -m 0644 systemd/libipc.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/libipc.conf
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	-$(MAKE) -C bench/c clean

@@ -1,0 +1,256 @@
+"""The outbound side of a protocol daemon: local clients reach remote services.
+
+The daemon is itself a LibIPC service (``tcp``, ``tls``, ...). A local client
+(usually the router ipcd) sends one message holding a URI such as
+``tcp://[::1]:9000/pong``; the daemon connects, runs the protocol's client
+handshake (a Sans-I/O :class:`Connector`), answers ``ok`` and switches the
+client's Unix connection with the network connection. On any failure the
+client gets a message starting with ``error:`` and the daemon carries on.
+
+Nothing blocks the loop: host names are resolved in a small thread pool,
+connects are non-blocking, and every attempt has a deadline.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ipc_core import Event, EventType, Layer, PeerClosed, ProtocolError
+
+from .common import Uri, parse_uri
+from .server import Daemon
+
+log = logging.getLogger("ipc.daemon.outbound")
+
+_RECV_SIZE = 65536
+
+
+class Connector(Protocol):
+    """Client side of a daemon handshake, Sans-I/O."""
+
+    done: bool
+
+    def data_to_send(self) -> bytes: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def result(self) -> tuple[Layer | None, bytes]: ...
+
+
+ConnectorFactory = Callable[[Uri], Connector]
+
+
+@dataclass
+class _Attempt:
+    client_fd: int
+    uri: Uri
+    connector: Connector
+    started: float
+    remote_fd: int = -1
+    deadline: Any = None
+
+
+class Outbound:
+    """Serves one local service name and dials out for its clients."""
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        service_name: str,
+        connectors: dict[str, ConnectorFactory],
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.daemon = daemon
+        self.ctx = daemon.ctx
+        self.service_name = service_name
+        self.connectors = connectors
+        self.connect_timeout = connect_timeout
+        self.service_fd = self.ctx.service_init(service_name)
+        self._clients: set[int] = set()  # local clients that have not asked yet
+        self._by_client: dict[int, _Attempt] = {}
+        self._by_remote: dict[int, _Attempt] = {}
+        self._resolver = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="resolve")
+        registry = daemon.metrics.registry
+        self.outbound_total = registry.counter(
+            "ipc_outbound_total", "Outbound connection attempts, by result.", ["result"]
+        )
+        daemon.handlers.append(self.handle)
+        log.info("%s: outbound service %r ready", daemon.name, service_name)
+
+    def handle(self, event: Event) -> bool:
+        fd = event.fd
+        if event.type == EventType.CONNECTION and event.origin == self.service_fd:
+            self._clients.add(fd)
+            return True
+        if event.type == EventType.MESSAGE_RX and fd in self._clients:
+            self._clients.discard(fd)
+            assert event.message is not None
+            self._request(fd, event.message)
+            return True
+        if event.type == EventType.MESSAGE_RX and fd in self._by_client:
+            self._fail(self._by_client[fd], "client sent a message before 'ok'")
+            return True
+        if event.type == EventType.EXTERNAL and fd in self._by_remote:
+            self._on_remote(self._by_remote[fd])
+            return True
+        if event.type == EventType.DISCONNECTION:
+            self._clients.discard(fd)
+            attempt = self._by_remote.get(fd)
+            if attempt is not None:
+                attempt.remote_fd = -1
+                self._fail(attempt, event.reason or "connection closed")
+                return True
+            attempt = self._by_client.get(fd)
+            if attempt is not None:
+                log.info("%s: client left before %s answered", self.daemon.name, attempt.uri)
+                self._drop(attempt)
+                return True
+        return False
+
+    # ------------------------------------------------------------- request
+
+    def _request(self, client_fd: int, payload: bytes) -> None:
+        try:
+            uri = parse_uri(payload.decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            self._answer_error(client_fd, f"bad URI: {exc}")
+            return
+        factory = self.connectors.get(uri.scheme)
+        if factory is None:
+            schemes = ", ".join(sorted(self.connectors))
+            self._answer_error(client_fd, f"scheme {uri.scheme!r} not served here (only {schemes})")
+            return
+        attempt = _Attempt(client_fd, uri, factory(uri), time.monotonic())
+        self._by_client[client_fd] = attempt
+        attempt.deadline = self.ctx.call_later(
+            self.connect_timeout,
+            lambda: self._fail(attempt, f"no answer within {self.connect_timeout} s"),
+        )
+        if _is_ip(uri.host):
+            self._dial(attempt, [(_family(uri.host), (uri.host, uri.port))])
+            return
+        future = self._resolver.submit(_resolve, uri.host, uri.port)
+        future.add_done_callback(
+            lambda f: self.ctx.call_soon_threadsafe(lambda: self._resolved(attempt, f))
+        )
+
+    def _resolved(self, attempt: _Attempt, future: concurrent.futures.Future[Any]) -> None:
+        if self._by_client.get(attempt.client_fd) is not attempt:
+            return
+        try:
+            addresses = future.result()
+        except OSError as exc:
+            self._fail(attempt, f"cannot resolve {attempt.uri.host!r}: {exc}")
+            return
+        self._dial(attempt, addresses)
+
+    def _dial(self, attempt: _Attempt, addresses: list[tuple[int, Any]]) -> None:
+        family, sockaddr = addresses[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(sockaddr)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._fail(attempt, f"connect to {attempt.uri.host}:{attempt.uri.port}: "
+                                f"{errno.errorcode.get(err, err)}")
+            return
+        attempt.remote_fd = self.ctx.add_external(sock)
+        self._by_remote[attempt.remote_fd] = attempt
+        self._send(attempt)  # queued until the connection is established
+
+    def _send(self, attempt: _Attempt) -> None:
+        data = attempt.connector.data_to_send()
+        if data and attempt.remote_fd in self.ctx:
+            self.ctx.send_raw(attempt.remote_fd, data)
+
+    def _on_remote(self, attempt: _Attempt) -> None:
+        try:
+            data = self.ctx.socket(attempt.remote_fd).recv(_RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(attempt, f"{attempt.uri.host}:{attempt.uri.port}: {exc.strerror or exc}")
+            return
+        try:
+            attempt.connector.receive_data(data)
+        except (ProtocolError, PeerClosed) as exc:
+            self._send(attempt)
+            self._fail(attempt, str(exc))
+            return
+        self._send(attempt)
+        if attempt.connector.done:
+            self._succeed(attempt)
+
+    def _succeed(self, attempt: _Attempt) -> None:
+        layer, early = attempt.connector.result()
+        self._forget(attempt)
+        ctx = self.ctx
+        ctx.write(attempt.client_fd, b"ok")
+        ctx.add_switch(attempt.remote_fd, attempt.client_fd)
+        ctx.set_tag(attempt.remote_fd, "network")
+        ctx.set_tag(attempt.client_fd, "local")
+        if layer is not None:
+            ctx.set_switch_codec(attempt.remote_fd, layer)
+        if early:
+            ctx.feed_switch(attempt.remote_fd, early)
+        self.outbound_total.inc(result="ok")
+        log.info("%s: connected to %s (%.1f ms)", self.daemon.name, attempt.uri,
+                 (time.monotonic() - attempt.started) * 1000)
+
+    # ------------------------------------------------------------- failure
+
+    def _fail(self, attempt: _Attempt, reason: str) -> None:
+        if self._by_client.get(attempt.client_fd) is not attempt:
+            return
+        log.warning("%s: cannot reach %s: %s", self.daemon.name, attempt.uri, reason)
+        self.outbound_total.inc(result="error")
+        self._drop(attempt)
+        self._answer_error(attempt.client_fd, f"cannot reach {attempt.uri}: {reason}")
+
+    def _drop(self, attempt: _Attempt) -> None:
+        self._forget(attempt)
+        if attempt.remote_fd >= 0:
+            self.ctx.close(attempt.remote_fd)
+
+    def _forget(self, attempt: _Attempt) -> None:
+        self._by_client.pop(attempt.client_fd, None)
+        self._by_remote.pop(attempt.remote_fd, None)
+        if attempt.deadline is not None:
+            attempt.deadline.cancel()
+            attempt.deadline = None
+
+    def _answer_error(self, client_fd: int, reason: str) -> None:
+        if client_fd in self.ctx:
+            self.ctx.write(client_fd, f"error: {reason}".encode())
+            self.ctx.close(client_fd, flush=True)
+
+    def close(self) -> None:
+        self._resolver.shutdown(wait=False, cancel_futures=True)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _resolve(host: str, port: int) -> list[tuple[int, Any]]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"no address for {host!r}")
+    return [(info[0], info[4]) for info in infos]

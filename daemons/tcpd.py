@@ -1,0 +1,113 @@
+"""ipc-tcpd: local LibIPC services over TCP, both ways (reference TCPd compatible).
+
+Inbound: ``--listen :9000``; a peer writes a service name, gets ``ok``, then
+speaks LibIPC frames, relayed to ``$RUNDIR/NAME`` unchanged. Outbound: the
+daemon is the local service ``tcp`` (``--service-name``); a client's message
+``tcp://HOST:PORT/SERVICE`` makes it dial, handshake, answer ``ok`` and switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ipc_core import Context, IPCError
+from ipc_core.rundir import socket_path
+
+from . import systemd
+from .common import CommonOptions, ServiceAccess, common_options, open_listener, setup_logging
+from .outbound import ConnectorFactory, Outbound
+from .server import Daemon
+from .tcp import TcpdClient, TcpdHandshake
+
+log = logging.getLogger("ipc.tcpd")
+
+
+def service_exists(rundir: Path) -> Callable[[str], bool]:
+    """For the TCPd handshake: is there a socket file for this name?"""
+
+    def exists(name: str) -> bool:
+        try:
+            return socket_path(name, rundir).exists()
+        except IPCError:
+            return False
+
+    return exists
+
+
+def start_daemon(
+    name: str,
+    common: CommonOptions,
+    *,
+    service_name: str,
+    default_listen: str,
+    make_handshake: Callable[[Context], Callable[[str], Any]],
+    connectors: dict[str, ConnectorFactory],
+    connect_timeout: float,
+) -> tuple[Daemon, Outbound]:
+    """Build a daemon: context, listeners (socket activation first), outbound
+    service, metrics. Shared by ipc-tcpd and ipc-tlsd."""
+    setup_logging(common.verbosity, common.log_format)
+    ctx = Context(rundir_path=common.rundir, max_message_size=common.max_message_size)
+    access: ServiceAccess = common.access(service_name)
+    daemon = Daemon(
+        name,
+        ctx,
+        access,
+        handshake_timeout=common.handshake_timeout,
+        max_connections=common.max_connections,
+    )
+    factory = make_handshake(ctx)
+    activated = systemd.listen_fds()
+    if activated:
+        for sock, fdname in activated:
+            if fdname == "metrics":
+                daemon.serve_metrics(sock)
+            else:
+                daemon.listen(sock, factory)
+    else:
+        for address in common.listen_addresses(default_listen):
+            daemon.listen(open_listener(address), factory)
+    if common.metrics is not None and not any(n == "metrics" for _, n in activated):
+        daemon.serve_metrics(open_listener(common.metrics))
+    outbound = Outbound(daemon, service_name, connectors, connect_timeout)
+    return daemon, outbound
+
+
+@click.command(context_settings={"auto_envvar_prefix": "IPC_TCPD",
+                                 "help_option_names": ["-h", "--help"]})
+@common_options
+@click.option("--service-name", envvar=["IPC_TCPD_SERVICE_NAME", "IPC_SERVICE_NAME"],
+              default="tcp", show_default=True,
+              help="Local service name of the outbound side [env IPC_SERVICE_NAME].")
+@click.option("--connect-timeout", type=float, default=5.0, show_default=True,
+              help="Seconds for an outbound connect and handshake.")
+def main(common: CommonOptions, service_name: str, connect_timeout: float) -> None:
+    """Put local LibIPC services on TCP, and reach remote ones (TCPd)."""
+    try:
+        daemon, outbound = start_daemon(
+            "ipc-tcpd",
+            common,
+            service_name=service_name,
+            default_listen="127.0.0.1:9000",
+            make_handshake=lambda ctx: lambda _peer: TcpdHandshake(service_exists(ctx.rundir)),
+            connectors={"tcp": lambda uri: TcpdClient(uri.service)},
+            connect_timeout=connect_timeout,
+        )
+    except (IPCError, OSError, ValueError) as exc:
+        click.echo(f"ipc-tcpd: {exc}", err=True)
+        sys.exit(1)
+    try:
+        daemon.run()
+    finally:
+        outbound.close()
+        daemon.ctx.close_all()
+
+
+if __name__ == "__main__":
+    main()

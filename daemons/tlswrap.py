@@ -1,0 +1,210 @@
+"""TLS around any daemon handshake: ``TLSHandshake`` (server) and ``TLSConnector`` (client).
+
+Why a wrapper and not a TLS daemon engine: the engine (:mod:`daemons.server`)
+and the outbound dialer (:mod:`daemons.outbound`) already drive Sans-I/O
+handshakes and connectors over raw bytes. Putting TLS *around* an existing
+handshake gives ipc-tlsd (TLS around the TCPd handshake) and wss (TLS around
+the WebSocket upgrade) with no new I/O code at all:
+
+    network bytes -> TLSLayer (ciphertext <-> plaintext) -> inner handshake
+
+* Everything the inner handshake or connector writes is encrypted with
+  ``TLSLayer.send`` (held by the layer until the TLS handshake completes), so
+  ``data_to_send()`` always returns ciphertext only.
+* Once the inner side is done, the switched phase needs TLS still: the layer
+  handed to the Context is the ``TLSLayer`` itself (TCPd: the plaintext is
+  the LibIPC stream) or ``StackedLayer(tls, inner_layer)`` (WebSocket over
+  TLS). Plaintext decrypted past the inner handshake is returned as the
+  "early" bytes, so nothing a fast peer sends is lost.
+* Server side, the client certificate is checked against ``allow_client``
+  (see :func:`daemons.certs.matches_allow`) the moment the TLS handshake
+  completes, before the inner handshake sees a single plaintext byte: a peer
+  that is not allowed never learns which services exist.
+* Deadlines are the driver's business: the engine's handshake deadline covers
+  the TLS handshake and the inner one together.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+
+from ipc_core import Layer, PeerClosed, ProtocolError, StackedLayer
+
+from .certs import CertIdentity, identity, matches_allow
+from .outbound import Connector
+from .server import Handshake
+from .tls import TLSLayer
+
+__all__ = ["TLSConnector", "TLSHandshake", "describe_identity"]
+
+log = logging.getLogger("ipc.daemon.tls")
+
+
+def describe_identity(ident: CertIdentity | None) -> str:
+    """``CN=alice SHA256:AB:...`` for log lines; ``no client certificate`` for None."""
+    if ident is None:
+        return "no client certificate"
+    cn = f"CN={ident.cn}" if ident.cn is not None else "no CN"
+    return f"{cn} {ident.fingerprint}"
+
+
+class TLSHandshake:
+    """Server side: a TLS handshake, then ``inner`` over the plaintext.
+
+    Implements :class:`daemons.server.Handshake`. ``allow_client`` (patterns
+    as for ``--allow-client``) narrows which client certificates may connect;
+    an empty sequence allows any certificate the context accepted (or none, if
+    the context does not ask for one). ``on_identity`` is called once, right
+    after the TLS handshake, with the client's identity (None without a
+    certificate) so the caller can log it with the peer address; without it
+    the identity is logged here at INFO.
+    """
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        inner: Handshake,
+        *,
+        allow_client: Sequence[str] = (),
+        on_identity: Callable[[CertIdentity | None], None] | None = None,
+    ) -> None:
+        self.tls = TLSLayer(ssl_context, server_side=True)
+        self.inner = inner
+        self.allow_client = tuple(allow_client)
+        self.on_identity = on_identity
+        #: The client's certificate identity, once the TLS handshake is done.
+        self.identity: CertIdentity | None = None
+        self._verified = False  # identity checked against allow_client
+
+    # -- what the engine reads ---------------------------------------------
+
+    @property
+    def service(self) -> str | None:
+        return self.inner.service
+
+    @property
+    def finished(self) -> bool:
+        return self.inner.finished
+
+    @property
+    def settle_after(self) -> float | None:
+        """The inner handshake's pause rule, but only once TLS is up: a peer
+        pausing inside the TLS handshake is not pausing after a name."""
+        if not self._verified:
+            return None
+        return getattr(self.inner, "settle_after", None)
+
+    def settle(self) -> None:
+        settle = getattr(self.inner, "settle", None)
+        if settle is not None and self._verified:
+            settle()
+
+    # -- bytes -------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed ciphertext (b"" = EOF); the plaintext goes to the inner handshake."""
+        if self.finished:
+            return  # refused: we only wait to flush and close
+        plain = self.tls.receive_data(data)
+        if not self.tls.handshake_complete:
+            return
+        if not self._verified:
+            self._check_client()
+        if plain:
+            self.inner.receive_data(plain)
+
+    def data_to_send(self) -> bytes:
+        """The inner handshake's output, encrypted, plus TLS's own records."""
+        pending = self.inner.data_to_send()
+        if pending:
+            self.tls.send(pending)
+        return self.tls.data_to_send()
+
+    def accept(self) -> tuple[Layer | None, bytes]:
+        """The inner handshake's layer, under TLS, and the early plaintext."""
+        inner_layer, early = self.inner.accept()
+        # Push the inner success reply (``ok``...) into TLS before the layer
+        # changes hands, so it is encrypted ahead of any relayed byte.
+        pending = self.inner.data_to_send()
+        if pending:
+            self.tls.send(pending)
+        if inner_layer is None:
+            return self.tls, early
+        return StackedLayer(self.tls, inner_layer), early
+
+    def reject(self, reason: str, status: int) -> None:
+        """Let the inner handshake refuse (its bytes go out encrypted), then close TLS."""
+        try:
+            self.inner.reject(reason, status)
+            pending = self.inner.data_to_send()
+            if pending:
+                self.tls.send(pending)
+        finally:
+            self.tls.close()
+
+    # -- internals ---------------------------------------------------------
+
+    def _check_client(self) -> None:
+        der = self.tls.peer_certificate_der()
+        self.identity = identity(der) if der else None
+        self._verified = True
+        if self.on_identity is not None:
+            self.on_identity(self.identity)
+        else:
+            log.info("tls: client %s (%s)", describe_identity(self.identity), self.tls.version)
+        if not self.allow_client:
+            return
+        if self.identity is None:
+            raise ProtocolError("tls: no client certificate, and --allow-client is set")
+        if not matches_allow(self.identity, self.allow_client):
+            raise ProtocolError(
+                f"tls: client {describe_identity(self.identity)} is not in --allow-client"
+            )
+
+
+class TLSConnector:
+    """Client side: a TLS handshake with SNI, then ``inner`` over the plaintext.
+
+    Implements :class:`daemons.outbound.Connector`. ``ssl_context`` decides
+    the verification (system store or a private CA, hostname check) and any
+    client certificate; ``server_hostname`` is sent as SNI and checked
+    against the server certificate (an IP address is checked, never sent).
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext, server_hostname: str, inner: Connector) -> None:
+        self.tls = TLSLayer(ssl_context, server_side=False, server_hostname=server_hostname)
+        self.inner = inner
+
+    @property
+    def done(self) -> bool:
+        return self.inner.done
+
+    def data_to_send(self) -> bytes:
+        pending = self.inner.data_to_send()
+        if pending:
+            self.tls.send(pending)  # held until the TLS handshake completes
+        return self.tls.data_to_send()
+
+    def receive_data(self, data: bytes) -> None:
+        try:
+            plain = self.tls.receive_data(data)
+        except PeerClosed:
+            if not self.tls.handshake_complete:
+                raise
+            # A clean TLS close before the inner answer: the inner side knows
+            # best what that means (TCPd: the service was refused).
+            self.inner.receive_data(b"")
+            raise
+        if plain:
+            self.inner.receive_data(plain)
+
+    def result(self) -> tuple[Layer | None, bytes]:
+        inner_layer, early = self.inner.result()
+        pending = self.inner.data_to_send()
+        if pending:
+            self.tls.send(pending)
+        if inner_layer is None:
+            return self.tls, early
+        return StackedLayer(self.tls, inner_layer), early

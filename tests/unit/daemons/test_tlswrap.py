@@ -1,0 +1,301 @@
+"""TLSConnector against TLSHandshake (TLS around the TCPd handshake), no sockets.
+
+The tests pump bytes between the client and the server objects the way the
+outbound dialer and the daemon engine would, then relay LibIPC frames through
+the layers they hand over for the switched phase.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from daemons import certs
+from daemons.tcp import TcpdClient, TcpdHandshake
+from daemons.tls import TLSLayer, client_context, server_context
+from daemons.tlswrap import TLSConnector, TLSHandshake, describe_identity
+from ipc_core import StackedLayer
+from ipc_core.errors import PeerClosed, ProtocolError
+from ipc_core.framing import encode
+
+# -- certificates ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PKI:
+    ca: Path
+    other_ca: Path
+    server: tuple[Path, Path]
+    alice: tuple[Path, Path]
+    mallory: tuple[Path, Path]  # signed by the other CA
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    d = tmp_path_factory.mktemp("pki")
+    ca, ca_key = certs.make_ca("Test CA")
+    other, other_key = certs.make_ca("Other CA")
+
+    def write(stem: str, pair: tuple[object, certs.PrivateKey]) -> tuple[Path, Path]:
+        certificate, key = pair
+        certs.write_cert(d / f"{stem}.pem", certificate)  # type: ignore[arg-type]
+        certs.write_key(d / f"{stem}.key", key)
+        return d / f"{stem}.pem", d / f"{stem}.key"
+
+    certs.write_cert(d / "ca.pem", ca)
+    certs.write_cert(d / "other.pem", other)
+    return PKI(
+        ca=d / "ca.pem",
+        other_ca=d / "other.pem",
+        server=write("server", certs.make_cert(ca, ca_key, "localhost", ["localhost",
+                                                                         "127.0.0.1"])),
+        alice=write("alice", certs.make_cert(ca, ca_key, "alice", [], usage="client")),
+        mallory=write("mallory",
+                      certs.make_cert(other, other_key, "mallory", [], usage="client")),
+    )
+
+
+def server_ctx(pki: PKI, *, mtls: bool = False) -> ssl.SSLContext:
+    return server_context(*pki.server, client_ca=pki.ca if mtls else None,
+                          require_client_cert=mtls)
+
+
+def client_ctx(pki: PKI, *, cert: tuple[Path, Path] | None = None,
+               ca: Path | None = None) -> ssl.SSLContext:
+    return client_context(ca=ca or pki.ca, cert=cert[0] if cert else None,
+                          key=cert[1] if cert else None)
+
+
+# -- pumping -------------------------------------------------------------------
+
+
+def pump(client: TLSConnector, server: TLSHandshake, *, accept: bool = True) -> None:
+    """Move bytes until quiet, accepting the service like the engine does."""
+    accepted = False
+    for _ in range(20):
+        to_server = client.data_to_send()
+        if to_server:
+            server.receive_data(to_server)
+        if accept and server.service is not None and not accepted:
+            accepted = True
+            server.layer, server.early = server.accept()  # type: ignore[attr-defined]
+        to_client = server.data_to_send()
+        if to_client:
+            client.receive_data(to_client)
+        if not to_server and not to_client:
+            return
+    raise AssertionError("the handshake did not settle")
+
+
+def server_refusal(client: TLSConnector, server: TLSHandshake) -> ProtocolError:
+    """Pump until the *server* refuses (it is the side that logs why); return its error."""
+    for _ in range(20):
+        to_server = client.data_to_send()
+        if to_server:
+            try:
+                server.receive_data(to_server)
+            except ProtocolError as exc:
+                return exc
+        to_client = server.data_to_send()
+        if to_client:
+            client.receive_data(to_client)
+    raise AssertionError("the server accepted")
+
+
+def relay(a: TLSLayer, b: TLSLayer) -> bytes:
+    """Send what ``a`` has for ``b``; return the plaintext ``b`` got."""
+    data = a.data_to_send()
+    return b.receive_data(data) if data else b""
+
+
+def connect(pki: PKI, *, server: ssl.SSLContext | None = None,
+            client: ssl.SSLContext | None = None, service: str = "pong",
+            **kwargs: object) -> tuple[TLSConnector, TLSHandshake]:
+    conn = TLSConnector(client or client_ctx(pki), "localhost", TcpdClient(service))
+    hs = TLSHandshake(server or server_ctx(pki), TcpdHandshake(lambda n: n == "pong"),
+                      **kwargs)  # type: ignore[arg-type]
+    return conn, hs
+
+
+# -- tests ---------------------------------------------------------------------
+
+
+def test_tcpd_handshake_inside_tls_then_frames_both_ways(pki: PKI) -> None:
+    conn, hs = connect(pki)
+    pump(conn, hs)
+    assert hs.service == "pong"
+    assert conn.done
+    server_layer, early = hs.layer, hs.early  # type: ignore[attr-defined]
+    assert early == b""
+    assert server_layer is hs.tls  # TCPd: no inner layer, TLS carries the LibIPC stream
+    client_layer, client_early = conn.result()
+    assert client_layer is conn.tls and client_early == b""
+    assert conn.tls.version == "TLSv1.3"
+
+    client_layer.send(encode(b"hello"))
+    assert relay(client_layer, server_layer) == encode(b"hello")
+    server_layer.send(encode(b"hello back"))
+    assert relay(server_layer, client_layer) == encode(b"hello back")
+
+
+def test_plaintext_before_ok_is_kept_as_early_bytes(pki: PKI) -> None:
+    """A client that sends the name and a first message at once loses nothing."""
+    hs = TLSHandshake(server_ctx(pki), TcpdHandshake())
+    client = TLSLayer(client_ctx(pki), server_side=False, server_hostname="localhost")
+    client.send(b"pong" + encode(b"first"))
+    for _ in range(5):
+        data = client.data_to_send()
+        if data:
+            hs.receive_data(data)
+        back = hs.data_to_send()
+        if back:
+            client.receive_data(back)
+    assert hs.service == "pong"
+    layer, early = hs.accept()
+    assert early == encode(b"first")
+    assert client.receive_data(hs.data_to_send()) == b"ok"
+    assert layer is hs.tls
+
+
+def test_remote_early_bytes_after_ok_reach_the_client(pki: PKI) -> None:
+    conn, hs = connect(pki)
+    pump(conn, hs, accept=False)
+    assert hs.service == "pong" and not conn.done
+    hs.accept()
+    hs.tls.send(encode(b"greeting"))  # the service spoke at once
+    conn.receive_data(hs.data_to_send())
+    assert conn.done
+    _layer, early = conn.result()
+    assert early == encode(b"greeting")
+
+
+def test_inner_layer_is_stacked_under_tls(pki: PKI) -> None:
+    class Upper:
+        def receive_data(self, data: bytes) -> bytes:
+            return data.upper()
+
+        def send(self, data: bytes) -> None:
+            self.out = data
+
+        def data_to_send(self) -> bytes:
+            out, self.out = getattr(self, "out", b""), b""
+            return out
+
+        def close(self) -> None:
+            pass
+
+    class InnerWithLayer(TcpdHandshake):
+        def accept(self):  # type: ignore[no-untyped-def]
+            _none, early = super().accept()
+            return Upper(), early
+
+    hs = TLSHandshake(server_ctx(pki), InnerWithLayer(lambda n: n == "pong"))
+    conn = TLSConnector(client_ctx(pki), "localhost", TcpdClient("pong"))
+    pump(conn, hs, accept=False)
+    layer, _early = hs.accept()
+    assert isinstance(layer, StackedLayer) and layer.lower is hs.tls
+    conn.receive_data(hs.data_to_send())
+    client_layer, _ = conn.result()
+    client_layer.send(b"abc")
+    assert layer.receive_data(client_layer.data_to_send()) == b"ABC"
+
+
+def test_reject_closes_tls_and_the_client_says_refused(pki: PKI) -> None:
+    conn, hs = connect(pki, service="nosuch")
+    pump(conn, hs, accept=False)
+    hs.settle()  # the engine's pause timer: take "nosuch" as the name
+    assert hs.service == "nosuch"
+    hs.reject("no local service 'nosuch'", 404)
+    assert hs.finished
+    with pytest.raises(PeerClosed, match="refused or unknown"):
+        conn.receive_data(hs.data_to_send())
+
+
+def test_settle_waits_for_tls(pki: PKI) -> None:
+    conn, hs = connect(pki)
+    assert hs.settle_after is None  # inside the TLS handshake: no name yet
+    hs.settle()  # harmless
+    assert hs.service is None
+    hs.receive_data(conn.data_to_send())
+    conn.receive_data(hs.data_to_send())
+    assert hs.settle_after is None
+    pump(conn, hs, accept=False)
+    assert hs.settle_after == TcpdHandshake.settle_after
+
+
+def test_wrong_hostname_is_refused_by_the_connector(pki: PKI) -> None:
+    conn = TLSConnector(client_ctx(pki), "example.org", TcpdClient("pong"))
+    hs = TLSHandshake(server_ctx(pki), TcpdHandshake())
+    with pytest.raises(ProtocolError, match="certificate verify failed"):
+        pump(conn, hs)
+    assert hs.service is None
+
+
+def test_unknown_ca_is_refused_by_the_connector(pki: PKI) -> None:
+    conn, hs = connect(pki, client=client_ctx(pki, ca=pki.other_ca))
+    with pytest.raises(ProtocolError, match="certificate verify failed"):
+        pump(conn, hs)
+
+
+def test_mtls_good_client_identity_is_reported(pki: PKI) -> None:
+    seen: list[certs.CertIdentity | None] = []
+    conn, hs = connect(pki, server=server_ctx(pki, mtls=True),
+                       client=client_ctx(pki, cert=pki.alice),
+                       allow_client=["CN:alice"], on_identity=seen.append)
+    pump(conn, hs)
+    assert conn.done and hs.service == "pong"
+    assert len(seen) == 1 and seen[0] is not None
+    assert seen[0].cn == "alice"
+    assert seen[0].fingerprint == certs.fingerprint(pki.alice[0])
+    assert hs.identity == seen[0]
+    assert describe_identity(seen[0]).startswith("CN=alice SHA256:")
+
+
+def test_mtls_allow_by_fingerprint(pki: PKI) -> None:
+    fp = certs.fingerprint(pki.alice[0])
+    conn, hs = connect(pki, server=server_ctx(pki, mtls=True),
+                       client=client_ctx(pki, cert=pki.alice), allow_client=[fp])
+    pump(conn, hs)
+    assert conn.done
+
+
+def test_mtls_client_not_in_allow_list(pki: PKI) -> None:
+    conn, hs = connect(pki, server=server_ctx(pki, mtls=True),
+                       client=client_ctx(pki, cert=pki.alice), allow_client=["bob"])
+    err = server_refusal(conn, hs)
+    assert re.search(r"CN=alice SHA256:[0-9A-F:]{95} is not in --allow-client", str(err))
+    assert hs.service is None  # the name never reached the inner handshake
+
+
+def test_mtls_missing_client_certificate(pki: PKI) -> None:
+    conn, hs = connect(pki, server=server_ctx(pki, mtls=True))
+    assert "did not return a certificate" in str(server_refusal(conn, hs))
+
+
+def test_mtls_client_from_another_ca(pki: PKI) -> None:
+    conn, hs = connect(pki, server=server_ctx(pki, mtls=True),
+                       client=client_ctx(pki, cert=pki.mallory))
+    assert "certificate verify failed" in str(server_refusal(conn, hs))
+
+
+def test_allow_client_without_a_certificate_request(pki: PKI) -> None:
+    """allow_client on a context that never asks for certificates refuses everyone."""
+    conn, hs = connect(pki, allow_client=["alice"])
+    assert "no client certificate" in str(server_refusal(conn, hs))
+
+
+def test_eof_during_tls_handshake(pki: PKI) -> None:
+    conn, hs = connect(pki)
+    hs.receive_data(conn.data_to_send()[:10])
+    with pytest.raises(PeerClosed):
+        hs.receive_data(b"")
+
+
+def test_garbage_instead_of_tls(pki: PKI) -> None:
+    _conn, hs = connect(pki)
+    with pytest.raises(ProtocolError, match="tls"):
+        hs.receive_data(b"pong\n\x00\x00\x00\x05hello")

@@ -87,3 +87,67 @@ class Processes:
             for stream in (proc.stdout, proc.stderr, proc.stdin):
                 if stream:
                     stream.close()
+
+
+class LogReader:
+    """Drains a process's stderr in a thread so that logs can be asserted on
+    and a chatty daemon never blocks on a full pipe."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        import threading
+
+        self.proc = proc
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def text(self) -> str:
+        with self._cond:
+            return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 10.0) -> str:
+        """Return the first log line containing ``needle`` (or fail)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    if needle in line:
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"log line {needle!r} not seen; log:\n{''.join(self.lines)}")
+                if self.proc.poll() is not None and seen == len(self.lines):
+                    self._cond.wait(0.2)
+                    if seen == len(self.lines):
+                        raise AssertionError(
+                            f"process exited ({self.proc.returncode}) before {needle!r}; log:\n"
+                            + "".join(self.lines)
+                        )
+                self._cond.wait(min(left, 0.5))
+
+
+def start_listening_daemon(
+    procs: Processes, command: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], LogReader, int]:
+    """Start ``command`` (e.g. ``ipc-tcpd``) listening on an ephemeral port;
+    return the process, its log reader and the port it bound."""
+    import re
+
+    proc = procs.start(BIN / command, *args, env=env)
+    logs = LogReader(proc)
+    line = logs.wait_for("listening on")
+    match = re.search(r"listening on (?:\[[^\]]+\]|[^:\s]+):(\d+)", line)
+    assert match, line
+    return proc, logs, int(match.group(1))

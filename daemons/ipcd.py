@@ -1,0 +1,252 @@
+"""ipcd: the router. Local clients reach remote services as if they were local.
+
+A client whose ``IPC_NETWORK`` names a route for service S connects to the
+local service ``ipc`` and sends one message ``S;<IPC_NETWORK>``. ipcd finds
+the directive for S and resolves its target:
+
+* ``NAME`` (no ``://``) or ``unix://NAME``: the local service NAME;
+* ``SCHEME://ADDRESS/PATH``: the local protocol daemon named SCHEME (``tcp``,
+  ``tls``, ``ws``...) is sent the whole URI as one message and must answer the
+  message ``ok``; its connection is then the connection to the remote service.
+
+On success ipcd hands the connected descriptor to the client with SCM_RIGHTS
+and the raw bytes ``ok``; on failure it sends ``error: <reason>`` (no
+descriptor) and closes. Every look-up has a deadline; a missing daemon, a bad
+route or a silent remote never blocks other look-ups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from ipc_core import Context, Event, EventType, IPCError, ProtocolError, encode
+from ipc_core.routing import ROUTER_SERVICE, parse_lookup, parse_network
+from ipc_core.rundir import socket_path
+
+from .common import ServiceAccess, setup_logging
+from .server import Daemon
+
+log = logging.getLogger("ipc.ipcd")
+
+_MAX_ANSWER = 4096
+
+
+@dataclass
+class _Lookup:
+    client_fd: int
+    service: str
+    target: str
+    started: float
+    daemon_fd: int = -1
+    answer: bytes = b""
+    deadline: Any = None
+
+
+def resolve_target(target: str) -> tuple[str, str | None]:
+    """``(local service to connect to, URI to send it or None)``."""
+    scheme, sep, rest = target.partition("://")
+    if not sep:
+        return target, None
+    if scheme == "unix":
+        return rest, None
+    if not scheme or not rest:
+        raise ProtocolError(f"bad target {target!r}")
+    return scheme, target
+
+
+class Router:
+    """The ``ipc`` service's logic, driven by the daemon engine's events."""
+
+    def __init__(self, daemon: Daemon, service_name: str, timeout: float) -> None:
+        self.daemon = daemon
+        self.ctx = daemon.ctx
+        self.timeout = timeout
+        self.service_fd = self.ctx.service_init(service_name)
+        self._clients: set[int] = set()
+        self._by_client: dict[int, _Lookup] = {}
+        self._by_daemon: dict[int, _Lookup] = {}
+        r = daemon.metrics.registry
+        self.lookups = r.counter("ipc_lookups_total", "Router look-ups, by result.", ["result"])
+        daemon.handlers.append(self.handle)
+
+    def handle(self, event: Event) -> bool:
+        fd = event.fd
+        if event.type == EventType.CONNECTION and event.origin == self.service_fd:
+            self._clients.add(fd)
+            return True
+        if event.type == EventType.MESSAGE_RX and fd in self._clients:
+            self._clients.discard(fd)
+            assert event.message is not None
+            self._lookup(fd, event.message)
+            return True
+        if event.type == EventType.EXTERNAL and fd in self._by_daemon:
+            self._on_daemon(self._by_daemon[fd])
+            return True
+        if event.type == EventType.DISCONNECTION:
+            self._clients.discard(fd)
+            lookup = self._by_daemon.get(fd)
+            if lookup is not None:
+                lookup.daemon_fd = -1
+                self._fail(lookup, f"protocol daemon closed the connection ({event.reason or 'EOF'})")
+                return True
+            lookup = self._by_client.get(fd)
+            if lookup is not None:
+                self._forget(lookup)
+                if lookup.daemon_fd >= 0:
+                    self.ctx.close(lookup.daemon_fd)
+                return True
+        return False
+
+    def _lookup(self, client_fd: int, payload: bytes) -> None:
+        try:
+            service, network = parse_lookup(payload)
+            routes = parse_network(network)
+        except ProtocolError as exc:
+            self._answer_error(client_fd, str(exc), "bad request")
+            return
+        target = routes.get(service)
+        if target is None:
+            self._answer_error(client_fd, f"no route for {service!r} in IPC_NETWORK", "no route")
+            return
+        lookup = _Lookup(client_fd, service, target, time.monotonic())
+        try:
+            local, uri = resolve_target(target)
+            sock = self._connect_local(local)
+        except (ProtocolError, IPCError, OSError) as exc:
+            self._answer_error(client_fd, f"{service!r} -> {target}: {exc}", "unreachable")
+            return
+        if uri is None:
+            self._hand_over(lookup, sock)
+            return
+        self._by_client[client_fd] = lookup
+        lookup.daemon_fd = self.ctx.add_external(sock)
+        self._by_daemon[lookup.daemon_fd] = lookup
+        self.ctx.send_raw(lookup.daemon_fd, encode(uri.encode()))
+        lookup.deadline = self.ctx.call_later(
+            self.timeout, lambda: self._fail(lookup, f"no answer within {self.timeout} s")
+        )
+
+    def _connect_local(self, name: str) -> socket.socket:
+        path = socket_path(name, self.ctx.rundir)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(os.fsencode(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise IPCError(f"no local service {name!r} (is its daemon running?)") from None
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _on_daemon(self, lookup: _Lookup) -> None:
+        """Read the daemon's answer frame exactly: bytes after it belong to the
+        client, so they must stay in the socket."""
+        sock = self.ctx.socket(lookup.daemon_fd)
+        need = 4 if len(lookup.answer) < 4 else 4 + struct.unpack(">I", lookup.answer[:4])[0]
+        try:
+            chunk = sock.recv(need - len(lookup.answer))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(lookup, f"protocol daemon: {exc.strerror or exc}")
+            return
+        if not chunk:
+            self._fail(lookup, "protocol daemon closed the connection")
+            return
+        lookup.answer += chunk
+        if len(lookup.answer) == 4:
+            (length,) = struct.unpack(">I", lookup.answer)
+            if length > _MAX_ANSWER:
+                self._fail(lookup, f"protocol daemon answered {length} bytes")
+            return
+        if len(lookup.answer) < 4 or len(lookup.answer) < need:
+            return
+        answer = lookup.answer[4:]
+        if answer != b"ok":
+            self._fail(lookup, answer.decode(errors="replace"))
+            return
+        self._forget(lookup)
+        sock = self.ctx.socket(lookup.daemon_fd)
+        self.ctx.remove_external(lookup.daemon_fd)
+        self._hand_over(lookup, sock)
+
+    def _hand_over(self, lookup: _Lookup, sock: socket.socket) -> None:
+        try:
+            self.ctx.send_fd(lookup.client_fd, b"ok", sock.fileno())
+        except (OSError, IPCError) as exc:
+            log.warning("ipcd: cannot hand %r to the client: %s", lookup.service, exc)
+            self.lookups.inc(result="error")
+        else:
+            self.lookups.inc(result="ok")
+            log.info("ipcd: %r -> %s (%.1f ms)", lookup.service, lookup.target,
+                     (time.monotonic() - lookup.started) * 1000)
+        finally:
+            sock.close()
+            self.ctx.close(lookup.client_fd)
+
+    def _fail(self, lookup: _Lookup, reason: str) -> None:
+        if self._by_client.get(lookup.client_fd) is not lookup:
+            return
+        self._forget(lookup)
+        if lookup.daemon_fd >= 0:
+            self.ctx.close(lookup.daemon_fd)
+        self._answer_error(lookup.client_fd, f"{lookup.service!r} -> {lookup.target}: {reason}",
+                           "unreachable")
+
+    def _forget(self, lookup: _Lookup) -> None:
+        self._by_client.pop(lookup.client_fd, None)
+        self._by_daemon.pop(lookup.daemon_fd, None)
+        if lookup.deadline is not None:
+            lookup.deadline.cancel()
+            lookup.deadline = None
+
+    def _answer_error(self, client_fd: int, reason: str, kind: str) -> None:
+        log.warning("ipcd: %s", reason)
+        self.lookups.inc(result=kind)
+        if client_fd in self.ctx:
+            self.ctx.send_raw(client_fd, f"error: {reason}".encode())
+            self.ctx.close(client_fd, flush=True)
+
+
+@click.command(context_settings={"auto_envvar_prefix": "IPCD",
+                                 "help_option_names": ["-h", "--help"]})
+@click.option("--rundir", envvar="RUNDIR", default=None, metavar="DIR",
+              help="LibIPC run directory [env RUNDIR; default /tmp/.libipc-run].")
+@click.option("--service-name", default=ROUTER_SERVICE, show_default=True,
+              help="The router's service name (clients look for 'ipc').")
+@click.option("--timeout", type=float, default=10.0, show_default=True,
+              help="Seconds a look-up may take before the client gets an error.")
+@click.option("--log-format", type=click.Choice(["auto", "human", "json"]), default="auto")
+@click.option("-v", "--verbose", count=True)
+@click.option("-q", "--quiet", count=True)
+def main(rundir: str | None, service_name: str, timeout: float, log_format: str,
+         verbose: int, quiet: int) -> None:
+    """The LibIPC router: hands clients connections to local or remote services."""
+    setup_logging(verbose - quiet, log_format)
+    try:
+        ctx = Context(rundir_path=rundir)
+        daemon = Daemon("ipcd", ctx, ServiceAccess())
+        Router(daemon, service_name, timeout)
+    except (IPCError, OSError) as exc:
+        click.echo(f"ipcd: {exc}", err=True)
+        sys.exit(1)
+    log.info("ipcd: serving %r in %s", service_name, ctx.rundir)
+    try:
+        daemon.run()
+    finally:
+        ctx.close_all()
+
+
+if __name__ == "__main__":
+    main()

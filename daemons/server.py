@@ -132,6 +132,9 @@ class Daemon:
         self.on_reload: Callable[[], None] | None = None
         #: Extra event handlers (e.g. the outbound side): return True if handled.
         self.handlers: list[Callable[[Event], bool]] = []
+        #: Called as ``on_switched(fd, handshake, layer)`` once a network peer
+        #: is switched (ipc-websocketd tracks its connections for keepalive).
+        self.on_switched: Callable[[int, Handshake, Layer | None], None] | None = None
         self._listeners: dict[int, tuple[socket.socket, HandshakeFactory]] = {}
         self._metric_listeners: set[int] = set()
         self._pending: dict[int, _Pending] = {}
@@ -374,8 +377,13 @@ class Daemon:
         if early:
             ctx.feed_switch(p.fd, early)
         self.metrics.switched_total.inc()
-        log.info("%s: %s -> %r (%.1f ms)", self.name, p.peer, service,
+        log.info("%s: %s -> %r (%.1f ms)", self.name, _peer(p), service,
                  (time.monotonic() - p.started) * 1000)
+        if self.on_switched is not None:
+            try:
+                self.on_switched(p.fd, p.handshake, layer)
+            except Exception:
+                log.exception("%s: on_switched failed for %s", self.name, _peer(p))
 
     def _reject(self, p: _Pending, kind: str, reason: str, status: int) -> None:
         with contextlib.suppress(IPCError):
@@ -401,7 +409,7 @@ class Daemon:
 
     def _count_failure(self, kind: str, p: _Pending, reason: str) -> None:
         self.metrics.handshake_failures.inc(reason=kind)
-        log.warning("%s: %s: %s", self.name, p.peer, reason)
+        log.warning("%s: %s: %s", self.name, _peer(p), reason)
 
     def _timeout(self, p: _Pending) -> None:
         if self._pending.get(p.fd) is p:
@@ -469,6 +477,12 @@ class Daemon:
             m.bytes.inc(now[0] - last[0], direction=direction)
             m.messages.inc(now[1] - last[1], direction=direction)
             self._last_stats[tag] = list(now)
+
+
+def _peer(p: _Pending) -> str:
+    """The peer name for log lines: a handshake may know better than the
+    socket (ipc-websocketd --trust-proxy: X-Forwarded-For) by setting ``peer``."""
+    return getattr(p.handshake, "peer", None) or p.peer
 
 
 def _peer_name(addr: Any) -> str:

@@ -389,9 +389,21 @@ class Context:
         n = len(payload)
         if n > self.max_message_size:
             raise UsageError(f"message of {n} bytes exceeds max_message_size")
-        if n < _SMALL_FRAME:
-            return self._send(conn, header(n) + payload)
-        return self._send_vector(conn, header(n), payload, False)
+        if n >= _SMALL_FRAME:
+            return self._send_vector(conn, header(n), payload, False)
+        data = header(n) + payload
+        if conn.out:
+            return self._enqueue(conn, data, False)
+        try:  # the common case, inlined: one send() takes the whole frame
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._lost(conn, exc)
+            return False
+        if sent == len(data):
+            return True
+        return self._enqueue(conn, memoryview(data)[sent:], False)
 
     def schedule(self, fd: int, payload: bytes | bytearray | memoryview) -> None:
         """Queue one message; a MESSAGE_TX event reports when it is fully sent.

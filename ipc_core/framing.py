@@ -78,32 +78,33 @@ class FrameDecoder:
         if not buf:
             # Fast path: parse straight out of the caller's buffer and keep
             # only the unfinished tail.
-            out, consumed = self._parse(data)
+            out, consumed = self._parse(data if type(data) is not bytearray else memoryview(data))
             if consumed < len(data):
                 buf += data[consumed:]
             return out
         buf += data
-        out, consumed = self._parse(buf)
+        # Slice through a memoryview (bytes(bytearray[a:b]) would copy twice),
+        # released before the bytearray is resized.
+        with memoryview(buf) as view:
+            out, consumed = self._parse(view)
         if consumed:
             del buf[:consumed]
         return out
 
-    def _parse(self, data: bytes | bytearray | memoryview) -> tuple[list[bytes], int]:
+    def _parse(self, data: bytes | memoryview) -> tuple[list[bytes], int]:
         out: list[bytes] = []
         pos = 0
         end = len(data)
         limit = self.max_message_size
-        # Slice through a memoryview: bytes(bytearray[a:b]) would copy twice.
-        with memoryview(data) as view:
-            while end - pos >= HEADER_SIZE:
-                (length,) = _unpack_from(view, pos)
-                if length > limit:
-                    raise MessageTooLarge(length, limit)
-                stop = pos + HEADER_SIZE + length
-                if stop > end:
-                    break
-                out.append(bytes(view[pos + HEADER_SIZE : stop]))
-                pos = stop
+        while end - pos >= HEADER_SIZE:
+            (length,) = _unpack_from(data, pos)
+            if length > limit:
+                raise MessageTooLarge(length, limit)
+            stop = pos + HEADER_SIZE + length
+            if stop > end:
+                break
+            out.append(bytes(data[pos + HEADER_SIZE : stop]))
+            pos = stop
         return out, pos
 
 

@@ -1,0 +1,58 @@
+"""The `ipc` tool as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from tests.helpers import BIN
+
+
+def run(*args, rundir, input=None, timeout=20):
+    env = dict(os.environ, RUNDIR=str(rundir))
+    env.pop("IPC_NETWORK", None)
+    return subprocess.run([BIN / "ipc", *args], env=env, input=input, capture_output=True,
+                          timeout=timeout)
+
+
+def test_send_and_cat(rundir, procs):
+    procs.pongd(rundir)
+    out = run("send", "pong", "hello", rundir=rundir)
+    assert out.returncode == 0 and out.stdout == b"hello\n"
+    out = run("cat", "pong", rundir=rundir, input=b"one\ntwo\n\nlast")
+    assert out.returncode == 0
+    assert out.stdout == b"one\ntwo\n\nlast\n"
+
+
+def test_cat_raw_binary(rundir, procs):
+    procs.pongd(rundir)
+    data = bytes(range(256)) * 1000
+    out = run("cat", "--raw", "pong", rundir=rundir, input=data)
+    assert out.returncode == 0 and out.stdout == data
+
+
+def test_missing_service_is_a_clear_error(rundir):
+    for args in (("send", "nope", "x"), ("cat", "nope")):
+        out = run(*args, rundir=rundir, input=b"")
+        assert out.returncode == 1
+        assert b"no service 'nope'" in out.stderr
+
+
+def test_ls_alive_and_stale(rundir, procs):
+    import socket
+
+    procs.pongd(rundir)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(rundir / "ghost"))
+    stale.close()
+    out = run("ls", rundir=rundir)
+    lines = out.stdout.decode().split("\n")
+    assert any(line.split() == ["pong", "alive"] for line in lines)
+    assert any(line.split() == ["ghost", "stale"] for line in lines)
+
+
+def test_pongd_custom_name_and_invalid_name(rundir, procs):
+    procs.pongd(rundir, "echo")
+    assert run("send", "echo", "x", rundir=rundir).stdout == b"x\n"
+    out = run("pongd", "a/b", rundir=rundir)
+    assert out.returncode == 1 and b"contains '/'" in out.stderr

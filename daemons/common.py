@@ -375,8 +375,10 @@ def parse_uri(uri: str, default_ports: Mapping[str, int] = DEFAULT_PORTS) -> Uri
 # --------------------------------------------------------------------------
 
 #: Services a network peer must never reach through a ``*``: the router and
-#: the protocol daemons themselves (otherwise a daemon is an open relay).
-DEFAULT_PROTECTED: tuple[str, ...] = ("ipc", "tcp", "tls", "ws", "wss")
+#: the protocol daemons themselves (otherwise a daemon is an open relay), and
+#: the daemons' local control services (``tcp.ctl``...: counters, for ``ipc
+#: status``). Entries may be globs.
+DEFAULT_PROTECTED: tuple[str, ...] = ("ipc", "tcp", "tls", "ws", "wss", "*.ctl")
 MAX_SERVICE_NAME_BYTES = 100
 
 
@@ -415,7 +417,7 @@ class ServiceAccess:
 
     1. an invalid name is refused;
     2. a name matching a ``deny`` glob is refused (deny wins);
-    3. a *protected* name (:data:`DEFAULT_PROTECTED` plus whatever a daemon
+    3. a *protected* name (:data:`DEFAULT_PROTECTED`, globs included, plus whatever a daemon
        adds with :meth:`protect`, e.g. its own ``--service-name``) is allowed
        only if an ``allow`` pattern other than ``*`` matches it;
     4. with an empty ``allow`` list everything else is allowed, otherwise the
@@ -451,7 +453,7 @@ class ServiceAccess:
         for pattern in self.deny:
             if fnmatch.fnmatchcase(name, pattern):
                 return f"service {name!r} is denied (--deny {pattern})"
-        if name in self.protected:
+        if name in self.protected or any(fnmatch.fnmatchcase(name, p) for p in self.protected):
             if any(
                 not _is_catch_all(p) and fnmatch.fnmatchcase(name, p) for p in self.allow
             ):

@@ -96,7 +96,8 @@ class Router:
             lookup = self._by_daemon.get(fd)
             if lookup is not None:
                 lookup.daemon_fd = -1
-                self._fail(lookup, f"protocol daemon closed the connection ({event.reason or 'EOF'})")
+                why = event.reason or "EOF"
+                self._fail(lookup, f"protocol daemon closed the connection ({why})")
                 return True
             lookup = self._by_client.get(fd)
             if lookup is not None:
@@ -238,6 +239,7 @@ def main(rundir: str | None, service_name: str, timeout: float, log_format: str,
         ctx = Context(rundir_path=rundir)
         daemon = Daemon("ipcd", ctx, ServiceAccess())
         Router(daemon, service_name, timeout)
+        daemon.serve_control(f"{service_name}.ctl")
     except (IPCError, OSError) as exc:
         click.echo(f"ipcd: {exc}", err=True)
         sys.exit(1)

@@ -18,15 +18,18 @@ the name, or a WebSocket upgrade) while the engine does the I/O:
    handshake's refusal bytes are flushed, the socket closed, the reason logged
    and counted. Nothing else is affected.
 
-The engine also serves ``--metrics`` (Prometheus text and /healthz), turns
-SIGTERM/SIGINT into a clean stop, SIGHUP into ``on_reload``, and speaks the
-systemd notify protocol (READY, STOPPING, RELOADING, WATCHDOG).
+The engine also serves ``--metrics`` (Prometheus text and /healthz), the
+local control service ``NAME.ctl`` (:meth:`Daemon.serve_control`: the same
+counters as JSON, for ``ipc status``), turns SIGTERM/SIGINT into a clean stop,
+SIGHUP into ``on_reload``, and speaks the systemd notify protocol (READY,
+STOPPING, RELOADING, WATCHDOG).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -143,6 +146,9 @@ class Daemon:
         self._last_stats = {"network": [0, 0], "local": [0, 0]}
         self._stopping = False
         self._watchdog: float | None = None
+        self._started = time.monotonic()
+        self._control_fd = -1
+        self._control_peers: set[int] = set()
         ctx.switch_events = False
 
     # ----------------------------------------------------------- listeners
@@ -160,6 +166,45 @@ class Daemon:
         fd = self.ctx.add_external(sock)
         self._metric_listeners.add(fd)
         log.info("%s: metrics on http://%s/metrics", self.name, bound_address(sock))
+
+    def serve_control(self, service: str) -> None:
+        """Serve the local LibIPC service ``service`` (e.g. ``tcp.ctl``): the
+        message ``status`` is answered with JSON of the counters.
+
+        Why a LibIPC service and not only HTTP: the counters stay readable
+        (``ipc status``) on a host where no ``--metrics`` port is open, with
+        the run directory's permissions as the access control. Network peers
+        never reach it: ``*.ctl`` is protected in :class:`ServiceAccess`.
+        """
+        self._control_fd = self.ctx.service_init(service)
+        self.handlers.insert(0, self._on_control)
+
+    def status(self) -> dict[str, Any]:
+        """What the control service answers: who we are and the counters."""
+        self.refresh_metrics()
+        return {
+            "daemon": self.name,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "metrics": self.metrics.registry.snapshot(),
+        }
+
+    def _on_control(self, event: Event) -> bool:
+        fd = event.fd
+        if event.type == EventType.CONNECTION and event.origin == self._control_fd:
+            self._control_peers.add(fd)
+            return True
+        if fd not in self._control_peers:
+            return False
+        if event.type == EventType.MESSAGE_RX:
+            if (event.message or b"").strip() == b"status":
+                answer = json.dumps(self.status(), separators=(",", ":")).encode()
+            else:
+                answer = b'{"error":"unknown command; try status"}'
+            self.ctx.schedule(fd, answer)
+        elif event.type == EventType.DISCONNECTION:
+            self._control_peers.discard(fd)
+        return True
 
     # ----------------------------------------------------------------- run
 

@@ -170,6 +170,7 @@ class Phase(enum.Enum):
 
     READING_REQUEST --head complete--> DECIDING --accept()--> OPEN
     DECIDING --reject()/respond()--> ANSWERED (closed once flushed)
+    READING_REQUEST --reject()--> ANSWERED (a deadline: 408)
     any phase --error / close() before accept()--> ANSWERED
     """
 
@@ -322,8 +323,13 @@ class WebSocketServerLayer:
         return self.receive_data(early) if early else b""
 
     def reject(self, status: int, body: str) -> None:
-        """Refuse the request with an HTTP error (403, 404, ...), then close."""
-        self._deciding()
+        """Refuse the request with an HTTP error (403, 404, ...), then close.
+
+        Also allowed while the request head is still arriving: a driver whose
+        deadline expires answers 408 to a client stalled in its request.
+        """
+        if self._phase is not Phase.READING_REQUEST:
+            self._deciding()
         self._answer(status, body)
 
     def respond(

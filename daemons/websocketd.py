@@ -1,0 +1,660 @@
+"""ipc-websocketd: local LibIPC services for browsers, over WebSocket.
+
+A browser opens ``ws://HOST:PORT/SERVICE`` (``wss://`` with ``--cert``) and
+talks to the local service ``$RUNDIR/SERVICE``: one WebSocket message is one
+LibIPC message (the payload, without the 4-byte length), in both directions.
+
+Theory of operation
+-------------------
+Everything runs in the one :class:`~ipc_core.Context` loop of the shared
+daemon engine (:mod:`daemons.server`); there is no asyncio and no thread:
+
+    browser --bytes--> [TLSLayer] --> WebSocketServerLayer --LibIPC--> $RUNDIR/SERVICE
+            <--------- [TLSLayer] <-- (ServerProtocol)     <---------
+
+* Handshake: :class:`WebSocketHandshake` adapts the split handshake of
+  :class:`~daemons.ws.WebSocketServerLayer` to the engine's ``Handshake``
+  protocol. Once the HTTP head is complete it decides: a WebSocket upgrade
+  with an acceptable ``Origin`` names a service (the engine then applies the
+  allow/deny policy and connects, or makes us answer 403/404/503); a plain
+  HTTP request is answered here (a static file, 426 on a service path, 404)
+  and the connection closes. A stalled client gets 408 at the engine's
+  deadline. With ``--cert`` TLS is wrapped around this handshake
+  (:class:`~daemons.tlswrap.TLSHandshake`).
+* Switched phase: the layer is the Context's switch codec, so the Context
+  does every read and write, with its bounded queues and back-pressure (a
+  browser that reads slowly stops the daemon from reading the service).
+* Keepalive: the engine's ``on_switched`` hook and DISCONNECTION events keep
+  :class:`Keepalive`'s table of open connections; timers sweep it to ping,
+  to close peers whose pong never came, and to close idle connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http
+import ipaddress
+import logging
+import mimetypes
+import ssl
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+from websockets.frames import CloseCode
+
+from ipc_core import Context, Event, EventType, IPCError, Layer, ProtocolError, StackedLayer
+from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE
+from ipc_core.rundir import socket_path
+
+from . import certs, systemd
+from .common import (
+    CommonOptions,
+    ServiceAccess,
+    common_options,
+    open_listener,
+    service_name_error,
+    setup_logging,
+)
+from .server import Daemon, Handshake
+from .tls import server_context
+from .ws import HandshakeRequest, Phase, WebSocketServerLayer, origin_allowed
+
+__all__ = [
+    "Keepalive",
+    "StaticFiles",
+    "TrackedLayer",
+    "WebSocketHandshake",
+    "WebSocketOptions",
+    "build_daemon",
+    "main",
+    "same_origin",
+]
+
+log = logging.getLogger("ipc.websocketd")
+#: websockets' own log (every frame at DEBUG, every connection at INFO): only
+#: shown with -vv, it would drown the daemon's one line per connection.
+frame_log = logging.getLogger("ipc.websocketd.frames")
+
+NAME = "ipc-websocketd"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+#: The demo page shipped with the package, served when --static is not given.
+DEMO_DIR = Path(__file__).resolve().with_name("static")
+#: Static files are read inside the loop: keep them small.
+MAX_STATIC_FILE = 4 * 1024 * 1024
+#: Seconds a peer has to answer our close frame before the socket is cut.
+CLOSE_TIMEOUT = 5.0
+
+_TEXT_PLAIN = ("Content-Type", "text/plain; charset=utf-8")
+_REFUSALS = {
+    403: "Forbidden.\n",
+    404: "Unknown service.\n",
+    408: "Request timeout: the HTTP request did not arrive in time.\n",
+    503: "Service unavailable.\n",
+}
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".htm": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".txt": "text/plain; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".wasm": "application/wasm",
+}
+
+
+# -- static files ----------------------------------------------------------------
+
+
+def content_type(name: str) -> str:
+    """Content-Type by extension (our table first: mimetypes varies by host)."""
+    suffix = Path(name).suffix.lower()
+    if suffix in _CONTENT_TYPES:
+        return _CONTENT_TYPES[suffix]
+    guessed, _ = mimetypes.guess_type(name)
+    return guessed or "application/octet-stream"
+
+
+class StaticFiles:
+    """Files under one directory, for plain HTTP GETs on the WebSocket port.
+
+    Safe against path traversal: the URL path is percent-decoded, then any
+    segment starting with ``.`` (``..``, ``.``, dotfiles) is refused and the
+    resolved file (symlinks followed) must still be inside the root. A
+    directory means its ``index.html``. Files are read on each request (edits
+    show at once) and inside the loop, hence :data:`MAX_STATIC_FILE`.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve(strict=True)
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"{root}: not a directory")
+
+    def find(self, url_path: str) -> tuple[bytes, str] | None:
+        """The body and Content-Type for a decoded URL path, or None (404)."""
+        parts = [p for p in url_path.split("/") if p]
+        if any(p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+            return None
+        target = self.root.joinpath(*parts)
+        try:
+            if target.is_dir():
+                target = target / "index.html"
+            real = target.resolve(strict=True)
+            if not real.is_relative_to(self.root) or not real.is_file():
+                return None
+            if real.stat().st_size > MAX_STATIC_FILE:
+                log.warning("%s: not serving %s: over %d bytes", NAME, real, MAX_STATIC_FILE)
+                return None
+            return real.read_bytes(), content_type(real.name)
+        except (OSError, RuntimeError, ValueError):
+            return None
+
+
+# -- origin and proxy headers ------------------------------------------------------
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """True if a page from ``origin`` was served by the host it now connects to.
+
+    Compares the origin's ``host[:port]`` with the request's Host header,
+    ignoring the scheme's default port. ``null`` (file:// pages, sandboxed
+    frames) is never the same origin.
+    """
+    if not host or origin == "null":
+        return False
+    parts = urllib.parse.urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False
+    default = ":80" if parts.scheme == "http" else ":443"
+
+    def norm(netloc: str) -> str:
+        netloc = netloc.strip().lower()
+        return netloc[: -len(default)] if netloc.endswith(default) else netloc
+
+    return norm(parts.netloc) == norm(host)
+
+
+def forwarded_client(request: HandshakeRequest) -> str | None:
+    """The client address a reverse proxy put in X-Forwarded-For, or None.
+
+    The *last* entry is taken: it is the one our proxy appended (the address
+    it saw); the entries before it came from the client and prove nothing.
+    Anything that is not an IP address (optionally with a port) is ignored,
+    so the header cannot inject text into log lines.
+    """
+    values = [v for k, v in request.headers if k.lower() == "x-forwarded-for"]
+    entries = [e.strip() for v in values for e in v.split(",") if e.strip()]
+    if not entries:
+        return None
+    entry = entries[-1]
+    host = entry
+    if entry.startswith("["):  # [v6]:port
+        host = entry[1:].partition("]")[0]
+    elif entry.count(":") == 1:  # v4:port
+        host = entry.partition(":")[0]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return entry
+
+
+def _url_path(raw: str) -> str | None:
+    """The percent-decoded path of a request target, or None if unusable."""
+    path = raw.partition("?")[0].partition("#")[0]
+    if not path.startswith("/"):
+        return None
+    try:
+        return urllib.parse.unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        return None
+
+
+# -- the handshake -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WebSocketOptions:
+    """How every connection of one daemon behaves.
+
+    ``origins`` None means same-origin only (pages this daemon served, and
+    non-browser clients, which send no Origin); otherwise an allow-list for
+    :func:`~daemons.ws.origin_allowed` (``*`` allows all).
+    """
+
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    text_replies: bool = False
+    origins: tuple[str, ...] | None = None
+    trust_proxy: bool = False
+    static: StaticFiles | None = None
+
+
+class TrackedLayer(WebSocketServerLayer):
+    """The WebSocket layer, remembering when a message last went through.
+
+    Only complete data messages count (pings and pongs do not): a browser
+    tab that answers pings but says nothing is idle.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.last_message = time.monotonic()
+
+    def receive_data(self, data: bytes) -> bytes:
+        out = super().receive_data(data)
+        if out:
+            self.last_message = time.monotonic()
+        return out
+
+    def send(self, data: bytes) -> None:
+        super().send(data)
+        if data:
+            self.last_message = time.monotonic()
+
+
+class WebSocketHandshake:
+    """The engine's ``Handshake`` over :class:`WebSocketServerLayer`.
+
+    ``service`` is set once the request head is a WebSocket upgrade with an
+    acceptable Origin and a valid service name in its path; a plain HTTP
+    request is answered at once and ``finished`` set. A bad origin or path
+    queues the HTTP error and raises ProtocolError, so the engine logs and
+    counts it, flushes the answer and closes. ``peer`` is what the engine
+    logs: with ``trust_proxy``, the X-Forwarded-For client.
+    """
+
+    def __init__(
+        self,
+        peer: str,
+        options: WebSocketOptions,
+        service_known: Callable[[str], bool] = lambda _name: False,
+    ) -> None:
+        self.peer = peer
+        self.service: str | None = None
+        self.finished = False
+        self.options = options
+        self._transport_peer = peer
+        self._known = service_known
+        self.ws = TrackedLayer(
+            max_message_size=options.max_message_size,
+            text_replies=options.text_replies,
+            logger=frame_log,
+        )
+
+    def receive_data(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)  # an error queues its HTTP answer and raises
+        if self.service is None and not self.finished and ws.phase is Phase.DECIDING:
+            assert ws.request is not None
+            self._decide(ws.request)
+
+    def data_to_send(self) -> bytes:
+        return self.ws.data_to_send()
+
+    def accept(self) -> tuple[Layer | None, bytes]:
+        """101 Switching Protocols; the layer, and messages sent ahead of it."""
+        early = self.ws.accept()
+        self.ws.last_message = time.monotonic()
+        return self.ws, early
+
+    def reject(self, reason: str, status: int) -> None:
+        """403 policy, 404 unknown service, 503 unavailable, 408 deadline."""
+        self.finished = True
+        if self.ws.phase in (Phase.READING_REQUEST, Phase.DECIDING):
+            body = _REFUSALS.get(status) or f"{http.HTTPStatus(status).phrase}.\n"
+            self.ws.reject(status, body)
+
+    # -- decisions ---------------------------------------------------------
+
+    def _decide(self, request: HandshakeRequest) -> None:
+        if self.options.trust_proxy:
+            client = forwarded_client(request)
+            if client is not None:
+                self.peer = f"{client} (via {self._transport_peer})"
+        path = _url_path(request.path)
+        if not request.is_upgrade:
+            self._answer_http(request, path)
+            return
+        if not self._origin_ok(request):
+            self.ws.reject(403, "Forbidden: this page's origin may not open WebSockets here.\n")
+            rule = "--origin" if self.options.origins is not None else "same origin only"
+            raise ProtocolError(f"websocket: origin {request.origin!r} not allowed ({rule})")
+        name = path[1:] if path is not None else ""
+        reason = service_name_error(name) if path is not None else "bad request path"
+        if reason:
+            self.ws.reject(404, _REFUSALS[404])
+            raise ProtocolError(f"websocket: no service in path {request.path!r}: {reason}")
+        self.service = name
+
+    def _origin_ok(self, request: HandshakeRequest) -> bool:
+        if self.options.origins is not None:
+            return origin_allowed(request.origin, self.options.origins)
+        if request.origin is None:
+            return True  # not a browser
+        host = None
+        if self.options.trust_proxy:
+            forwarded = request.header("x-forwarded-host")
+            host = forwarded.split(",")[0] if forwarded else None
+        return same_origin(request.origin, host or request.header("host"))
+
+    def _answer_http(self, request: HandshakeRequest, path: str | None) -> None:
+        """A plain HTTP request: a static file, 426 on a service path, or 404."""
+        self.finished = True
+        ws = self.ws
+        static = self.options.static
+        found = static.find(path) if static is not None and path is not None else None
+        name = path[1:] if path is not None else ""
+        if request.method not in ("GET", "HEAD"):
+            status = 405
+            ws.respond(405, [("Allow", "GET, HEAD"), _TEXT_PLAIN], b"Method not allowed.\n")
+        elif found is not None:
+            status = 200
+            body, ctype = found
+            ws.respond(200, [("Content-Type", ctype), ("Cache-Control", "no-cache"),
+                             ("X-Content-Type-Options", "nosniff")], body)
+        elif not service_name_error(name) and self._known(name):
+            status = 426
+            ws.respond(426, [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"),
+                             _TEXT_PLAIN],
+                       f"{name} is a WebSocket endpoint: open it with new WebSocket(url).\n"
+                       .encode())
+        else:
+            status = 404
+            ws.respond(404, [_TEXT_PLAIN], b"Not found.\n")
+        level = logging.INFO if status == 426 else logging.DEBUG
+        log.log(level, "%s: %s: HTTP %s %s -> %d", NAME, self.peer, request.method,
+                request.path[:200], status)
+
+
+def service_known(rundir: Path, access: ServiceAccess) -> Callable[[str], bool]:
+    """Is ``name`` a local service a peer may reach? (for the 426 answer)"""
+
+    def known(name: str) -> bool:
+        if access.check(name) is not None:
+            return False
+        try:
+            return socket_path(name, rundir).exists()
+        except IPCError:
+            return False
+
+    return known
+
+
+# -- keepalive -------------------------------------------------------------------
+
+
+@dataclass
+class _Open:
+    layer: TrackedLayer
+    peer: str
+    closing_since: float | None = None
+
+
+class Keepalive:
+    """Pings and idle timeouts for the switched WebSocket connections.
+
+    Every ``ping_interval`` seconds each connection whose previous ping got
+    a pong is pinged again; one that did not answer is closed (1011), so a
+    dead peer goes within two intervals. With ``idle_timeout``, a connection
+    with no data message either way for that long gets a close frame (1001
+    "idle timeout") and, if it does not answer within :data:`CLOSE_TIMEOUT`,
+    a cut socket. The sweeps are O(connections) once per interval, which is
+    cheaper than a timer per connection re-armed on every message.
+    """
+
+    def __init__(self, ctx: Context, *, ping_interval: float, idle_timeout: float) -> None:
+        self.ctx = ctx
+        self.ping_interval = ping_interval
+        self.idle_timeout = idle_timeout
+        self.conns: dict[int, _Open] = {}
+        self._idle_period = min(max(idle_timeout / 4, 0.05), 5.0)
+        if ping_interval > 0:
+            ctx.call_later(ping_interval, self._ping_all)
+        if idle_timeout > 0:
+            ctx.call_later(self._idle_period, self._check_idle)
+
+    def switched(self, fd: int, handshake: Handshake, layer: Layer | None) -> None:
+        """The engine's ``on_switched`` hook: start watching ``fd``."""
+        ws = layer.upper if isinstance(layer, StackedLayer) else layer
+        if isinstance(ws, TrackedLayer) and fd in self.ctx:
+            self.conns[fd] = _Open(ws, getattr(handshake, "peer", None) or f"fd {fd}")
+
+    def on_event(self, event: Event) -> bool:
+        """A ``daemon.handlers`` entry: forget closed connections."""
+        if event.type is EventType.DISCONNECTION:
+            self.conns.pop(event.fd, None)
+        return False
+
+    def _ping_all(self) -> None:
+        self.ctx.call_later(self.ping_interval, self._ping_all)
+        for fd, conn in list(self.conns.items()):
+            if fd not in self.ctx:
+                self.conns.pop(fd, None)
+            elif conn.closing_since is not None:
+                continue
+            elif not conn.layer.pong_received_since_last_ping():
+                log.warning("%s: %s: no pong within %g s; closing", NAME, conn.peer,
+                            self.ping_interval)
+                conn.layer.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                self._flush(fd)
+                self._cut(fd)
+            else:
+                conn.layer.ping()
+                self._flush(fd)
+
+    def _check_idle(self) -> None:
+        self.ctx.call_later(self._idle_period, self._check_idle)
+        now = time.monotonic()
+        for fd, conn in list(self.conns.items()):
+            if fd not in self.ctx:
+                self.conns.pop(fd, None)
+            elif conn.closing_since is not None:
+                if now - conn.closing_since >= CLOSE_TIMEOUT:
+                    log.info("%s: %s: no answer to our close frame; cutting", NAME, conn.peer)
+                    self._cut(fd)
+            elif now - conn.layer.last_message >= self.idle_timeout:
+                log.info("%s: %s: idle for %g s; closing", NAME, conn.peer, self.idle_timeout)
+                conn.layer.close(CloseCode.GOING_AWAY, "idle timeout")
+                conn.closing_since = now
+                self._flush(fd)
+
+    def _flush(self, fd: int) -> None:
+        with contextlib.suppress(IPCError):
+            self.ctx.flush_switch(fd)
+
+    def _cut(self, fd: int) -> None:
+        self.conns.pop(fd, None)
+        self.ctx.close(fd)
+
+
+# -- TLS ---------------------------------------------------------------------------
+
+
+class ServerCertificates:
+    """``--cert/--key/--client-ca``: re-read on SIGHUP, old context kept on error."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
+        self.cert, self.key, self.client_ca = cert, key, client_ca
+        self.context = self._load()
+
+    def _load(self) -> ssl.SSLContext:
+        return server_context(self.cert, self.key, client_ca=self.client_ca,
+                              require_client_cert=self.client_ca is not None)
+
+    def reload(self) -> None:
+        try:
+            self.context = self._load()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("%s: reload failed, keeping the previous certificate: %s", NAME, exc)
+            return
+        log.info("%s: reloaded the certificate for new connections", NAME)
+
+
+def _secure(handshake: WebSocketHandshake, context: ssl.SSLContext,
+            allow_client: Sequence[str], mtls: bool) -> Handshake:
+    """TLS below the WebSocket handshake (tlswrap), keeping ``peer`` visible."""
+    from .tlswrap import TLSHandshake, describe_identity
+
+    class _WssHandshake(TLSHandshake):
+        @property
+        def peer(self) -> str:
+            return handshake.peer
+
+    def on_identity(ident: certs.CertIdentity | None) -> None:
+        if mtls:
+            log.info("%s: %s: client %s", NAME, handshake.peer, describe_identity(ident))
+
+    return _WssHandshake(context, handshake, allow_client=allow_client, on_identity=on_identity)
+
+
+# -- assembly ----------------------------------------------------------------------
+
+
+def build_daemon(
+    common: CommonOptions,
+    options: WebSocketOptions,
+    *,
+    ping_interval: float = 20.0,
+    idle_timeout: float = 0.0,
+    tls: ServerCertificates | None = None,
+    allow_client: Sequence[str] = (),
+) -> Daemon:
+    """Context, engine, listeners (systemd sockets first), metrics, keepalive.
+
+    Like :func:`daemons.tcpd.start_daemon` without the outbound side: a
+    browser gateway only accepts.
+    """
+    ctx = Context(rundir_path=common.rundir, max_message_size=common.max_message_size)
+    access = common.access()
+    daemon = Daemon(NAME, ctx, access, handshake_timeout=common.handshake_timeout,
+                    max_connections=common.max_connections)
+    known = service_known(ctx.rundir, access)
+    mtls = tls is not None and tls.client_ca is not None
+
+    def factory(peer: str) -> Handshake:
+        handshake = WebSocketHandshake(peer, options, known)
+        if tls is None:
+            return handshake
+        return _secure(handshake, tls.context, allow_client, mtls)
+
+    keepalive = Keepalive(ctx, ping_interval=ping_interval, idle_timeout=idle_timeout)
+    daemon.on_switched = keepalive.switched
+    daemon.handlers.append(keepalive.on_event)
+    if tls is not None:
+        daemon.on_reload = tls.reload
+    activated = systemd.listen_fds()
+    for sock, fdname in activated:
+        if fdname == "metrics":
+            daemon.serve_metrics(sock)
+        else:
+            daemon.listen(sock, factory)
+    if not activated:
+        for address in common.listen_addresses(DEFAULT_LISTEN):
+            daemon.listen(open_listener(address), factory)
+    if common.metrics is not None and not any(n == "metrics" for _, n in activated):
+        daemon.serve_metrics(open_listener(common.metrics))
+    return daemon
+
+
+_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@click.command(context_settings={"auto_envvar_prefix": "IPC_WEBSOCKETD",
+                                 "help_option_names": ["-h", "--help"]})
+@common_options
+@click.option("--origin", "origins", multiple=True, metavar="ORIGIN",
+              help="Browser origins that may connect: https://app.example.com, "
+                   "https://*.example.com, null (file:// pages) or * (any). Repeatable. "
+                   "Default: same origin only (pages served by this daemon).")
+@click.option("--text/--binary", "text_replies", default=False, show_default=True,
+              help="Send replies as text messages (the service must send UTF-8; else "
+                   "close 1007) or binary messages. Client messages may be either.")
+@click.option("--static", "static_dir", default=None, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Serve the files of DIR over plain HTTP on the same port "
+                   "(default: the bundled demo page).")
+@click.option("--no-static", is_flag=True, help="Serve no files at all (404).")
+@click.option("--ping-interval", type=click.FloatRange(min=0), default=20.0,
+              show_default=True, metavar="SECONDS",
+              help="Ping every connection this often; close one that did not answer the "
+                   "previous ping. 0 = off.")
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              metavar="SECONDS",
+              help="Close connections with no message either way for this long. 0 = off.")
+@click.option("--trust-proxy", is_flag=True,
+              help="Behind a reverse proxy: log the client address from X-Forwarded-For "
+                   "(and check same-origin against X-Forwarded-Host).")
+@click.option("--cert", type=_FILE, default=None, metavar="FILE",
+              help="Serve wss://: server certificate (PEM, chain allowed).")
+@click.option("--key", type=_FILE, default=None, metavar="FILE",
+              help="Private key of --cert (PEM).")
+@click.option("--client-ca", type=_FILE, default=None, metavar="FILE",
+              help="Mutual TLS: require client certificates signed by these CAs.")
+@click.option("--allow-client", multiple=True, metavar="PATTERN",
+              help="Only these client certificates (CN, CN:name, DNS:name, IP:addr or a "
+                   "SHA-256 fingerprint). Repeatable; needs --client-ca.")
+def main(
+    common: CommonOptions,
+    origins: tuple[str, ...],
+    text_replies: bool,
+    static_dir: Path | None,
+    no_static: bool,
+    ping_interval: float,
+    idle_timeout: float,
+    trust_proxy: bool,
+    cert: Path | None,
+    key: Path | None,
+    client_ca: Path | None,
+    allow_client: tuple[str, ...],
+) -> None:
+    """Let browsers reach local LibIPC services: ws://HOST:PORT/SERVICE."""
+    if (cert is None) != (key is None):
+        raise click.UsageError("--cert and --key go together")
+    if cert is None and (client_ca or allow_client):
+        raise click.UsageError("--client-ca and --allow-client need --cert/--key (wss)")
+    if allow_client and client_ca is None:
+        raise click.UsageError("--allow-client needs --client-ca")
+    for pattern in allow_client:
+        problem = certs.allow_pattern_error(pattern)
+        if problem:
+            raise click.BadParameter(problem, param_hint="--allow-client")
+    if static_dir is not None and no_static:
+        raise click.UsageError("--static and --no-static contradict each other")
+    setup_logging(common.verbosity, common.log_format)
+    frame_log.setLevel(logging.DEBUG if common.verbosity >= 2 else logging.WARNING)
+    try:
+        static = None if no_static else StaticFiles(static_dir or DEMO_DIR)
+        tls = None if cert is None or key is None else ServerCertificates(cert, key, client_ca)
+        options = WebSocketOptions(
+            max_message_size=common.max_message_size,
+            text_replies=text_replies,
+            origins=origins or None,
+            trust_proxy=trust_proxy,
+            static=static,
+        )
+        daemon = build_daemon(common, options, ping_interval=ping_interval,
+                              idle_timeout=idle_timeout, tls=tls, allow_client=allow_client)
+    except (IPCError, OSError, ssl.SSLError, ValueError) as exc:
+        click.echo(f"{NAME}: {exc}", err=True)
+        sys.exit(1)
+    log.info("%s: %s, replies as %s, origins: %s, static files: %s", NAME,
+             "wss (TLS)" if tls else "ws", "text" if text_replies else "binary",
+             ", ".join(origins) if origins else "same origin only",
+             static.root if static else "none")
+    try:
+        daemon.run()
+    finally:
+        daemon.ctx.close_all()
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,9 @@ import click
 from ipc_core import Context, EventType, IPCError, list_services
 from ipc_core import rundir as default_rundir
 
+from .certs import cert
+from .status import status
+
 log = logging.getLogger("ipc")
 
 
@@ -163,3 +166,7 @@ def ls_(rundir: Path | None) -> None:
     width = max(len(n) for n, _ in services)
     for name, alive in services:
         click.echo(f"{name:<{width}}  {'alive' if alive else 'stale'}")
+
+
+main.add_command(cert)
+main.add_command(status)

@@ -49,9 +49,11 @@ def start_daemon(
     make_handshake: Callable[[Context], Callable[[str], Any]],
     connectors: dict[str, ConnectorFactory],
     connect_timeout: float,
+    listen: bool = True,
 ) -> tuple[Daemon, Outbound]:
     """Build a daemon: context, listeners (socket activation first), outbound
-    service, metrics. Shared by ipc-tcpd and ipc-tlsd."""
+    service, metrics. Shared by ipc-tcpd and ipc-tlsd. ``listen=False``: no
+    listeners of our own (outbound only); socket-activated ones are still used."""
     setup_logging(common.verbosity, common.log_format)
     ctx = Context(rundir_path=common.rundir, max_message_size=common.max_message_size)
     access: ServiceAccess = common.access(service_name)
@@ -70,12 +72,13 @@ def start_daemon(
                 daemon.serve_metrics(sock)
             else:
                 daemon.listen(sock, factory)
-    else:
+    elif listen:
         for address in common.listen_addresses(default_listen):
             daemon.listen(open_listener(address), factory)
     if common.metrics is not None and not any(n == "metrics" for _, n in activated):
         daemon.serve_metrics(open_listener(common.metrics))
     outbound = Outbound(daemon, service_name, connectors, connect_timeout)
+    daemon.serve_control(f"{service_name}.ctl")
     return daemon, outbound
 
 

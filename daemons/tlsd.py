@@ -1,0 +1,266 @@
+"""ipc-tlsd: local LibIPC services over TLS, both ways (TCPd's handshake inside TLS).
+
+Inbound: ``--listen :9443 --cert server.pem --key server.key``; a peer does a
+TLS handshake, then exactly what a TCPd peer does (service name, ``ok``,
+LibIPC frames), with the same ``--allow``/``--deny`` rules and deadline.
+``--client-ca`` turns on mutual TLS and ``--allow-client`` narrows it to
+named certificates. Outbound: the daemon is the local service ``tls``
+(``--service-name``); a client's message ``tls://HOST:PORT/SERVICE`` makes it
+dial with TLS (SNI, verification against the system store or ``--ca``),
+handshake, answer ``ok`` and switch.
+
+Everything network-facing is the shared engine (:mod:`daemons.server`,
+:mod:`daemons.outbound`) with TLS wrapped around the TCPd handshake
+(:mod:`daemons.tlswrap`); this module is flags, SSL contexts and reload.
+
+Reload (SIGHUP) builds *new* contexts from the files; connections already
+open keep the context they were made with, new ones get the new context. A
+new file that does not load is logged and the old contexts stay in use, so a
+botched certificate renewal never takes the daemon down.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from ipc_core import Context, IPCError
+
+from . import certs
+from .common import CommonOptions, Uri, common_options
+from .outbound import Connector
+from .server import Handshake
+from .tcp import TcpdClient, TcpdHandshake
+from .tcpd import service_exists, start_daemon
+from .tls import client_context, server_context
+from .tlswrap import TLSConnector, TLSHandshake, describe_identity
+
+log = logging.getLogger("ipc.tlsd")
+
+NAME = "ipc-tlsd"
+DEFAULT_LISTEN = "127.0.0.1:9443"
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """The certificate files, re-read on every reload."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    ca: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    insecure: bool = False
+
+    def server_context(self) -> ssl.SSLContext | None:
+        """The inbound context (None when not listening); mTLS with a client CA."""
+        if self.cert is None:
+            return None
+        _check_readable(self.cert, self.key, self.client_ca)
+        return server_context(self.cert, self.key, client_ca=self.client_ca,
+                              require_client_cert=self.client_ca is not None)
+
+    def client_context(self) -> ssl.SSLContext:
+        """The outbound context: verify (system store or --ca), maybe a client cert."""
+        _check_readable(self.ca, self.client_cert, self.client_key)
+        return client_context(ca=self.ca, insecure=self.insecure,
+                              cert=self.client_cert, key=self.client_key)
+
+
+class Contexts:
+    """The SSL contexts new connections use; swapped as a whole on reload."""
+
+    def __init__(self, files: TLSFiles) -> None:
+        self.files = files
+        self.server, self.client = files.server_context(), files.client_context()
+
+    def reload(self) -> bool:
+        """Rebuild both contexts; on any error keep the old ones. True if swapped."""
+        try:
+            server, client = self.files.server_context(), self.files.client_context()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("%s: reload failed, keeping the previous certificates: %s", NAME,
+                      _file_error(exc))
+            return False
+        self.server, self.client = server, client
+        log.info("%s: reloaded certificates for new connections%s", NAME,
+                 _cert_summary(self.files.cert))
+        return True
+
+
+def _check_readable(*paths: Path | None) -> None:
+    """Raise OSError naming the file: OpenSSL's own errors do not say which one."""
+    for path in paths:
+        if path is not None:
+            with open(path, "rb"):
+                pass
+
+
+def _file_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or str(exc)).lower().replace("_", " ")
+        return f"a certificate, key or CA file does not load (or key and cert differ): {reason}"
+    return str(exc)
+
+
+def _cert_summary(path: Path | None) -> str:
+    """`` (server certificate CN=x SHA256:..., valid until ...)`` for log lines."""
+    if path is None:
+        return ""
+    try:
+        cert = certs.load_cert(path)
+        ident = certs.identity(cert)
+    except (OSError, ValueError):
+        return ""
+    expired = " EXPIRED" if certs.is_expired(cert) else ""
+    return (f" (server certificate {describe_identity(ident)}, valid until "
+            f"{cert.not_valid_after_utc:%Y-%m-%d}{expired})")
+
+
+def _handshake_factory(
+    ctx: Context, contexts: Contexts, allow_client: Sequence[str], mtls: bool
+) -> Callable[[str], Handshake]:
+    exists = service_exists(ctx.rundir)
+
+    def make(peer: str) -> Handshake:
+        if contexts.server is None:  # socket-activated with --no-listen
+            raise ValueError("no --cert/--key to serve TLS with")
+        hs = TLSHandshake(contexts.server, TcpdHandshake(exists), allow_client=allow_client,
+                          on_identity=lambda ident: _log_identity(peer, hs, ident, mtls))
+        return hs
+
+    return make
+
+
+def _log_identity(peer: str, hs: TLSHandshake, ident: certs.CertIdentity | None,
+                  mtls: bool) -> None:
+    version = hs.tls.version or "TLS"
+    if mtls:
+        log.info("%s: %s: %s client %s", NAME, peer, version, describe_identity(ident))
+    else:
+        log.debug("%s: %s: %s", NAME, peer, version)
+
+
+def _connector_factory(contexts: Contexts, insecure: bool) -> Callable[[Uri], Connector]:
+    def make(uri: Uri) -> Connector:
+        if insecure:
+            log.warning("%s: NOT verifying the certificate of %s:%d (--insecure-skip-verify)",
+                        NAME, uri.host, uri.port)
+        return TLSConnector(contexts.client, uri.host, TcpdClient(uri.service))
+
+    return make
+
+
+def _check_flags(files: TLSFiles, listen: bool, allow_client: Sequence[str]) -> None:
+    """Refuse contradictory or incomplete flags before binding anything."""
+    if listen and (files.cert is None or files.key is None):
+        raise click.UsageError("--cert and --key are required to listen (or use --no-listen)")
+    if not listen and (files.cert or files.key or files.client_ca or allow_client):
+        raise click.UsageError("--cert, --key, --client-ca and --allow-client are for "
+                               "listening; they make no sense with --no-listen")
+    if allow_client and files.client_ca is None:
+        raise click.UsageError("--allow-client needs --client-ca (client certificates "
+                               "are only asked for with mutual TLS)")
+    for pattern in allow_client:
+        reason = certs.allow_pattern_error(pattern)
+        if reason:
+            raise click.BadParameter(reason, param_hint="--allow-client")
+    if files.insecure and files.ca is not None:
+        raise click.UsageError("--ca and --insecure-skip-verify contradict each other")
+    if (files.client_cert is None) != (files.client_key is None):
+        raise click.UsageError("--client-cert and --client-key go together")
+
+
+_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@click.command(context_settings={"auto_envvar_prefix": "IPC_TLSD",
+                                 "help_option_names": ["-h", "--help"]})
+@common_options
+@click.option("--service-name", envvar=["IPC_TLSD_SERVICE_NAME", "IPC_SERVICE_NAME"],
+              default="tls", show_default=True,
+              help="Local service name of the outbound side [env IPC_SERVICE_NAME].")
+@click.option("--cert", type=_FILE, default=None, metavar="FILE",
+              help="Server certificate (PEM, chain allowed); required to listen.")
+@click.option("--key", type=_FILE, default=None, metavar="FILE",
+              help="Private key of --cert (PEM); required to listen.")
+@click.option("--client-ca", type=_FILE, default=None, metavar="FILE",
+              help="Mutual TLS: require client certificates signed by these CAs.")
+@click.option("--allow-client", multiple=True, metavar="PATTERN",
+              help="Only these client certificates (CN, CN:name, DNS:name, IP:addr or a "
+                   "SHA-256 fingerprint). Repeatable; needs --client-ca.")
+@click.option("--no-listen", is_flag=True,
+              help="Outbound only: accept no network peers (no --cert/--key needed).")
+@click.option("--ca", type=_FILE, default=None, metavar="FILE",
+              help="Outbound: trust these CAs instead of the system store.")
+@click.option("--insecure-skip-verify", is_flag=True,
+              help="Outbound: do NOT verify servers (anyone can impersonate them). Tests only.")
+@click.option("--client-cert", type=_FILE, default=None, metavar="FILE",
+              help="Outbound: present this client certificate (mutual TLS).")
+@click.option("--client-key", type=_FILE, default=None, metavar="FILE",
+              help="Outbound: private key of --client-cert.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True, metavar="SECONDS",
+              help="Seconds for an outbound connect, TLS and TCPd handshake.")
+def main(
+    common: CommonOptions,
+    service_name: str,
+    cert: Path | None,
+    key: Path | None,
+    client_ca: Path | None,
+    allow_client: tuple[str, ...],
+    no_listen: bool,
+    ca: Path | None,
+    insecure_skip_verify: bool,
+    client_cert: Path | None,
+    client_key: Path | None,
+    connect_timeout: float,
+) -> None:
+    """Put local LibIPC services on TLS, and reach remote ones over TLS (TLSd)."""
+    files = TLSFiles(cert, key, client_ca, ca, client_cert, client_key, insecure_skip_verify)
+    _check_flags(files, not no_listen, allow_client)
+    try:
+        contexts = Contexts(files)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        click.echo(f"{NAME}: {_file_error(exc)}", err=True)
+        sys.exit(1)
+    mtls = client_ca is not None
+    try:
+        daemon, outbound = start_daemon(
+            NAME,
+            common,
+            service_name=service_name,
+            default_listen=DEFAULT_LISTEN,
+            make_handshake=lambda ctx: _handshake_factory(ctx, contexts, allow_client, mtls),
+            connectors={"tls": _connector_factory(contexts, insecure_skip_verify)},
+            connect_timeout=connect_timeout,
+            listen=not no_listen,
+        )
+    except (IPCError, OSError, ValueError) as exc:
+        click.echo(f"{NAME}: {exc}", err=True)
+        sys.exit(1)
+    if cert is not None:
+        log.info("%s: serving TLS%s%s", NAME, _cert_summary(cert),
+                 ", client certificates required" if mtls else "")
+    if insecure_skip_verify:
+        log.warning("%s: --insecure-skip-verify: outbound servers are NOT verified; "
+                    "anyone on the path can read and change the traffic", NAME)
+    daemon.on_reload = contexts.reload
+    try:
+        daemon.run()
+    finally:
+        outbound.close()
+        daemon.ctx.close_all()
+
+
+if __name__ == "__main__":
+    main()

@@ -36,9 +36,17 @@ bench-tools:
 bench: setup bench-tools
 	$(PY) -m bench.run
 
+# The units name their programs as /usr/local/bin/...; they are rewritten to
+# BINDIR, where the LibIPC commands are (e.g. BINDIR=/opt/libipc/bin for a
+# venv). See docs/deployment.md.
+BINDIR ?= $(PREFIX)/bin
+
 install:
 	install -d $(DESTDIR)$(UNITDIR)
-	install -m 0644 systemd/*.service systemd/*.socket $(DESTDIR)$(UNITDIR)/
+	for unit in systemd/*.service systemd/*.socket; do \
+		sed 's|/usr/local/bin/|$(BINDIR)/|g' "$$unit" > "$(DESTDIR)$(UNITDIR)/$${unit#systemd/}" && \
+		chmod 0644 "$(DESTDIR)$(UNITDIR)/$${unit#systemd/}" || exit 1; \
+	done
 	install -d $(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/lib/tmpfiles.d
 	install -m 0644 systemd/libipc.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/libipc.conf
 	install -m 0644 systemd/libipc.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/libipc.conf

@@ -213,6 +213,10 @@ class Context:
         self.max_message_size = check_limit(max_message_size)
         self.queue_high_water = queue_high_water
         self.queue_low_water = queue_high_water // 4
+        # A relay copies only what the far socket refuses; reading on while the
+        # far end is full would only copy more. So a switched end stops its
+        # partner as soon as one read's worth is queued (like socat, bounded).
+        self.switch_high_water = min(queue_high_water, _READ_BUFFER)
         self.queue_hard_limit = queue_hard_limit or max(
             8 * queue_high_water, queue_high_water + max_message_size + 4
         )
@@ -666,7 +670,39 @@ class Context:
                     conn.layer.receive_data(b"")
             self._close_pair(conn, None)
             return
-        self._relay_data(conn, self._view[:n])
+        partner = conn.partner
+        if conn.layer is None and partner.layer is None and partner.out_cb is None:  # type: ignore[union-attr]
+            self._relay_plain(conn, partner, self._view[:n])  # type: ignore[arg-type]
+        else:
+            self._relay_data(conn, self._view[:n])
+
+    def _relay_plain(self, conn: _Conn, partner: _Conn, data: memoryview) -> None:
+        """The hot path of a relay: LibIPC stream on both ends. Check frame
+        boundaries, then send straight from the read buffer; only what the
+        partner's socket does not take is copied into its queue."""
+        try:
+            frames = conn.scanner.scan(data)  # type: ignore[union-attr]
+        except MessageTooLarge:
+            self._relay_data(conn, data)  # the slow path logs, forwards the good part, closes
+            return
+        stats = conn.stats
+        stats[0] += len(data)
+        stats[1] += frames
+        if partner.out:
+            self._enqueue(partner, bytes(data), False)
+        else:
+            try:
+                sent = partner.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._lost(partner, exc)
+                return
+            if sent < len(data):
+                self._enqueue(partner, bytes(data[sent:]), False)
+        if self.switch_events:
+            self._events.append(Event(EventType.SWITCH_RX, conn.fd))
+            self._events.append(Event(EventType.SWITCH_TX, partner.fd))
 
     def _relay_data(self, conn: _Conn, data: bytes | memoryview, decoded: bool = False) -> None:
         """Forward bytes read from ``conn`` to its partner (the hot path)."""
@@ -848,7 +884,8 @@ class Context:
         conn.out_bytes += size
         if first:
             self._update_mask(conn)
-        if conn.out_bytes > self.queue_high_water and conn.feeding_paused is None:
+        mark = self.switch_high_water if conn.kind == SWITCHED else self.queue_high_water
+        if conn.out_bytes > mark and conn.feeding_paused is None:
             feeder = conn.partner if conn.kind == SWITCHED else conn
             if feeder is not None and feeder.kind in (PEER, SWITCHED):
                 conn.feeding_paused = feeder
@@ -887,7 +924,8 @@ class Context:
             if out and len(buffers) < _IOV_BATCH:
                 break  # the kernel buffer is full
         paused = conn.feeding_paused
-        if paused is not None and conn.out_bytes <= self.queue_low_water:
+        low = self.switch_high_water // 2 if conn.kind == SWITCHED else self.queue_low_water
+        if paused is not None and conn.out_bytes <= low:
             conn.feeding_paused = None
             if paused.fd in self._conns and not paused.closing:
                 paused.paused = False

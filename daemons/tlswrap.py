@@ -57,9 +57,10 @@ class TLSHandshake:
     as for ``--allow-client``) narrows which client certificates may connect;
     an empty sequence allows any certificate the context accepted (or none, if
     the context does not ask for one). ``on_identity`` is called once, right
-    after the TLS handshake, with the client's identity (None without a
-    certificate) so the caller can log it with the peer address; without it
-    the identity is logged here at INFO.
+    after the TLS handshake and the allow-list check passed, with the client's
+    identity (None without a certificate) so the caller can log it with the
+    peer address; without it the identity is logged here at INFO. A refused
+    client is not reported: the ProtocolError's reason names it.
     """
 
     def __init__(
@@ -147,21 +148,21 @@ class TLSHandshake:
     # -- internals ---------------------------------------------------------
 
     def _check_client(self) -> None:
+        """Name the client and hold it against ``allow_client``; report it if let in."""
         der = self.tls.peer_certificate_der()
         self.identity = identity(der) if der else None
+        if self.allow_client:
+            if self.identity is None:
+                raise ProtocolError("tls: no client certificate, and --allow-client is set")
+            if not matches_allow(self.identity, self.allow_client):
+                raise ProtocolError(
+                    f"tls: client {describe_identity(self.identity)} is not in --allow-client"
+                )
         self._verified = True
         if self.on_identity is not None:
             self.on_identity(self.identity)
         else:
             log.info("tls: client %s (%s)", describe_identity(self.identity), self.tls.version)
-        if not self.allow_client:
-            return
-        if self.identity is None:
-            raise ProtocolError("tls: no client certificate, and --allow-client is set")
-        if not matches_allow(self.identity, self.allow_client):
-            raise ProtocolError(
-                f"tls: client {describe_identity(self.identity)} is not in --allow-client"
-            )
 
 
 class TLSConnector:

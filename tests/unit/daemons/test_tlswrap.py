@@ -264,11 +264,14 @@ def test_mtls_allow_by_fingerprint(pki: PKI) -> None:
 
 
 def test_mtls_client_not_in_allow_list(pki: PKI) -> None:
+    seen: list[certs.CertIdentity | None] = []
     conn, hs = connect(pki, server=server_ctx(pki, mtls=True),
-                       client=client_ctx(pki, cert=pki.alice), allow_client=["bob"])
+                       client=client_ctx(pki, cert=pki.alice), allow_client=["bob"],
+                       on_identity=seen.append)
     err = server_refusal(conn, hs)
     assert re.search(r"CN=alice SHA256:[0-9A-F:]{95} is not in --allow-client", str(err))
     assert hs.service is None  # the name never reached the inner handshake
+    assert seen == []  # only admitted clients are reported
 
 
 def test_mtls_missing_client_certificate(pki: PKI) -> None:

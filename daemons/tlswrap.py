@@ -117,10 +117,17 @@ class TLSHandshake:
             self.inner.receive_data(plain)
 
     def data_to_send(self) -> bytes:
-        """The inner handshake's output, encrypted, plus TLS's own records."""
+        """The inner handshake's output, encrypted, plus TLS's own records.
+
+        Once the inner handshake is finished (an HTTP error page, a refusal),
+        our close_notify follows its last bytes: a TLS peer can then tell a
+        complete answer from a truncated one.
+        """
         pending = self.inner.data_to_send()
         if pending:
             self.tls.send(pending)
+        if self.inner.finished:
+            self.tls.close()
         return self.tls.data_to_send()
 
     def accept(self) -> tuple[Layer | None, bytes]:

@@ -215,6 +215,26 @@ def test_reject_closes_tls_and_the_client_says_refused(pki: PKI) -> None:
         conn.receive_data(hs.data_to_send())
 
 
+def test_inner_answer_then_close_notify_when_the_inner_handshake_finishes(pki: PKI) -> None:
+    """E.g. an HTTP 404 from the WebSocket handshake: the answer, then a clean close."""
+
+    class Refusing(TcpdHandshake):
+        def receive_data(self, data: bytes) -> None:
+            self._out += b"HTTP/1.1 404 Not Found\r\n\r\n"
+            self.finished = True
+
+    hs = TLSHandshake(server_ctx(pki), Refusing())
+    client = TLSLayer(client_ctx(pki), server_side=False, server_hostname="localhost")
+    client.send(b"GET /nope HTTP/1.1\r\n\r\n")
+    got = b""
+    with pytest.raises(PeerClosed, match="close_notify"):
+        for _ in range(5):
+            hs.receive_data(client.data_to_send())
+            got += client.receive_data(hs.data_to_send())
+    assert got == b"HTTP/1.1 404 Not Found\r\n\r\n"
+    assert hs.finished
+
+
 def test_settle_waits_for_tls(pki: PKI) -> None:
     conn, hs = connect(pki)
     assert hs.settle_after is None  # inside the TLS handshake: no name yet

@@ -234,6 +234,7 @@ class Context:
         self._closed = False
         self._stopped = False
         self._loop_thread = threading.get_ident()
+        self._deferred_close: list[Any] = []  # closed once their events are consumed
         self._always_ready: set[int] = set()  # regular files: epoll refuses them
         self._inbox: collections.deque[Callable[[], Any]] = collections.deque()
         self._inbox_lock = threading.Lock()
@@ -554,6 +555,8 @@ class Context:
                 wait = 0.0
                 for fd in self._always_ready:
                     events.append(Event(EventType.EXTERNAL, fd))
+            if self._deferred_close:
+                self._close_deferred()
             ready = poll(wait, 512)
             if ready:
                 self._dispatch(ready)
@@ -983,6 +986,7 @@ class Context:
         """Close every descriptor, remove every service's socket and lock."""
         for conn in list(self._conns.values()):
             self._close_conn(conn, None, report=False)
+        self._close_deferred()
         self._events.clear()
         if not self._closed:
             self._closed = True
@@ -1023,10 +1027,18 @@ class Context:
             conn.linger.cancel()
         if conn.service is not None:
             conn.service.close()
-        elif conn.owned:
-            conn.sock.close()
-        else:
+        elif not conn.owned:
             conn.sock.detach()
+        elif report and not self._closed:
+            # Keep the descriptor number taken until the application has seen
+            # the DISCONNECTION event: otherwise a connection accepted in the
+            # same batch could reuse the number and be mistaken for this one.
+            # shutdown() lets the peer see the close now.
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            self._deferred_close.append(conn.sock)
+        else:
+            conn.sock.close()
         conn.out.clear()
         if conn.feeding_paused is not None:
             feeder = conn.feeding_paused
@@ -1040,6 +1052,11 @@ class Context:
             self._events.append(Event(EventType.DISCONNECTION, fd, reason=reason))
         else:
             self._drop_events(fd)
+
+    def _close_deferred(self) -> None:
+        socks, self._deferred_close = self._deferred_close, []
+        for sock in socks:
+            sock.close()
 
     def _drop_events(self, fd: int) -> None:
         if self._events:

@@ -478,3 +478,22 @@ def test_switch_backpressure_bounds_memory():
                 received += len(local.recv(1 << 20))
             ctx.wait_event(timeout=0.001)
         assert received == sent
+
+
+def test_descriptor_numbers_not_reused_before_disconnection_is_seen(rundir):
+    """A peer that leaves and a new one that arrives in the same poll batch
+    must not share a descriptor number in the events (the app would mistake
+    the newcomer for the one that left)."""
+    with Context() as ctx:
+        ctx.service_init("svc")
+        first = client(rundir, "svc")
+        ev = ctx.wait_event(timeout=2)
+        assert ev.type == EventType.CONNECTION
+        first.close()
+        second = client(rundir, "svc")
+        time.sleep(0.05)
+        seen = [ctx.wait_event(timeout=2), ctx.wait_event(timeout=2)]
+        kinds = {e.type: e.fd for e in seen}
+        assert kinds[EventType.DISCONNECTION] == ev.fd
+        assert kinds[EventType.CONNECTION] != ev.fd
+        second.close()

@@ -480,20 +480,41 @@ def test_switch_backpressure_bounds_memory():
         assert received == sent
 
 
-def test_descriptor_numbers_not_reused_before_disconnection_is_seen(rundir):
-    """A peer that leaves and a new one that arrives in the same poll batch
-    must not share a descriptor number in the events (the app would mistake
-    the newcomer for the one that left)."""
+def test_accepting_app_never_gets_a_number_still_reported_as_leaving():
+    """The daemon pattern: the application accepts on an EXTERNAL listener.
+    If a peer's close and a new connection land in the same poll batch, the
+    accepted socket must not reuse the number of the peer whose DISCONNECTION
+    is still queued."""
+    listener = socket.socket(socket.AF_INET)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
     with Context() as ctx:
-        ctx.service_init("svc")
-        first = client(rundir, "svc")
-        ev = ctx.wait_event(timeout=2)
-        assert ev.type == EventType.CONNECTION
-        first.close()
-        second = client(rundir, "svc")
-        time.sleep(0.05)
-        seen = [ctx.wait_event(timeout=2), ctx.wait_event(timeout=2)]
-        kinds = {e.type: e.fd for e in seen}
-        assert kinds[EventType.DISCONNECTION] == ev.fd
-        assert kinds[EventType.CONNECTION] != ev.fd
-        second.close()
+        lfd = ctx.add_external(listener)
+        for _ in range(20):
+            b = socket.create_connection(listener.getsockname())
+            a_remote, a_local = socket.socketpair()
+            afd = ctx.adopt(a_local)
+            a_remote.close()
+            # Take every free number below afd, so that afd is the lowest free
+            # one once closed: what accept() would hand out next.
+            placeholders = []
+            while (d := os.open(os.devnull, os.O_RDONLY)) < afd:
+                placeholders.append(d)
+            os.close(d)
+            time.sleep(0.02)
+            pending_disconnect = {afd}
+            accepted = []
+            while (ev := ctx.wait_event(timeout=0.2)).type != EventType.TIMER:
+                if ev.type == EventType.EXTERNAL and ev.fd == lfd:
+                    sock, _ = listener.accept()
+                    assert sock.fileno() not in pending_disconnect
+                    accepted.append(sock)
+                elif ev.type == EventType.DISCONNECTION:
+                    pending_disconnect.discard(ev.fd)
+            assert not pending_disconnect and accepted
+            for d in placeholders:
+                os.close(d)
+            for s in accepted:
+                s.close()
+            b.close()

@@ -18,7 +18,6 @@ import click
 from ipc_core import Context, EventType, IPCError, list_services
 from ipc_core import rundir as default_rundir
 
-from .certs import cert
 from .status import status
 
 log = logging.getLogger("ipc")
@@ -34,7 +33,21 @@ def _rundir_option(f):  # type: ignore[no-untyped-def]
     )(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Loads ``ipc cert`` (and with it ``cryptography``, ~50 ms) only when used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "cert"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "cert":
+            from .certs import cert
+
+            return cert
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
     """LibIPC command-line tool."""
@@ -168,5 +181,4 @@ def ls_(rundir: Path | None) -> None:
         click.echo(f"{name:<{width}}  {'alive' if alive else 'stale'}")
 
 
-main.add_command(cert)
 main.add_command(status)

@@ -127,7 +127,8 @@ class LogReader:
                 seen = len(self.lines)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"log line {needle!r} not seen; log:\n{''.join(self.lines)}")
+                    log = "".join(self.lines)
+                    raise AssertionError(f"log line {needle!r} not seen; log:\n{log}")
                 if self.proc.poll() is not None and seen == len(self.lines):
                     self._cond.wait(0.2)
                     if seen == len(self.lines):

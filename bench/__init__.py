@@ -1,0 +1,1 @@
+"""Benchmarks of libipc's daemons against their peers (`python -m bench.run`)."""

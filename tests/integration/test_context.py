@@ -26,22 +26,7 @@ from ipc_core import (
     send_fd,
 )
 from ipc_core.framing import FrameDecoder
-from tests.helpers import connectable
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_msg(sock: socket.socket) -> bytes:
-    (n,) = struct.unpack(">I", recv_exact(sock, 4))
-    return recv_exact(sock, n)
+from tests.helpers import connectable, recv_msg
 
 
 def client(rundir, name="pong", timeout=5.0) -> socket.socket:

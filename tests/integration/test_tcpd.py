@@ -15,22 +15,7 @@ from pathlib import Path
 import pytest
 
 from ipc_core import Context, ServiceUnavailable, encode
-from tests.helpers import BIN, connectable, start_listening_daemon, wait_for
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_msg(sock: socket.socket) -> bytes:
-    (n,) = struct.unpack(">I", recv_exact(sock, 4))
-    return recv_exact(sock, n)
+from tests.helpers import BIN, connectable, recv_exact, recv_msg, start_listening_daemon, wait_for
 
 
 def tcp_client(port: int, name: bytes = b"pong", host: str = "127.0.0.1") -> socket.socket:

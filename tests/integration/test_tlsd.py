@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,7 +25,15 @@ from click.testing import CliRunner
 from daemons import certs
 from daemons.tlsd import main as tlsd_main
 from ipc_core import Context, encode
-from tests.helpers import BIN, LogReader, connectable, start_listening_daemon, wait_for
+from tests.helpers import (
+    BIN,
+    LogReader,
+    connectable,
+    recv_exact,
+    recv_msg,
+    start_listening_daemon,
+    wait_for,
+)
 
 # -- certificates, made once per module with `ipc cert` ------------------------
 
@@ -72,19 +79,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 # -- small blocking clients ----------------------------------------------------
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_msg(sock: socket.socket) -> bytes:
-    (n,) = struct.unpack(">I", recv_exact(sock, 4))
-    return recv_exact(sock, n)
 
 
 def client_ctx(pki: PKI, cert: str | None = None, **kwargs: object) -> ssl.SSLContext:

@@ -467,6 +467,14 @@ class Keepalive:
                 conn.closing_since = now
                 self._flush(fd)
 
+    def goodbye(self) -> None:
+        """On shutdown: a close frame (1001) to every client, written now if
+        the socket takes it, so browsers learn why rather than see a reset."""
+        for fd, conn in list(self.conns.items()):
+            if fd in self.ctx:
+                conn.layer.close(CloseCode.GOING_AWAY, "server shutting down")
+                self._flush(fd)
+
     def _flush(self, fd: int) -> None:
         with contextlib.suppress(IPCError):
             self.ctx.flush_switch(fd)
@@ -549,6 +557,13 @@ def build_daemon(
     keepalive = Keepalive(ctx, ping_interval=ping_interval, idle_timeout=idle_timeout)
     daemon.on_switched = keepalive.switched
     daemon.handlers.append(keepalive.on_event)
+    engine_stop = daemon.stop
+
+    def stop() -> None:  # the engine's signal handlers look ``stop`` up at call time
+        keepalive.goodbye()
+        engine_stop()
+
+    daemon.stop = stop  # type: ignore[method-assign]
     if tls is not None:
         daemon.on_reload = tls.reload
     activated = systemd.listen_fds()
@@ -627,6 +642,11 @@ def main(
         problem = certs.allow_pattern_error(pattern)
         if problem:
             raise click.BadParameter(problem, param_hint="--allow-client")
+    for origin in origins:
+        if origin not in ("*", "null") and "://" not in origin:
+            raise click.BadParameter(
+                f"{origin!r}: an origin is SCHEME://HOST[:PORT] (as in https://app.example.com),"
+                " null or *", param_hint="--origin")
     if static_dir is not None and no_static:
         raise click.UsageError("--static and --no-static contradict each other")
     setup_logging(common.verbosity, common.log_format)

@@ -587,13 +587,16 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
                                  "help_option_names": ["-h", "--help"]})
 @common_options
 @click.option("--origin", "origins", multiple=True, metavar="ORIGIN",
+              envvar="IPC_WEBSOCKETD_ORIGIN",
               help="Browser origins that may connect: https://app.example.com, "
                    "https://*.example.com, null (file:// pages) or * (any). Repeatable. "
                    "Default: same origin only (pages served by this daemon).")
 @click.option("--text/--binary", "text_replies", default=False, show_default=True,
+              envvar="IPC_WEBSOCKETD_TEXT",
               help="Send replies as text messages (the service must send UTF-8; else "
                    "close 1007) or binary messages. Client messages may be either.")
 @click.option("--static", "static_dir", default=None, metavar="DIR",
+              envvar="IPC_WEBSOCKETD_STATIC",
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Serve the files of DIR over plain HTTP on the same port "
                    "(default: the bundled demo page).")

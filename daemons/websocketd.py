@@ -48,7 +48,16 @@ from typing import Any
 import click
 from websockets.frames import CloseCode
 
-from ipc_core import Context, Event, EventType, IPCError, Layer, ProtocolError, StackedLayer
+from ipc_core import (
+    Context,
+    Event,
+    EventType,
+    IPCError,
+    Layer,
+    PeerClosed,
+    ProtocolError,
+    StackedLayer,
+)
 from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE
 from ipc_core.rundir import socket_path
 
@@ -171,7 +180,10 @@ def same_origin(origin: str, host: str | None) -> bool:
     """
     if not host or origin == "null":
         return False
-    parts = urllib.parse.urlsplit(origin)
+    try:
+        parts = urllib.parse.urlsplit(origin)
+    except ValueError:  # "http://[zz": whatever it is, it is not us
+        return False
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return False
     default = ":80" if parts.scheme == "http" else ":443"
@@ -302,7 +314,10 @@ class WebSocketHandshake:
 
     def accept(self) -> tuple[Layer | None, bytes]:
         """101 Switching Protocols; the layer, and messages sent ahead of it."""
-        early = self.ws.accept()
+        try:
+            early = self.ws.accept()
+        except PeerClosed as exc:  # a close frame right behind the request
+            raise ProtocolError(f"websocket: client closed before the 101: {exc}") from exc
         self.ws.last_message = time.monotonic()
         return self.ws, early
 

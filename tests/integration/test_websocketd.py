@@ -259,7 +259,8 @@ def test_origin_policy(websocketd) -> None:
     # Default: same origin only (the demo page served by this daemon).
     with daemon.connect(origin=f"http://127.0.0.1:{daemon.port}") as ws:
         assert echo(ws, b"same origin") == b"same origin"
-    for origin in ["http://evil.example", "null", f"http://127.0.0.1:{daemon.port + 1}"]:
+    for origin in ["http://evil.example", "null", f"http://127.0.0.1:{daemon.port + 1}",
+                   "http://[zz", "not a url"]:
         with pytest.raises(InvalidStatus) as info:
             daemon.connect(origin=origin)
         assert info.value.response.status_code == 403
@@ -532,3 +533,26 @@ def test_bad_flags_are_refused(rundir: Path) -> None:
                                 capture_output=True, timeout=10)
         assert result.returncode != 0, args
         assert b"Error" in result.stderr or b"ipc-websocketd" in result.stderr
+
+
+def test_frames_sent_ahead_of_the_101(websocketd) -> None:
+    """A client that does not wait for the 101: its messages are kept, and a
+    close frame right behind the request does not upset the daemon."""
+    daemon = websocketd()
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (f"GET /pong HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    close = Frame(Opcode.CLOSE, b"\x03\xe8").serialize(mask=True)
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+        sock.sendall(request + FrameClient.frame(b"eager") + FrameClient.frame("eager 2"))
+        data = b""
+        while data.count(b"eager") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 101 ") and data.endswith(b"\x82\x07eager 2")
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+        sock.sendall(request + close)
+        assert read_until_eof(sock, 5).startswith(b"HTTP/1.1 101 ")
+    still_serves(daemon)

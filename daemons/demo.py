@@ -1,0 +1,375 @@
+"""``make run``: the whole LibIPC stack on one machine, for a first look.
+
+Starts, as child processes from this interpreter's bin directory, sharing one
+run directory: ``ipc pongd`` (the echo service ``pong``), ``ipcd`` (the
+router), ``ipc-tcpd`` on 127.0.0.1:9000 and ``ipc-websocketd`` on
+127.0.0.1:8080 with its demo page. It waits until each one is reachable,
+checks a round trip over every path (printed, so a broken install says so at
+once), prints what to type or open, and on Ctrl-C (SIGINT) or SIGTERM stops
+the children: SIGTERM, then SIGKILL for any still alive after 5 seconds.
+
+Why subprocesses and not one process: that is how the stack is deployed (one
+daemon per unit, see ``systemd/``), so the demo shows the real thing, and a
+daemon's crash or log lines stay its own. Readiness is polled (a socket file
+that accepts, a port that accepts) because ``ipc pongd`` does not speak the
+systemd notify protocol; the daemons do, and ``tests/integration`` checks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from ipc_core import encode
+from ipc_core.rundir import LOCK_SUFFIX, ensure_rundir, service_alive
+from ipc_core.rundir import rundir as default_rundir
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT = 15.0
+STOP_GRACE = 5.0
+CHECK_TIMEOUT = 5.0
+
+
+@dataclass
+class Child:
+    """One process of the stack and how to tell that it is ready."""
+
+    label: str
+    argv: list[str]
+    ready: Callable[[], bool]
+    services: tuple[str, ...] = ()  # socket files it owns in the run directory
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+
+class DemoError(Exception):
+    """A reason to stop the demo, printed as is."""
+
+
+# -- readiness -------------------------------------------------------------------
+
+
+def unix_accepting(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(os.fsencode(path))
+        except OSError:
+            return False
+    return True
+
+
+def http_answering(host: str, port: int) -> bool:
+    """A whole HTTP exchange, not a bare connect: a peer that connects and
+    leaves is logged by the daemon as a failed handshake."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as sock:
+            sock.sendall(b"HEAD / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            return sock.recv(16).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+def port_busy(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, or None. Binds like the daemons
+    (SO_REUSEADDR), so a port in TIME_WAIT is not called busy."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use (see: ss -ltnp 'sport = :{port}')"
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+# -- self-checks -----------------------------------------------------------------
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise DemoError(f"connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def check_tcp(host: str, port: int, service: str, payload: bytes) -> bytes:
+    """The TCPd handshake by hand (name, ``ok``), then one LibIPC message."""
+    with socket.create_connection((host, port), timeout=CHECK_TIMEOUT) as sock:
+        sock.sendall(service.encode())
+        answer = _recv_exact(sock, 2)
+        if answer != b"ok":
+            raise DemoError(f"ipc-tcpd answered {answer!r} instead of b'ok'")
+        sock.sendall(encode(payload))
+        (length,) = struct.unpack(">I", _recv_exact(sock, 4))
+        return _recv_exact(sock, length)
+
+
+def check_websocket(host: str, port: int, service: str, payload: bytes) -> bytes:
+    from websockets.sync.client import connect
+
+    with connect(f"ws://{host}:{port}/{service}", open_timeout=CHECK_TIMEOUT,
+                 close_timeout=1) as ws:
+        ws.send(payload)
+        reply = ws.recv(timeout=CHECK_TIMEOUT)
+    return reply if isinstance(reply, bytes) else reply.encode()
+
+
+def check_router(env: dict[str, str], service: str, uri: str, payload: str) -> bytes:
+    """``ipc send`` with IPC_NETWORK: client -> ipcd -> ipc-tcpd -> TCP -> ipc-tcpd -> pong."""
+    env = {**env, "IPC_NETWORK": f"{service} {uri}"}
+    result = subprocess.run([str(BIN / "ipc"), "send", service, payload], env=env,
+                            capture_output=True, timeout=3 * CHECK_TIMEOUT, check=False)
+    if result.returncode != 0:
+        raise DemoError(f"ipc send through ipcd failed: {result.stderr.decode().strip()}")
+    return result.stdout.rstrip(b"\n")
+
+
+# -- the stack -------------------------------------------------------------------
+
+
+class Stack:
+    """Start, watch and stop the children; a stop request is a flag that every
+    wait loop checks, so a signal never interrupts a half-done step."""
+
+    def __init__(self, rundir: Path, env: dict[str, str]) -> None:
+        self.rundir = rundir
+        self.env = env
+        self.children: list[Child] = []
+        self.stop_requested = False
+
+    def request_stop(self, _signum: int = 0, _frame: object = None) -> None:
+        self.stop_requested = True
+
+    def start(self, child: Child) -> None:
+        # Own process group: Ctrl-C in the terminal reaches only the demo, which
+        # then stops the children in order (not mid-import, with a traceback).
+        child.proc = subprocess.Popen(child.argv, env=self.env, stdin=subprocess.DEVNULL,
+                                      process_group=0)
+        self.children.append(child)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not child.ready():
+            if self.stop_requested:
+                return
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise DemoError(f"{child.label} not ready after {START_TIMEOUT:.0f} s")
+            time.sleep(0.05)
+
+    def check_alive(self) -> None:
+        for child in self.children:
+            assert child.proc is not None
+            code = child.proc.poll()
+            if code is not None:
+                raise DemoError(f"{child.label} exited unexpectedly (status {code})")
+
+    def wait(self) -> None:
+        while not self.stop_requested:
+            self.check_alive()
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM everyone (last started first), SIGKILL after the grace time,
+        then remove socket files a killed child could not remove itself."""
+        alive = [c.proc for c in reversed(self.children) if c.proc and c.proc.poll() is None]
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for proc in alive:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for child in self.children:
+            for name in child.services:
+                _remove_stale(self.rundir, name)
+
+
+def _remove_stale(directory: Path, name: str) -> None:
+    path = directory / name
+    if path.exists() and not service_alive(name, directory):
+        for stale in (path, Path(str(path) + LOCK_SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+
+def _command(name: str) -> str:
+    """How the user should type ``name``: bare if on PATH, else its path."""
+    path = BIN / name
+    if shutil.which(name) == str(path):
+        return name
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def instructions(rundir: Path, host: str, tcp_port: int, ws_port: int | None) -> str:
+    env_rundir = default_rundir()
+    prefix = "" if env_rundir.resolve() == rundir.resolve() else f"RUNDIR={rundir} "
+    ipc = prefix + _command("ipc")
+    rows = [("pong", str(rundir / "pong"), "ipc pongd: echoes every message"),
+            ("router", str(rundir / "ipc"), "ipcd"),
+            ("TCP", f"{host}:{tcp_port}", "ipc-tcpd")]
+    if ws_port is not None:
+        rows.append(("WebSocket", f"http://{host}:{ws_port}/", "ipc-websocketd"))
+    width = max(len(where) for _, where, _ in rows)
+    lines = ["", f"LibIPC demo running; run directory {rundir}"]
+    lines += [f"  {what:<10} {where:<{width}}  ({who})" for what, where, who in rows]
+    lines += [
+        "",
+        "Talk to pong:",
+        f"  locally:          {ipc} send pong hello",
+        f'  through TCP:      IPC_NETWORK="pong tcp://{host}:{tcp_port}/pong" '
+        f"{ipc} send pong hello",
+        f"  line by line:     {ipc} cat pong",
+    ]
+    if ws_port is not None:
+        lines.append(f"  from a browser:   open http://{host}:{ws_port}/ (service: pong)")
+    lines += [
+        f"  daemon counters:  {ipc} status",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+def _websocketd_available() -> bool:
+    return importlib.util.find_spec("daemons.websocketd") is not None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--rundir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory shared by the stack (default: $RUNDIR or /tmp/.libipc-run).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the network daemons listen on.")
+@click.option("--tcp-port", type=click.IntRange(1, 65535), default=9000, show_default=True)
+@click.option("--ws-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--no-websocket", is_flag=True, help="Do not start ipc-websocketd.")
+def main(rundir: Path | None, host: str, tcp_port: int, ws_port: int, no_websocket: bool) -> None:
+    """Run the demo stack: pong, ipcd, ipc-tcpd and ipc-websocketd, until Ctrl-C."""
+    rundir = rundir or default_rundir()
+    with_ws = not no_websocket and _websocketd_available()
+    if not no_websocket and not with_ws:
+        click.echo("note: ipc-websocketd is not installed yet; skipping the WebSocket part",
+                   err=True)
+    try:
+        _preflight(rundir, host, tcp_port, ws_port if with_ws else None)
+    except DemoError as exc:
+        raise click.ClickException(str(exc)) from None
+    created = not rundir.exists()
+    ensure_rundir(rundir)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("IPC_NETWORK", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
+                        "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env["RUNDIR"] = str(rundir)
+    stack = Stack(rundir, env)
+    old = {sig: signal.signal(sig, stack.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failed: str | None = None
+    try:
+        _run(stack, host, tcp_port, ws_port if with_ws else None)
+    except DemoError as exc:
+        failed = str(exc)
+    finally:
+        click.echo("stopping the demo...", err=True)
+        stack.stop()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if created:
+            with contextlib.suppress(OSError):
+                rundir.rmdir()  # only if empty
+    if failed:
+        raise click.ClickException(failed)
+    click.echo("demo stopped", err=True)
+
+
+def _preflight(rundir: Path, host: str, tcp_port: int, ws_port: int | None) -> None:
+    """Refuse to start half a stack: busy ports or services already running."""
+    for port in (tcp_port, ws_port):
+        if port is not None:
+            problem = port_busy(host, port)
+            if problem:
+                raise DemoError(f"{problem}; stop what uses it, or pick another port "
+                                "(--tcp-port / --ws-port)")
+    for name in ("pong", "ipc", "tcp"):
+        with contextlib.suppress(OSError, ValueError):
+            if service_alive(name, rundir):
+                raise DemoError(f"a service {name!r} is already running in {rundir} "
+                                "(another demo?); stop it or use --rundir")
+
+
+def _run(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> None:
+    rundir = stack.rundir
+    bin_ = str(BIN)
+    children = [
+        Child("ipc pongd", [f"{bin_}/ipc", "pongd", "pong"],
+              lambda: unix_accepting(rundir / "pong"), ("pong",)),
+        Child("ipcd", [f"{bin_}/ipcd", "-q"],
+              lambda: unix_accepting(rundir / "ipc.ctl"), ("ipc", "ipc.ctl")),
+        Child("ipc-tcpd", [f"{bin_}/ipc-tcpd", "-q", "--listen", f"{host}:{tcp_port}"],
+              # tcp.ctl appears after the TCP listener is bound: connections queue.
+              lambda: unix_accepting(rundir / "tcp.ctl"), ("tcp", "tcp.ctl")),
+    ]
+    if ws_port is not None:
+        children.append(
+            Child("ipc-websocketd",
+                  [f"{bin_}/ipc-websocketd", "-q", "--listen", f"{host}:{ws_port}"],
+                  lambda: http_answering(host, ws_port)))
+    for child in children:
+        stack.start(child)
+        if stack.stop_requested:
+            return
+    _self_check(stack, host, tcp_port, ws_port)
+    click.echo(instructions(rundir, host, tcp_port, ws_port))
+    sys.stdout.flush()
+    stack.wait()
+
+
+def _self_check(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> None:
+    checks: list[tuple[str, Callable[[], bytes], bytes]] = [
+        ("TCP (ipc-tcpd)", lambda: check_tcp(host, tcp_port, "pong", b"hello over TCP"),
+         b"hello over TCP"),
+        ("router (ipcd -> ipc-tcpd)",
+         lambda: check_router(stack.env, "pong", f"tcp://{host}:{tcp_port}/pong",
+                              "hello through ipcd"),
+         b"hello through ipcd"),
+    ]
+    if ws_port is not None:
+        checks.append(("WebSocket (ipc-websocketd)",
+                       lambda: check_websocket(host, ws_port, "pong", b"hello over WebSocket"),
+                       b"hello over WebSocket"))
+    for label, check, expected in checks:
+        started = time.monotonic()
+        try:
+            reply = check()
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise DemoError(f"self-check {label} failed: {exc}") from None
+        except Exception as exc:  # websockets' own errors: report, do not crash
+            if isinstance(exc, DemoError):
+                raise
+            raise DemoError(f"self-check {label} failed: {exc!r}") from None
+        if reply != expected:
+            raise DemoError(f"self-check {label}: sent {expected!r}, got {reply!r}")
+        click.echo(f"self-check: {label}: pong answered {reply.decode()!r} "
+                   f"({(time.monotonic() - started) * 1000:.0f} ms)")
+
+
+if __name__ == "__main__":
+    main()

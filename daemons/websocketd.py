@@ -32,7 +32,6 @@ daemon engine (:mod:`daemons.server`); there is no asyncio and no thread:
 from __future__ import annotations
 
 import contextlib
-import http
 import ipaddress
 import logging
 import mimetypes
@@ -325,7 +324,7 @@ class WebSocketHandshake:
         """403 policy, 404 unknown service, 503 unavailable, 408 deadline."""
         self.finished = True
         if self.ws.phase in (Phase.READING_REQUEST, Phase.DECIDING):
-            body = _REFUSALS.get(status) or f"{http.HTTPStatus(status).phrase}.\n"
+            body = _REFUSALS.get(status, "Refused.\n")
             self.ws.reject(status, body)
 
     # -- decisions ---------------------------------------------------------

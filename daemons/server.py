@@ -225,9 +225,26 @@ class Daemon:
         systemd.ready(f"{self.name} ready")
         try:
             for event in ctx:
-                self.handle(event)
+                try:
+                    self.handle(event)
+                except Exception:  # a bug must cost one connection, not the daemon
+                    self._contain(event)
         finally:
             systemd.stopping()
+
+    def _contain(self, event: Event) -> None:
+        """Log an unexpected exception and close the descriptor it came from."""
+        log.exception("%s: internal error while handling %s on fd %d; closing it",
+                      self.name, event.type.name, event.fd)
+        self.metrics.errors.inc(kind="internal")
+        pending = self._pending.pop(event.fd, None)
+        if pending is not None:
+            self._cancel(pending)
+        if event.fd >= 0 and event.fd not in self._listeners and event.fd in self.ctx:
+            self.ctx.close(event.fd, flush=False)
+            if event.fd in self._network_fds:
+                self._network_fds.discard(event.fd)
+                self.metrics.connections_open.dec()
 
     def stop(self) -> None:
         if not self._stopping:
@@ -389,10 +406,15 @@ class Daemon:
         if refusal is not None:
             self._reject(p, "refused", refusal, FORBIDDEN)
             return
+        try:
+            path = socket_path(service, self.ctx.rundir)
+        except IPCError as exc:  # e.g. too long for a socket path here
+            self._reject(p, "refused", str(exc), FORBIDDEN)
+            return
         local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         local.setblocking(False)
         try:
-            local.connect(os.fsencode(socket_path(service, self.ctx.rundir)))
+            local.connect(os.fsencode(path))
         except (FileNotFoundError, ConnectionRefusedError):
             local.close()
             self._reject(p, "unknown service", f"no local service {service!r}", NOT_FOUND)
@@ -406,10 +428,13 @@ class Daemon:
             return
         try:
             layer, early = p.handshake.accept()
-        except ProtocolError as exc:
+        except IPCError as exc:
             local.close()
             self._fail(p, "protocol error", str(exc))
             return
+        except Exception:
+            local.close()
+            raise
         self._pending.pop(p.fd, None)
         self._cancel(p)
         self._flush(p)  # the success reply goes out before any relayed byte

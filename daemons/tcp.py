@@ -51,24 +51,29 @@ class TcpdHandshake:
         self._buf += data
         for i, byte in enumerate(self._buf):
             if byte < 0x20:
-                end = i
                 rest = self._buf[i:]
+                if rest == b"\r":
+                    return  # maybe the first half of "\r\n": wait for the next byte
                 if rest[:2] == b"\r\n":
                     rest = rest[2:]
                 elif rest[:1] == b"\n":
                     rest = rest[1:]
-                self._take(self._buf[:end], rest)
+                self._take(self._buf[:i], rest)
                 return
         if len(self._buf) > MAX_SERVICE_NAME_BYTES:
             raise ProtocolError(f"no end of service name after {len(self._buf)} bytes")
-        name = self._decode(self._buf)
+        try:
+            name = self._buf.decode()
+        except UnicodeDecodeError:
+            return  # a segment may end inside a UTF-8 character: wait for the rest
         if self._exists(name):
             self._take(self._buf, b"")
 
     def settle(self) -> None:
         """No more bytes came: take what we have as the name."""
         if self.service is None and self._buf:
-            self._take(self._buf, b"")
+            name = self._buf[:-1] if self._buf.endswith(b"\r") else self._buf
+            self._take(name, b"")
 
     def _take(self, name: bytes, rest: bytes) -> None:
         if not name:

@@ -425,16 +425,6 @@ def test_websocket_frame_with_a_64_bit_length(
     d.logs.wait_for("message too large")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a valid service name that is too long for a socket path in the run directory "
-        "(e.g. 95 bytes: service_name_error allows 100) makes ipc_core.rundir.socket_path raise "
-        "InvalidServiceName inside daemons/server.py Daemon._connect_local (line 395, "
-        "`local.connect(os.fsencode(socket_path(service, self.ctx.rundir)))`), which only "
-        "catches OSError: the exception leaves the loop and one remote peer kills the daemon"
-    ),
-)
 @pytest.mark.parametrize("kind", KINDS)
 def test_name_too_long_for_the_run_directory_does_not_kill_the_daemon(
     rundir: Path, procs: Processes, pki: Pki, pong, kind: str

@@ -123,29 +123,11 @@ def test_utf8_names_split_between_characters(name: str, data: st.DataObject) -> 
     assert outcome(cut(raw, points)) == outcome([raw])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: daemons/tcp.py TcpdHandshake.receive_data decodes the unfinished name on "
-        "every segment (line 64, `name = self._decode(self._buf)`) and raises ProtocolError "
-        "'is not UTF-8' when a segment ends inside a multi-byte character, so a valid name "
-        "such as 'café' split by TCP is refused"
-    ),
-)
 def test_utf8_name_split_inside_a_character() -> None:
     raw = "café".encode() + b"\n"
     assert outcome([raw[:4], raw[4:]]) == outcome([raw]) == ("service", "café", b"")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: daemons/tcp.py TcpdHandshake.receive_data ends the name at a lone '\\r' "
-        "at the end of a segment and keeps it as early data (lines 54-60), so when "
-        "'pong\\r\\n' arrives as 'pong\\r' + '\\n' the service receives '\\r\\n' as "
-        "the start of the LibIPC stream (a 0x0D0A.... length header: the pair is closed)"
-    ),
-)
 def test_crlf_terminator_split_between_segments() -> None:
     raw = b"pong\r\n" + encode(b"x")
     assert outcome([raw[:5], raw[5:]]) == outcome([raw]) == ("service", "pong", encode(b"x"))

@@ -225,12 +225,16 @@ class Daemon:
         systemd.ready(f"{self.name} ready")
         try:
             for event in ctx:
-                try:
-                    self.handle(event)
-                except Exception:  # a bug must cost one connection, not the daemon
-                    self._contain(event)
+                self.serve_event(event)
         finally:
             systemd.stopping()
+
+    def serve_event(self, event: Event) -> None:
+        """Handle one event; a bug costs the connection it concerns, never the daemon."""
+        try:
+            self.handle(event)
+        except Exception:
+            self._contain(event)
 
     def _contain(self, event: Event) -> None:
         """Log an unexpected exception and close the descriptor it came from."""

@@ -137,12 +137,12 @@ def test_systemd_analyze_verify_is_not_vacuous(installed: Path, tmp_path: Path) 
     broken = tmp_path / "broken.service"
     text = (installed / "ipc-tcpd.service").read_text()
     broken.write_text(text.replace("NoNewPrivileges=yes", "NoNewPrivilege=yes").replace(
-        "Requires=ipc-tcpd.socket", ""))
+        "Wants=ipc-tcpd.socket", ""))
     result = _verify(tmp_path, ["broken.service"])
     assert "NoNewPrivilege" in result.stderr
     missing = tmp_path / "missing.service"
     missing.write_text(text.replace(f"{BIN}/ipc-tcpd", f"{BIN}/no-such-program").replace(
-        "Requires=ipc-tcpd.socket", ""))
+        "Wants=ipc-tcpd.socket", ""))
     assert _verify(tmp_path, ["missing.service"]).returncode != 0
 
 
@@ -186,7 +186,7 @@ def test_daemon_units_notify_and_activation(daemon: str) -> None:
         assert one(unit, "PrivateNetwork") == "yes"
         assert one(unit, "RestrictAddressFamilies") == "AF_UNIX"
         return
-    assert f"{daemon}.socket" in one(unit, "Requires", "Unit")
+    assert f"{daemon}.socket" in one(unit, "Wants", "Unit")
     socket_unit = parse_unit(UNITS / f"{daemon}.socket")
     assert one(socket_unit, "FileDescriptorName", "Socket") == fdname != "metrics"
     listen = one(socket_unit, "ListenStream", "Socket")

@@ -20,13 +20,8 @@ from ipc_core.framing import encode
 ACCESS = ServiceAccess()
 
 
-def cut(stream: bytes, points: list[int], *, keep_crlf: bool = True) -> list[bytes]:
-    """``stream`` cut at ``points``; with ``keep_crlf`` never between a \r and
-    a \n (a known bug, test_crlf_terminator_split_between_segments)."""
-    marks = {p % (len(stream) + 1) for p in points} - {0, len(stream)}
-    if keep_crlf:
-        marks = {m for m in marks if stream[m - 1 : m + 1] != b"\r\n"}
-    marks = sorted(marks)
+def cut(stream: bytes, points: list[int]) -> list[bytes]:
+    marks = sorted({p % (len(stream) + 1) for p in points} - {0, len(stream)})
     return [stream[a:b] for a, b in zip([0, *marks], [*marks, len(stream)], strict=True)]
 
 
@@ -66,13 +61,11 @@ def outcome(chunks: list[bytes]) -> tuple[str, str | None, bytes]:
 names_ascii = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=120)
 terminators = st.sampled_from([b"", b"\n", b"\r\n", b"\x00", b"\r", b"\x01", b"\x1f"])
 tails = st.lists(st.binary(max_size=20).map(encode), max_size=4).map(b"".join)
-# Random bytes, but with only the non-ASCII bytes that can never be part of
-# valid UTF-8: a segment ending inside a multi-byte character is a known bug
-# (test_utf8_name_split_inside_a_character), kept apart so that this
-# property keeps guarding everything else.
-_never_utf8 = st.sampled_from([0xC0, 0xC1, 0xF8, 0xFE, 0xFF])
-raw_bytes = st.lists(st.one_of(st.integers(0, 0x7F), _never_utf8), min_size=1, max_size=200).map(
-    bytes
+# Random bytes, multi-byte UTF-8 and \r\n cut anywhere: both used to
+# depend on segmentation (fixed in ece0507, see the two tests below).
+raw_bytes = st.one_of(
+    st.binary(min_size=1, max_size=200),
+    st.text(min_size=1, max_size=40).map(lambda t: t.encode(errors="surrogatepass") + b"\r\n"),
 )
 
 
@@ -106,7 +99,8 @@ def test_accepted_name_and_early_bytes_rebuild_the_stream(stream: bytes) -> None
     assert name is not None and not any(ord(c) < 0x20 for c in name)
     consumed = stream[len(name.encode()) : len(stream) - len(early)]
     # Only a newline is ever swallowed; a NUL (the next frame's header) is kept.
-    assert consumed in (b"", b"\n", b"\r\n")
+    # (or a lone \r that ended the stream: it may have been half of a \r\n).
+    assert consumed in (b"", b"\n", b"\r\n") or (consumed == b"\r" and not early)
     assert name.encode() + consumed + early == stream
 
 

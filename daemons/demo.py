@@ -124,8 +124,9 @@ def check_tcp(host: str, port: int, service: str, payload: bytes) -> bytes:
 def check_websocket(host: str, port: int, service: str, payload: bytes) -> bytes:
     from websockets.sync.client import connect
 
-    with connect(f"ws://{host}:{port}/{service}", open_timeout=CHECK_TIMEOUT,
-                 close_timeout=1) as ws:
+    with connect(
+        f"ws://{host}:{port}/{service}", open_timeout=CHECK_TIMEOUT, close_timeout=1
+    ) as ws:
         ws.send(payload)
         reply = ws.recv(timeout=CHECK_TIMEOUT)
     return reply if isinstance(reply, bytes) else reply.encode()
@@ -134,8 +135,13 @@ def check_websocket(host: str, port: int, service: str, payload: bytes) -> bytes
 def check_router(env: dict[str, str], service: str, uri: str, payload: str) -> bytes:
     """``ipc send`` with IPC_NETWORK: client -> ipcd -> ipc-tcpd -> TCP -> ipc-tcpd -> pong."""
     env = {**env, "IPC_NETWORK": f"{service} {uri}"}
-    result = subprocess.run([str(BIN / "ipc"), "send", service, payload], env=env,
-                            capture_output=True, timeout=3 * CHECK_TIMEOUT, check=False)
+    result = subprocess.run(
+        [str(BIN / "ipc"), "send", service, payload],
+        env=env,
+        capture_output=True,
+        timeout=3 * CHECK_TIMEOUT,
+        check=False,
+    )
     if result.returncode != 0:
         raise DemoError(f"ipc send through ipcd failed: {result.stderr.decode().strip()}")
     return result.stdout.rstrip(b"\n")
@@ -160,8 +166,9 @@ class Stack:
     def start(self, child: Child) -> None:
         # Own process group: Ctrl-C in the terminal reaches only the demo, which
         # then stops the children in order (not mid-import, with a traceback).
-        child.proc = subprocess.Popen(child.argv, env=self.env, stdin=subprocess.DEVNULL,
-                                      process_group=0)
+        child.proc = subprocess.Popen(
+            child.argv, env=self.env, stdin=subprocess.DEVNULL, process_group=0
+        )
         self.children.append(child)
         deadline = time.monotonic() + START_TIMEOUT
         while not child.ready():
@@ -225,9 +232,11 @@ def instructions(rundir: Path, host: str, tcp_port: int, ws_port: int | None) ->
     env_rundir = default_rundir()
     prefix = "" if env_rundir.resolve() == rundir.resolve() else f"RUNDIR={rundir} "
     ipc = prefix + _command("ipc")
-    rows = [("pong", str(rundir / "pong"), "ipc pongd: echoes every message"),
-            ("router", str(rundir / "ipc"), "ipcd"),
-            ("TCP", f"{host}:{tcp_port}", "ipc-tcpd")]
+    rows = [
+        ("pong", str(rundir / "pong"), "ipc pongd: echoes every message"),
+        ("router", str(rundir / "ipc"), "ipcd"),
+        ("TCP", f"{host}:{tcp_port}", "ipc-tcpd"),
+    ]
     if ws_port is not None:
         rows.append(("WebSocket", f"http://{host}:{ws_port}/", "ipc-websocketd"))
     width = max(len(where) for _, where, _ in rows)
@@ -256,10 +265,15 @@ def _websocketd_available() -> bool:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--rundir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run directory shared by the stack (default: $RUNDIR or /tmp/.libipc-run).")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address the network daemons listen on.")
+@click.option(
+    "--rundir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run directory shared by the stack (default: $RUNDIR or /tmp/.libipc-run).",
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address the network daemons listen on."
+)
 @click.option("--tcp-port", type=click.IntRange(1, 65535), default=9000, show_default=True)
 @click.option("--ws-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--no-websocket", is_flag=True, help="Do not start ipc-websocketd.")
@@ -268,17 +282,29 @@ def main(rundir: Path | None, host: str, tcp_port: int, ws_port: int, no_websock
     rundir = rundir or default_rundir()
     with_ws = not no_websocket and _websocketd_available()
     if not no_websocket and not with_ws:
-        click.echo("note: ipc-websocketd is not installed yet; skipping the WebSocket part",
-                   err=True)
+        click.echo(
+            "note: ipc-websocketd is not installed yet; skipping the WebSocket part", err=True
+        )
     try:
         _preflight(rundir, host, tcp_port, ws_port if with_ws else None)
     except DemoError as exc:
         raise click.ClickException(str(exc)) from None
     created = not rundir.exists()
     ensure_rundir(rundir)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("IPC_NETWORK", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
-                        "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "IPC_NETWORK",
+            "LISTEN_PID",
+            "LISTEN_FDS",
+            "LISTEN_FDNAMES",
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+        )
+    }
     env["RUNDIR"] = str(rundir)
     stack = Stack(rundir, env)
     old = {sig: signal.signal(sig, stack.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -306,32 +332,50 @@ def _preflight(rundir: Path, host: str, tcp_port: int, ws_port: int | None) -> N
         if port is not None:
             problem = port_busy(host, port)
             if problem:
-                raise DemoError(f"{problem}; stop what uses it, or pick another port "
-                                "(--tcp-port / --ws-port)")
+                raise DemoError(
+                    f"{problem}; stop what uses it, or pick another port (--tcp-port / --ws-port)"
+                )
     for name in ("pong", "ipc", "tcp"):
         with contextlib.suppress(OSError, ValueError):
             if service_alive(name, rundir):
-                raise DemoError(f"a service {name!r} is already running in {rundir} "
-                                "(another demo?); stop it or use --rundir")
+                raise DemoError(
+                    f"a service {name!r} is already running in {rundir} "
+                    "(another demo?); stop it or use --rundir"
+                )
 
 
 def _run(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> None:
     rundir = stack.rundir
     bin_ = str(BIN)
     children = [
-        Child("ipc pongd", [f"{bin_}/ipc", "pongd", "pong"],
-              lambda: unix_accepting(rundir / "pong"), ("pong",)),
-        Child("ipcd", [f"{bin_}/ipcd", "-q"],
-              lambda: unix_accepting(rundir / "ipc.ctl"), ("ipc", "ipc.ctl")),
-        Child("ipc-tcpd", [f"{bin_}/ipc-tcpd", "-q", "--listen", f"{host}:{tcp_port}"],
-              # tcp.ctl appears after the TCP listener is bound: connections queue.
-              lambda: unix_accepting(rundir / "tcp.ctl"), ("tcp", "tcp.ctl")),
+        Child(
+            "ipc pongd",
+            [f"{bin_}/ipc", "pongd", "pong"],
+            lambda: unix_accepting(rundir / "pong"),
+            ("pong",),
+        ),
+        Child(
+            "ipcd",
+            [f"{bin_}/ipcd", "-q"],
+            lambda: unix_accepting(rundir / "ipc.ctl"),
+            ("ipc", "ipc.ctl"),
+        ),
+        Child(
+            "ipc-tcpd",
+            [f"{bin_}/ipc-tcpd", "-q", "--listen", f"{host}:{tcp_port}"],
+            # tcp.ctl appears after the TCP listener is bound: connections queue.
+            lambda: unix_accepting(rundir / "tcp.ctl"),
+            ("tcp", "tcp.ctl"),
+        ),
     ]
     if ws_port is not None:
         children.append(
-            Child("ipc-websocketd",
-                  [f"{bin_}/ipc-websocketd", "-q", "--listen", f"{host}:{ws_port}"],
-                  lambda: http_answering(host, ws_port)))
+            Child(
+                "ipc-websocketd",
+                [f"{bin_}/ipc-websocketd", "-q", "--listen", f"{host}:{ws_port}"],
+                lambda: http_answering(host, ws_port),
+            )
+        )
     for child in children:
         stack.start(child)
         if stack.stop_requested:
@@ -344,17 +388,27 @@ def _run(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> None:
 
 def _self_check(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> None:
     checks: list[tuple[str, Callable[[], bytes], bytes]] = [
-        ("TCP (ipc-tcpd)", lambda: check_tcp(host, tcp_port, "pong", b"hello over TCP"),
-         b"hello over TCP"),
-        ("router (ipcd -> ipc-tcpd)",
-         lambda: check_router(stack.env, "pong", f"tcp://{host}:{tcp_port}/pong",
-                              "hello through ipcd"),
-         b"hello through ipcd"),
+        (
+            "TCP (ipc-tcpd)",
+            lambda: check_tcp(host, tcp_port, "pong", b"hello over TCP"),
+            b"hello over TCP",
+        ),
+        (
+            "router (ipcd -> ipc-tcpd)",
+            lambda: check_router(
+                stack.env, "pong", f"tcp://{host}:{tcp_port}/pong", "hello through ipcd"
+            ),
+            b"hello through ipcd",
+        ),
     ]
     if ws_port is not None:
-        checks.append(("WebSocket (ipc-websocketd)",
-                       lambda: check_websocket(host, ws_port, "pong", b"hello over WebSocket"),
-                       b"hello over WebSocket"))
+        checks.append(
+            (
+                "WebSocket (ipc-websocketd)",
+                lambda: check_websocket(host, ws_port, "pong", b"hello over WebSocket"),
+                b"hello over WebSocket",
+            )
+        )
     for label, check, expected in checks:
         started = time.monotonic()
         try:
@@ -367,8 +421,10 @@ def _self_check(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> 
             raise DemoError(f"self-check {label} failed: {exc!r}") from None
         if reply != expected:
             raise DemoError(f"self-check {label}: sent {expected!r}, got {reply!r}")
-        click.echo(f"self-check: {label}: pong answered {reply.decode()!r} "
-                   f"({(time.monotonic() - started) * 1000:.0f} ms)")
+        click.echo(
+            f"self-check: {label}: pong answered {reply.decode()!r} "
+            f"({(time.monotonic() - started) * 1000:.0f} ms)"
+        )
 
 
 if __name__ == "__main__":

@@ -50,9 +50,7 @@ def _total(metric: Any, **match: str) -> float:
         return metric
     if not isinstance(metric, list):
         return 0
-    return sum(
-        s["value"] for s in metric if all(s["labels"].get(k) == v for k, v in match.items())
-    )
+    return sum(s["value"] for s in metric if all(s["labels"].get(k) == v for k, v in match.items()))
 
 
 def summarize(answer: dict[str, Any]) -> dict[str, Any]:
@@ -126,9 +124,7 @@ def status(names: tuple[str, ...], rundir: Path | None, as_json: bool, timeout: 
     if as_json:
         click.echo(json.dumps(answers, indent=2, sort_keys=True))
     else:
-        rows = [
-            {"service": n, **summarize(a)} for n, a in answers.items() if "error" not in a
-        ]
+        rows = [{"service": n, **summarize(a)} for n, a in answers.items() if "error" not in a]
         if rows:
             click.echo(_table(rows))
         for name, answer in answers.items():

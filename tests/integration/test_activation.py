@@ -93,8 +93,12 @@ def test_tcpd_socket_activated(rundir: Path, procs: Processes) -> None:
     procs.pongd(rundir)
     port, metrics_port = free_port(), free_port()
     proc, logs = socket_activate(
-        procs, "ipc-tcpd", [(port, "tcpd"), (metrics_port, "metrics")],
-        "--listen", UNUSABLE_LISTEN, env={"RUNDIR": str(rundir)},
+        procs,
+        "ipc-tcpd",
+        [(port, "tcpd"), (metrics_port, "metrics")],
+        "--listen",
+        UNUSABLE_LISTEN,
+        env={"RUNDIR": str(rundir)},
     )
     # The first client triggers the exec; it waits in the inherited backlog.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -113,16 +117,15 @@ def test_tcpd_socket_activated(rundir: Path, procs: Processes) -> None:
     assert proc.poll() is None
 
 
-def test_tcpd_ignores_activation_meant_for_another_process(
-    rundir: Path, procs: Processes
-) -> None:
+def test_tcpd_ignores_activation_meant_for_another_process(rundir: Path, procs: Processes) -> None:
     """LISTEN_PID names someone else (inherited variables): fall back to --listen."""
     procs.pongd(rundir)
     port = free_port()
     proc = procs.start(
-        BIN / "ipc-tcpd", "--listen", f"127.0.0.1:{port}",
-        env={"RUNDIR": str(rundir), "LISTEN_PID": "1", "LISTEN_FDS": "1",
-             "LISTEN_FDNAMES": "tcpd"},
+        BIN / "ipc-tcpd",
+        "--listen",
+        f"127.0.0.1:{port}",
+        env={"RUNDIR": str(rundir), "LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "tcpd"},
     )
     logs = LogReader(proc)
     logs.wait_for(f"listening on 127.0.0.1:{port}")
@@ -134,10 +137,13 @@ def test_tcpd_ignores_activation_meant_for_another_process(
 def server_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(ca.pem, server.pem, server.key) for localhost, made with ``ipc cert``."""
     d = tmp_path_factory.mktemp("pki")
-    for args in (["ca", "--out", d], ["server", "--ca-dir", d, "--out", d, "localhost",
-                                      "127.0.0.1"]):
-        out = subprocess.run([BIN / "ipc", "cert", *map(str, args)], capture_output=True,
-                             timeout=30, check=False)
+    for args in (
+        ["ca", "--out", d],
+        ["server", "--ca-dir", d, "--out", d, "localhost", "127.0.0.1"],
+    ):
+        out = subprocess.run(
+            [BIN / "ipc", "cert", *map(str, args)], capture_output=True, timeout=30, check=False
+        )
         assert out.returncode == 0, out.stderr.decode()
     return d / "ca.pem", d / "localhost.pem", d / "localhost.key"
 
@@ -151,8 +157,18 @@ def test_tlsd_socket_activated(
     ca, cert, key = server_cert
     procs.pongd(rundir)
     port = free_port()
-    socket_activate(procs, "ipc-tlsd", [(port, "tlsd")], "--listen", UNUSABLE_LISTEN,
-                    "--cert", str(cert), "--key", str(key), env={"RUNDIR": str(rundir)})
+    socket_activate(
+        procs,
+        "ipc-tlsd",
+        [(port, "tlsd")],
+        "--listen",
+        UNUSABLE_LISTEN,
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        env={"RUNDIR": str(rundir)},
+    )
     ctx = ssl.create_default_context(cafile=ca)
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
@@ -167,8 +183,14 @@ def test_websocketd_socket_activated(rundir: Path, procs: Processes) -> None:
 
     procs.pongd(rundir)
     port = free_port()
-    _proc, logs = socket_activate(procs, "ipc-websocketd", [(port, "websocketd")],
-                                  "--listen", UNUSABLE_LISTEN, env={"RUNDIR": str(rundir)})
+    _proc, logs = socket_activate(
+        procs,
+        "ipc-websocketd",
+        [(port, "websocketd")],
+        "--listen",
+        UNUSABLE_LISTEN,
+        env={"RUNDIR": str(rundir)},
+    )
     with connect(f"ws://127.0.0.1:{port}/pong", open_timeout=10) as ws:
         ws.send(b"hello over WebSocket")
         assert ws.recv(timeout=5) == b"hello over WebSocket"
@@ -196,9 +218,7 @@ class Manager:
             raise AssertionError(f"no notification within {timeout} s") from None
         return dict(line.split("=", 1) for line in data.decode().splitlines())
 
-    def expect(self, key: str, timeout: float = 10.0, skip: tuple[str, ...] = ()) -> dict[
-        str, str
-    ]:
+    def expect(self, key: str, timeout: float = 10.0, skip: tuple[str, ...] = ()) -> dict[str, str]:
         """The next notification carrying ``key``; others are allowed only if
         they carry one of ``skip`` (e.g. WATCHDOG)."""
         while True:
@@ -219,8 +239,9 @@ def manager() -> Iterator[Manager]:
     m.close()
 
 
-def _stop_and_expect_stopping(proc: subprocess.Popen[bytes], manager: Manager,
-                              skip: tuple[str, ...] = ()) -> None:
+def _stop_and_expect_stopping(
+    proc: subprocess.Popen[bytes], manager: Manager, skip: tuple[str, ...] = ()
+) -> None:
     proc.send_signal(signal.SIGTERM)
     assert manager.expect("STOPPING", skip=skip)["STOPPING"] == "1"
     assert proc.wait(timeout=10) == 0
@@ -231,8 +252,12 @@ def test_tcpd_ready_when_accepting_then_stopping(
 ) -> None:
     procs.pongd(rundir)
     port = free_port()
-    proc = procs.start(BIN / "ipc-tcpd", "--listen", f"127.0.0.1:{port}",
-                       env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path)})
+    proc = procs.start(
+        BIN / "ipc-tcpd",
+        "--listen",
+        f"127.0.0.1:{port}",
+        env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path)},
+    )
     ready = manager.expect("READY")
     assert ready["READY"] == "1"
     # Right now, with no retry: the port accepts and both local services exist.
@@ -247,9 +272,12 @@ def test_activated_tcpd_notifies(rundir: Path, procs: Processes, manager: Manage
     """The unit's combination: socket activation and Type=notify together."""
     procs.pongd(rundir)
     port = free_port()
-    proc, _logs = socket_activate(procs, "ipc-tcpd", [(port, "tcpd")],
-                                  env={"RUNDIR": str(rundir),
-                                       "NOTIFY_SOCKET": str(manager.path)})
+    proc, _logs = socket_activate(
+        procs,
+        "ipc-tcpd",
+        [(port, "tcpd")],
+        env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path)},
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         assert manager.expect("READY")["READY"] == "1"
         echo(tcpd_client(sock), b"activated")
@@ -257,8 +285,9 @@ def test_activated_tcpd_notifies(rundir: Path, procs: Processes, manager: Manage
 
 
 def test_ipcd_ready_and_stopping(rundir: Path, procs: Processes, manager: Manager) -> None:
-    proc = procs.start(BIN / "ipcd", env={"RUNDIR": str(rundir),
-                                          "NOTIFY_SOCKET": str(manager.path)})
+    proc = procs.start(
+        BIN / "ipcd", env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path)}
+    )
     assert manager.expect("READY")["READY"] == "1"
     assert connectable(rundir / "ipc") and connectable(rundir / "ipc.ctl")
     _stop_and_expect_stopping(proc, manager)
@@ -266,9 +295,12 @@ def test_ipcd_ready_and_stopping(rundir: Path, procs: Processes, manager: Manage
 
 def test_watchdog_pings(rundir: Path, procs: Processes, manager: Manager) -> None:
     """WATCHDOG_USEC=0.4 s: a ping at least every 0.2 s, for as long as it runs."""
-    proc = procs.start(BIN / "ipc-tcpd", "--listen", "127.0.0.1:0",
-                       env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path),
-                            "WATCHDOG_USEC": "400000"})
+    proc = procs.start(
+        BIN / "ipc-tcpd",
+        "--listen",
+        "127.0.0.1:0",
+        env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "400000"},
+    )
     manager.expect("READY")
     for _ in range(4):
         assert manager.expect("WATCHDOG", timeout=1.0)["WATCHDOG"] == "1"
@@ -278,9 +310,17 @@ def test_watchdog_pings(rundir: Path, procs: Processes, manager: Manager) -> Non
 def test_watchdog_for_another_pid_is_ignored(
     rundir: Path, procs: Processes, manager: Manager
 ) -> None:
-    proc = procs.start(BIN / "ipc-tcpd", "--listen", "127.0.0.1:0",
-                       env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path),
-                            "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"})
+    proc = procs.start(
+        BIN / "ipc-tcpd",
+        "--listen",
+        "127.0.0.1:0",
+        env={
+            "RUNDIR": str(rundir),
+            "NOTIFY_SOCKET": str(manager.path),
+            "WATCHDOG_USEC": "200000",
+            "WATCHDOG_PID": "1",
+        },
+    )
     manager.expect("READY")
     with pytest.raises(AssertionError, match="no notification"):
         manager.receive(timeout=0.6)
@@ -293,9 +333,16 @@ def test_tlsd_reload_notifies_reloading_then_ready(
     if not has_command("ipc-tlsd"):
         pytest.skip("ipc-tlsd is not installed yet")
     _ca, cert, key = server_cert
-    proc = procs.start(BIN / "ipc-tlsd", "--listen", "127.0.0.1:0", "--cert", cert,
-                       "--key", key,
-                       env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path)})
+    proc = procs.start(
+        BIN / "ipc-tlsd",
+        "--listen",
+        "127.0.0.1:0",
+        "--cert",
+        cert,
+        "--key",
+        key,
+        env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path)},
+    )
     manager.expect("READY")
     proc.send_signal(signal.SIGHUP)
     reloading = manager.expect("RELOADING")
@@ -304,14 +351,16 @@ def test_tlsd_reload_notifies_reloading_then_ready(
     _stop_and_expect_stopping(proc, manager)
 
 
-def test_websocketd_ready_and_stopping(
-    rundir: Path, procs: Processes, manager: Manager
-) -> None:
+def test_websocketd_ready_and_stopping(rundir: Path, procs: Processes, manager: Manager) -> None:
     if not has_command("ipc-websocketd"):
         pytest.skip("ipc-websocketd is not installed yet")
     port = free_port()
-    proc = procs.start(BIN / "ipc-websocketd", "--listen", f"127.0.0.1:{port}",
-                       env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path)})
+    proc = procs.start(
+        BIN / "ipc-websocketd",
+        "--listen",
+        f"127.0.0.1:{port}",
+        env={"RUNDIR": str(rundir), "NOTIFY_SOCKET": str(manager.path)},
+    )
     assert manager.expect("READY")["READY"] == "1"
     with contextlib.closing(socket.create_connection(("127.0.0.1", port), timeout=5)) as s:
         s.sendall(b"GET /healthz-not-here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -78,22 +78,37 @@ def demo_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start_demo(procs: Processes, rundir: Path, *args: str) -> tuple[
-    subprocess.Popen[bytes], OutputReader, int, int
-]:
+def start_demo(
+    procs: Processes, rundir: Path, *args: str
+) -> tuple[subprocess.Popen[bytes], OutputReader, int, int]:
     tcp_port, ws_port = free_port(), free_port()
-    proc = procs.start(sys.executable, "-m", "daemons.demo", "--rundir", str(rundir),
-                       "--tcp-port", str(tcp_port), "--ws-port", str(ws_port), *args,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = procs.start(
+        sys.executable,
+        "-m",
+        "daemons.demo",
+        "--rundir",
+        str(rundir),
+        "--tcp-port",
+        str(tcp_port),
+        "--ws-port",
+        str(ws_port),
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     out = OutputReader(proc)
     out.wait_for(READY_LINE, timeout=60)
     return proc, out, tcp_port, ws_port
 
 
 def ipc_send(rundir: Path, message: str, **env: str) -> str:
-    result = subprocess.run([BIN / "ipc", "send", "pong", message], capture_output=True,
-                            timeout=30, check=False,
-                            env={"PATH": os.environ["PATH"], "RUNDIR": str(rundir), **env})
+    result = subprocess.run(
+        [BIN / "ipc", "send", "pong", message],
+        capture_output=True,
+        timeout=30,
+        check=False,
+        env={"PATH": os.environ["PATH"], "RUNDIR": str(rundir), **env},
+    )
     assert result.returncode == 0, result.stderr.decode()
     return result.stdout.decode().strip()
 
@@ -118,8 +133,10 @@ def test_demo_serves_pong_everywhere_and_stops_clean(
         assert recv_msg(sock) == b"over TCP"
     # What the printed instructions say to type.
     assert ipc_send(demo_dir, "hello") == "hello"
-    assert ipc_send(demo_dir, "routed",
-                    IPC_NETWORK=f"pong tcp://127.0.0.1:{tcp_port}/pong") == "routed"
+    assert (
+        ipc_send(demo_dir, "routed", IPC_NETWORK=f"pong tcp://127.0.0.1:{tcp_port}/pong")
+        == "routed"
+    )
     if HAS_WEBSOCKETD:
         from websockets.sync.client import connect
 
@@ -141,8 +158,7 @@ def test_demo_stops_everything_when_a_child_dies(procs: Processes, demo_dir: Pat
     proc, out, _tcp, _ws = start_demo(procs, demo_dir, "--no-websocket")
     kids = children(proc.pid)
     assert len(kids) == 3
-    ipcd = next(pid for pid in kids
-                if "ipcd" in Path(f"/proc/{pid}/cmdline").read_bytes().decode())
+    ipcd = next(pid for pid in kids if "ipcd" in Path(f"/proc/{pid}/cmdline").read_bytes().decode())
     os.kill(ipcd, signal.SIGKILL)
     assert proc.wait(timeout=15) == 1
     out.wait_for("ipcd exited unexpectedly")
@@ -157,23 +173,43 @@ def test_demo_refuses_a_busy_port(demo_dir: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "daemons.demo", "--rundir", str(demo_dir),
-             "--tcp-port", str(port), "--ws-port", str(free_port())],
-            capture_output=True, timeout=30, check=False,
+            [
+                sys.executable,
+                "-m",
+                "daemons.demo",
+                "--rundir",
+                str(demo_dir),
+                "--tcp-port",
+                str(port),
+                "--ws-port",
+                str(free_port()),
+            ],
+            capture_output=True,
+            timeout=30,
+            check=False,
         )
     assert result.returncode == 1
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr.decode()
     assert not demo_dir.exists()  # nothing was started
 
 
-def test_demo_refuses_a_second_stack_in_the_same_rundir(
-    rundir: Path, procs: Processes
-) -> None:
+def test_demo_refuses_a_second_stack_in_the_same_rundir(rundir: Path, procs: Processes) -> None:
     procs.pongd(rundir)
     result = subprocess.run(
-        [sys.executable, "-m", "daemons.demo", "--rundir", str(rundir),
-         "--tcp-port", str(free_port()), "--ws-port", str(free_port())],
-        capture_output=True, timeout=30, check=False,
+        [
+            sys.executable,
+            "-m",
+            "daemons.demo",
+            "--rundir",
+            str(rundir),
+            "--tcp-port",
+            str(free_port()),
+            "--ws-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 1
     assert "a service 'pong' is already running" in result.stderr.decode()

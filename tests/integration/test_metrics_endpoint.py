@@ -29,7 +29,7 @@ Sample = tuple[str, frozenset[tuple[str, str]]]
 def parse_metrics(text: str) -> dict[Sample, float]:
     """The samples of a Prometheus text page: ``(name, labels) -> value``."""
     samples: dict[Sample, float] = {}
-    line_re = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)')
+    line_re = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
@@ -57,12 +57,19 @@ def http_get(url: str) -> tuple[int, str, str]:
 def tcpd(rundir: Path, procs: Processes) -> tuple[int, int, LogReader]:
     """pongd and ipc-tcpd with --metrics; returns (port, metrics port, logs)."""
     procs.pongd(rundir)
-    proc = procs.start(BIN / "ipc-tcpd", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
-                       env={"RUNDIR": str(rundir)})
+    proc = procs.start(
+        BIN / "ipc-tcpd",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        env={"RUNDIR": str(rundir)},
+    )
     logs = LogReader(proc)
     port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", logs.wait_for("listening on"))[1])
-    metrics = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/",
-                            logs.wait_for("metrics on"))[1])
+    metrics = int(
+        re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", logs.wait_for("metrics on"))[1]
+    )
     return port, metrics, logs
 
 
@@ -112,8 +119,11 @@ def test_metrics_match_a_known_workload(tcpd: tuple[int, int, LogReader]) -> Non
     for direction in ("in", "out"):
         assert get(samples, "ipc_messages_total", direction=direction) == expected["messages"]
         assert get(samples, "ipc_bytes_total", direction=direction) == expected["bytes"]
-    failures = {dict(labels)["reason"]: v for (name, labels), v in samples.items()
-                if name == "ipc_handshake_failures_total"}
+    failures = {
+        dict(labels)["reason"]: v
+        for (name, labels), v in samples.items()
+        if name == "ipc_handshake_failures_total"
+    }
     assert failures == {"unknown service": 1, "refused": 2, "peer closed": 1}
     assert not [v for (name, _l), v in samples.items() if name == "ipc_errors_total" and v]
 
@@ -133,16 +143,18 @@ def test_metrics_http_surface(tcpd: tuple[int, int, LogReader]) -> None:
     assert info.value.code == 405
 
 
-def test_ipc_status_reads_the_same_counters(
-    rundir: Path, tcpd: tuple[int, int, LogReader]
-) -> None:
+def test_ipc_status_reads_the_same_counters(rundir: Path, tcpd: tuple[int, int, LogReader]) -> None:
     port, metrics_port, logs = tcpd
     expected = run_workload(port)
     logs.wait_for("closed the connection during the handshake")
     samples = settled_samples(metrics_port)
-    out = subprocess.run([BIN / "ipc", "status", "--json", "tcp"], capture_output=True,
-                         timeout=30, env={"RUNDIR": str(rundir), "PATH": "/usr/bin:/bin"},
-                         check=False)
+    out = subprocess.run(
+        [BIN / "ipc", "status", "--json", "tcp"],
+        capture_output=True,
+        timeout=30,
+        env={"RUNDIR": str(rundir), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     assert out.returncode == 0, out.stderr.decode()
     answer = json.loads(out.stdout)["tcp.ctl"]
     assert answer["daemon"] == "ipc-tcpd"
@@ -152,8 +164,13 @@ def test_ipc_status_reads_the_same_counters(
     by_direction = {s["labels"]["direction"]: s["value"] for s in metrics["ipc_bytes_total"]}
     assert by_direction == {"in": expected["bytes"], "out": expected["bytes"]}
 
-    table = subprocess.run([BIN / "ipc", "status"], capture_output=True, timeout=30,
-                           env={"RUNDIR": str(rundir), "PATH": "/usr/bin:/bin"}, check=False)
+    table = subprocess.run(
+        [BIN / "ipc", "status"],
+        capture_output=True,
+        timeout=30,
+        env={"RUNDIR": str(rundir), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     assert table.returncode == 0, table.stderr.decode()
     header, row = table.stdout.decode().splitlines()
     assert header.split()[:3] == ["SERVICE", "DAEMON", "PID"]
@@ -163,10 +180,20 @@ def test_ipc_status_reads_the_same_counters(
 
 
 def test_ipc_status_without_daemons(rundir: Path) -> None:
-    out = subprocess.run([BIN / "ipc", "status"], capture_output=True, timeout=30,
-                         env={"RUNDIR": str(rundir), "PATH": "/usr/bin:/bin"}, check=False)
+    out = subprocess.run(
+        [BIN / "ipc", "status"],
+        capture_output=True,
+        timeout=30,
+        env={"RUNDIR": str(rundir), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     assert out.returncode == 1
     assert "no daemon control service" in out.stderr.decode()
-    out = subprocess.run([BIN / "ipc", "status", "tcp"], capture_output=True, timeout=30,
-                         env={"RUNDIR": str(rundir), "PATH": "/usr/bin:/bin"}, check=False)
+    out = subprocess.run(
+        [BIN / "ipc", "status", "tcp"],
+        capture_output=True,
+        timeout=30,
+        env={"RUNDIR": str(rundir), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     assert out.returncode == 1 and "tcp.ctl" in out.stderr.decode()

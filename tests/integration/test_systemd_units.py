@@ -24,8 +24,12 @@ from tests.helpers import BIN, ROOT
 
 UNITS = ROOT / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
-DAEMONS = {"ipcd": None, "ipc-tcpd": "tcpd", "ipc-tlsd": "tlsd",
-           "ipc-websocketd": "websocketd"}  # daemon -> its socket's FileDescriptorName
+DAEMONS = {
+    "ipcd": None,
+    "ipc-tcpd": "tcpd",
+    "ipc-tlsd": "tlsd",
+    "ipc-websocketd": "websocketd",
+}  # daemon -> its socket's FileDescriptorName
 TEMPLATES = ("ipc-pongd@.service", "ipc-service@.service")
 RUNDIR = "/run/libipc"
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
@@ -66,7 +70,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     dest = tmp_path_factory.mktemp("destdir")
     out = subprocess.run(
         ["make", "-s", "install", f"DESTDIR={dest}", "PREFIX=/usr", f"BINDIR={BIN}"],
-        cwd=ROOT, capture_output=True, timeout=60, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     assert out.returncode == 0, out.stderr.decode()
     yield dest / "usr/lib/systemd/system"
@@ -109,8 +116,12 @@ def test_make_install_layout(installed: Path) -> None:
 def _verify(unit_dir: Path, names: list[str]) -> subprocess.CompletedProcess[str]:
     assert ANALYZE is not None
     return subprocess.run(
-        [ANALYZE, "verify", "--man=no", *names], cwd=unit_dir, capture_output=True,
-        text=True, timeout=60, check=False,
+        [ANALYZE, "verify", "--man=no", *names],
+        cwd=unit_dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "PAGER": "cat"},
     )
 
@@ -136,13 +147,19 @@ def test_systemd_analyze_verify_is_not_vacuous(installed: Path, tmp_path: Path) 
     """The check above would see a mistake: a bad key, a missing program."""
     broken = tmp_path / "broken.service"
     text = (installed / "ipc-tcpd.service").read_text()
-    broken.write_text(text.replace("NoNewPrivileges=yes", "NoNewPrivilege=yes").replace(
-        "Wants=ipc-tcpd.socket", ""))
+    broken.write_text(
+        text.replace("NoNewPrivileges=yes", "NoNewPrivilege=yes").replace(
+            "Wants=ipc-tcpd.socket", ""
+        )
+    )
     result = _verify(tmp_path, ["broken.service"])
     assert "NoNewPrivilege" in result.stderr
     missing = tmp_path / "missing.service"
-    missing.write_text(text.replace(f"{BIN}/ipc-tcpd", f"{BIN}/no-such-program").replace(
-        "Wants=ipc-tcpd.socket", ""))
+    missing.write_text(
+        text.replace(f"{BIN}/ipc-tcpd", f"{BIN}/no-such-program").replace(
+            "Wants=ipc-tcpd.socket", ""
+        )
+    )
     assert _verify(tmp_path, ["missing.service"]).returncode != 0
 
 
@@ -151,11 +168,19 @@ def test_service_hardening(path: Path) -> None:
     unit = parse_unit(path)
     service = unit["Service"]
     for key, value in {
-        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
-        "PrivateTmp": "yes", "PrivateDevices": "yes", "RestrictSUIDSGID": "yes",
-        "LockPersonality": "yes", "MemoryDenyWriteExecute": "yes",
-        "RestrictNamespaces": "yes", "SystemCallArchitectures": "native",
-        "CapabilityBoundingSet": "", "UMask": "0007", "ReadWritePaths": RUNDIR,
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "RestrictNamespaces": "yes",
+        "SystemCallArchitectures": "native",
+        "CapabilityBoundingSet": "",
+        "UMask": "0007",
+        "ReadWritePaths": RUNDIR,
         "Environment": f"RUNDIR={RUNDIR}",
     }.items():
         assert one(unit, key) == value, f"{path.name}: {key}"
@@ -195,29 +220,39 @@ def test_daemon_units_notify_and_activation(daemon: str) -> None:
 
 
 def test_sysusers_and_tmpfiles_agree() -> None:
-    sysusers = [line.split() for line in (UNITS / "libipc.sysusers").read_text().splitlines()
-                if line and not line.startswith("#")]
+    sysusers = [
+        line.split()
+        for line in (UNITS / "libipc.sysusers").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert sysusers[0][:3] == ["u", "libipc", "-"]
-    tmpfiles = [line.split() for line in (UNITS / "libipc.tmpfiles").read_text().splitlines()
-                if line and not line.startswith("#")]
+    tmpfiles = [
+        line.split()
+        for line in (UNITS / "libipc.tmpfiles").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert tmpfiles == [["d", RUNDIR, "2770", "libipc", "libipc", "-"]]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating users and chown need root")
-@pytest.mark.skipif(shutil.which("systemd-sysusers") is None or
-                    shutil.which("systemd-tmpfiles") is None,
-                    reason="systemd-sysusers/systemd-tmpfiles not installed")
+@pytest.mark.skipif(
+    shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
+    reason="systemd-sysusers/systemd-tmpfiles not installed",
+)
 def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
     """Applied to an empty root: the user, the group, the setgid directory."""
     (tmp_path / "etc").mkdir()
-    for argv in (["systemd-sysusers", f"--root={tmp_path}", str(UNITS / "libipc.sysusers")],
-                 ["systemd-tmpfiles", f"--root={tmp_path}", "--create",
-                  str(UNITS / "libipc.tmpfiles")]):
+    for argv in (
+        ["systemd-sysusers", f"--root={tmp_path}", str(UNITS / "libipc.sysusers")],
+        ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(UNITS / "libipc.tmpfiles")],
+    ):
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 0, out.stderr
-    passwd = (tmp_path / "etc/passwd").read_text()
-    uid = int(re.search(r"^libipc:x:(\d+):", passwd, re.M)[1])  # type: ignore[index]
-    gid = int(re.search(r"^libipc:x:(\d+):", (tmp_path / "etc/group").read_text(),
-                        re.M)[1])  # type: ignore[index]
+    uid, gid = (
+        int(line.split(":")[2])
+        for name in ("passwd", "group")
+        for line in (tmp_path / "etc" / name).read_text().splitlines()
+        if line.startswith("libipc:")
+    )
     st = (tmp_path / "run/libipc").stat()
     assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o2770, uid, gid)

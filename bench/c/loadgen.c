@@ -373,6 +373,7 @@ static uint8_t *tmpl; /* frame used for every message without --verify */
 static size_t frame_len, frame_hdr_len, ring_len;
 static uint8_t gbuf[256 * 1024];
 static uint64_t loop_now;
+static uint64_t last_cycle_done; /* connect-rate: loop time of the last complete cycle */
 
 enum phase { PH_SETUP, PH_WARMUP, PH_MEASURE, PH_HOLDING, PH_DONE };
 static enum phase phase = PH_SETUP;
@@ -1088,6 +1089,7 @@ static int end_message(struct conn *c)
     }
 
     /* connect-rate: cycle complete */
+    last_cycle_done = loop_now;
     if (phase == PH_MEASURE && c->t_start >= t_measure_start) {
         hist_add(&lat, t - c->t_start);
         c->measured++;
@@ -1815,6 +1817,18 @@ static void init_tls(void)
 
 static void check_timeouts(void)
 {
+    /* connect-rate: failed attempts are retried, and every new attempt counts as
+       progress for its connection; so also give up when no cycle at all completed
+       for 10 s (e.g. the server went away), instead of retrying for ever. */
+    if (cfg.mode == MODE_CONNRATE) {
+        if (!last_cycle_done)
+            last_cycle_done = loop_now;
+        if (phase != PH_DONE && loop_now - last_cycle_done > PROGRESS_TIMEOUT_NS) {
+            fprintf(stderr, "loadgen: timeout: no connect cycle completed for 10 s "
+                            "(%llu errors)\n", (unsigned long long)total_errors);
+            exit(3);
+        }
+    }
     for (long i = 0; i < nconns; i++) {
         struct conn *c = &conns[i];
         int busy;

@@ -51,8 +51,16 @@ class Config:
 
     @classmethod
     def quick_config(cls) -> Config:
-        return cls(runs=1, duration=1.0, warmup=0.2, hold_seconds=1.0, ws_hold=200,
-                   scale_hold=2000, cycles=2000, quick=True)
+        return cls(
+            runs=1,
+            duration=1.0,
+            warmup=0.2,
+            hold_seconds=1.0,
+            ws_hold=200,
+            scale_hold=2000,
+            cycles=2000,
+            quick=True,
+        )
 
 
 def tool(name: str) -> str | None:
@@ -70,6 +78,7 @@ def free_port() -> int:
 
 
 # --- /proc ---------------------------------------------------------------
+
 
 def descendants(pid: int) -> list[int]:
     """pid's child processes, recursively (from /proc/*/stat)."""
@@ -124,6 +133,7 @@ def fd_count(pid: int) -> int:
 
 # --- statistics ----------------------------------------------------------
 
+
 def median(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
@@ -135,10 +145,19 @@ def median_result(results: list[dict]) -> dict:
     Keeps `runs` (how many ran), `ok_runs`, the per-run values of the main
     metrics under `all_<key>`, and `error` (a stderr excerpt) if any run failed.
     """
+    for r in results:
+        if "rate" in r and not r["rate"]:  # loadgen finished, but nothing came back
+            r.pop("rate")
+            r["stderr"] = r.get("stderr") or "no reply at all in the measured time (stalled)"
+            r["exit"] = r.get("exit") or -1
     good = [r for r in results if "rate" in r]
     out: dict = {"runs": len(results), "ok_runs": len(good)}
-    keys = {k for r in good for k, v in r.items() if isinstance(v, int | float)
-            and not isinstance(v, bool)}
+    keys = {
+        k
+        for r in good
+        for k, v in r.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
     for k in sorted(keys):
         out[k] = median(r.get(k) for r in good)
     for k in ("rate", "mbps", "p50_us", "p99_us"):
@@ -152,6 +171,7 @@ def median_result(results: list[dict]) -> dict:
 
 
 # --- processes -----------------------------------------------------------
+
 
 @dataclass
 class Proc:
@@ -180,10 +200,8 @@ def _kill_group(popen: subprocess.Popen, timeout: float = 5.0) -> None:
     pgid = popen.pid  # started with start_new_session: pgid == pid
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
     # forked children (socat, websockify, websocketd's programs) may outlive
     # the leader for a moment: make sure the whole group is gone
     deadline = time.monotonic() + 2.0
@@ -249,9 +267,17 @@ class Harness:
 
     # --- servers --------------------------------------------------------
 
-    def start(self, name: str, argv: list[str], *, pinned: bool = True,
-              nofile: int | None = None, env: dict | None = None,
-              ready: tuple | None = None, timeout: float = 15.0) -> Proc:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        pinned: bool = True,
+        nofile: int | None = None,
+        env: dict | None = None,
+        ready: tuple | None = None,
+        timeout: float = 15.0,
+    ) -> Proc:
         """Start a server in its own process group; wait until `ready` accepts.
 
         ready: ("unix", path) or ("tcp", port) or None.
@@ -264,8 +290,14 @@ class Harness:
         log = self.tmp / f"{name}-{len(self.procs)}.log"
         with open(log, "wb") as logf:
             popen = subprocess.Popen(
-                full, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, **(env or {})}, cwd=self.tmp)
+                full,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+                cwd=self.tmp,
+            )
         proc = Proc(name, full, popen, log)
         self.procs.append(proc)
         if ready:
@@ -281,8 +313,7 @@ class Harness:
         deadline = time.monotonic() + timeout
         while True:
             if not proc.alive():
-                raise BenchError(f"{proc.name} exited ({proc.popen.returncode}): "
-                                 f"{proc.log_tail()}")
+                raise BenchError(f"{proc.name} exited ({proc.popen.returncode}): {proc.log_tail()}")
             family = socket.AF_UNIX if kind == "unix" else socket.AF_INET
             addr = str(where) if kind == "unix" else ("127.0.0.1", int(where))
             with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -293,20 +324,27 @@ class Harness:
                 except OSError:
                     pass
             if time.monotonic() > deadline:
-                raise BenchError(f"{proc.name} not ready after {timeout:.0f} s: "
-                                 f"{proc.log_tail()}")
+                raise BenchError(f"{proc.name} not ready after {timeout:.0f} s: {proc.log_tail()}")
             time.sleep(0.05)
 
-    def stop(self, proc: Proc) -> None:
+    def stop(self, proc) -> None:
+        """Stop a Proc (or anything with a .proc, like servers.Target) and its group."""
+        proc = getattr(proc, "proc", proc)
         _kill_group(proc.popen)
         if proc in self.procs:
             self.procs.remove(proc)
 
     # --- load -----------------------------------------------------------
 
-    def loadgen(self, args: list, *, pinned: bool = True, timeout: float | None = None,
-                on_holding: Callable[[int], None] | None = None,
-                nofile: int | None = None) -> dict:
+    def loadgen(
+        self,
+        args: list,
+        *,
+        pinned: bool = True,
+        timeout: float | None = None,
+        on_holding: Callable[[int], None] | None = None,
+        nofile: int | None = None,
+    ) -> dict:
         """Run loadgen; return its JSON result plus `exit` (and `stderr` on failure).
 
         on_holding(n) is called when loadgen prints `HOLDING n` (--hold mode),
@@ -319,8 +357,14 @@ class Harness:
         self.record(full)
         if timeout is None:
             timeout = self.cfg.duration + self.cfg.warmup + self.cfg.hold_seconds + 90
-        popen = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, start_new_session=True, text=True)
+        popen = subprocess.Popen(
+            full,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            text=True,
+        )
         self._clients.add(popen)
         timer = threading.Timer(timeout, _kill_group, (popen, 1.0))
         timer.start()

@@ -67,6 +67,7 @@ class SuiteResult:
 
 # --- formatting helpers shared by the suites -------------------------------
 
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None

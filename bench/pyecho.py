@@ -1,6 +1,6 @@
 """A naive Python echo server (selectors, raw bytes): a reference point for pongd.
 
-    python -m bench.pyecho PATH
+python -m bench.pyecho PATH
 """
 
 import os

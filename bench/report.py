@@ -38,15 +38,23 @@ def machine() -> dict:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    versions = {name: _first_line(cmd, "version" if name in ("socat", "stunnel4") else "")
-                for name, cmd in PEER_VERSIONS.items()}
-    return {"uname": " ".join(platform.uname()) if not Path("/bin/uname").exists()
-            else _first_line(["uname", "-a"]),
-            "cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(),
-            "versions": versions}
+    versions = {
+        name: _first_line(cmd, "version" if name in ("socat", "stunnel4") else "")
+        for name, cmd in PEER_VERSIONS.items()
+    }
+    return {
+        "uname": " ".join(platform.uname())
+        if not Path("/bin/uname").exists()
+        else _first_line(["uname", "-a"]),
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 # --- shared ----------------------------------------------------------------
+
 
 def _suites(run: dict) -> list[SuiteResult]:
     return [SuiteResult.from_dict(s) for s in run["suites"]]
@@ -76,8 +84,11 @@ def _target(c: Check) -> str:
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
     def esc(cell: str) -> str:
         return str(cell).replace("|", "\\|").replace("\n", " ")
-    out = ["| " + " | ".join(map(esc, headers)) + " |",
-           "|" + "|".join(" --- " for _ in headers) + "|"]
+
+    out = [
+        "| " + " | ".join(map(esc, headers)) + " |",
+        "|" + "|".join(" --- " for _ in headers) + "|",
+    ]
     out += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
     return "\n".join(out)
 
@@ -90,8 +101,11 @@ def _text_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _check_rows(suites: list[SuiteResult]) -> list[list[str]]:
-    return [[s.name, c.name, _value(c), _target(c), _verdict(c), c.detail]
-            for s in suites for c in s.checks]
+    return [
+        [s.name, c.name, _value(c), _target(c), _verdict(c), c.detail]
+        for s in suites
+        for c in s.checks
+    ]
 
 
 CHECK_HEADERS = ["suite", "figure", "value", "target", "result", "behind it"]
@@ -108,22 +122,24 @@ def console(run: dict) -> str:
             out.append(_text_table(t.headers, t.rows))
         for n in s.notes:
             out.append(f"   note: {n}")
-    out.append("\n== targets (medians of %d run(s) each)" % run["config"]["runs"])
+    out.append(f"\n== targets (medians of {run['config']['runs']} run(s) each)")
     out.append(_text_table(CHECK_HEADERS, _check_rows(_suites(run))))
     return "\n".join(out)
 
 
 # --- markdown ----------------------------------------------------------------
 
+
 def _noise(run: dict) -> str:
     before, after = run["loadavg_before"][0], run.get("loadavg_after", [0])[0]
     n = run["machine"]["nproc"] or 1
-    text = (f"load average {before:.2f} before the run and {after:.2f} after it, on "
-            f"{n} CPU(s)")
+    text = f"load average {before:.2f} before the run and {after:.2f} after it, on {n} CPU(s)"
     if max(before, after) > 0.5:
-        text += (": other work was running on the machine during the benchmarks, so the "
-                 "figures are noisy (see the run spread column: (max - min) / median over "
-                 "the runs)")
+        text += (
+            ": other work was running on the machine during the benchmarks, so the "
+            "figures are noisy (see the run spread column: (max - min) / median over "
+            "the runs)"
+        )
     return text
 
 
@@ -144,12 +160,19 @@ def markdown(run: dict) -> str:
         "",
     ]
     if cfg.get("quick"):
-        out += ["**This is a --quick smoke run: short durations, 1 run, fewer connections. "
-                "The figures are not meaningful.**", ""]
+        out += [
+            "**This is a --quick smoke run: short durations, 1 run, fewer connections. "
+            "The figures are not meaningful.**",
+            "",
+        ]
     out += [
         f"**{passed} of {len(checks)} targets met, {failed} missed"
-        + (f", {len(checks) - passed - failed} not measured" if len(checks) - passed - failed
-           else "") + ".**",
+        + (
+            f", {len(checks) - passed - failed} not measured"
+            if len(checks) - passed - failed
+            else ""
+        )
+        + ".**",
         "",
         _md_table(CHECK_HEADERS, _check_rows(suites)),
         "",
@@ -192,24 +215,36 @@ def markdown(run: dict) -> str:
         for t in s.tables:
             out += [f"### {t.title}", "", _md_table(t.headers, t.rows), ""]
         if s.checks:
-            out += ["Targets:", "", _md_table(CHECK_HEADERS[1:], [r[1:] for r in _check_rows([s])]),
-                    ""]
+            out += [
+                "Targets:",
+                "",
+                _md_table(CHECK_HEADERS[1:], [r[1:] for r in _check_rows([s])]),
+                "",
+            ]
         if s.notes:
             out += ["Notes:", ""] + [f"- {n}" for n in s.notes if not n.startswith("```")]
             out += [n for n in s.notes if n.startswith("```")] + [""]
         if s.commands:
-            out += ["Commands (`$TMP` = the run's temporary directory, `$PORT` = a free port):",
-                    "", "```sh", *s.commands, "```", ""]
+            out += [
+                "Commands (`$TMP` = the run's temporary directory, `$PORT` = a free port):",
+                "",
+                "```sh",
+                *s.commands,
+                "```",
+                "",
+            ]
         out += [f"({s.seconds:.0f} s)", ""]
     return "\n".join(out)
 
 
 # --- chart -------------------------------------------------------------------
 
+
 def chart(run: dict, path: Path) -> str | None:
     """Bar chart of the checks; returns why not if matplotlib is missing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -218,11 +253,16 @@ def chart(run: dict, path: Path) -> str | None:
     ratios = [c for c in checks if c.unit == "x"]
     limits = [c for c in checks if c.unit != "x"]
     colors = {True: "#3a9a4a", False: "#c8413b", None: "#999999"}
-    fig, axes = plt.subplots(1, 2, figsize=(15, 0.42 * max(len(ratios), len(limits), 4) + 1.6),
-                             gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(
+        1,
+        2,
+        figsize=(15, 0.42 * max(len(ratios), len(limits), 4) + 1.6),
+        gridspec_kw={"width_ratios": [3, 2]},
+    )
     for ax, group, title in (
-            (axes[0], ratios, "ratio to the peer (bar) and target (black mark)"),
-            (axes[1], limits, "value / limit (≤ 100% passes)")):
+        (axes[0], ratios, "ratio to the peer (bar) and target (black mark)"),
+        (axes[1], limits, "value / limit (≤ 100% passes)"),
+    ):
         ax.set_title(title, fontsize=10)
         if not group:
             ax.set_axis_off()
@@ -245,8 +285,11 @@ def chart(run: dict, path: Path) -> str | None:
         ax.set_xlim(0, max([*values, *targets]) * 1.45)
         ax.grid(axis="x", alpha=0.3)
     date = time.strftime("%Y-%m-%d", time.localtime(run["started"]))
-    fig.suptitle(f"libipc daemons vs their peers, pinned to one CPU, medians of "
-                 f"{run['config']['runs']} runs ({date}); green = target met", fontsize=11)
+    fig.suptitle(
+        f"libipc daemons vs their peers, pinned to one CPU, medians of "
+        f"{run['config']['runs']} runs ({date}); green = target met",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,8 +1,8 @@
 """Run the benchmarks against their peers and write docs/performance.md (+ .png).
 
-    python -m bench.run                    # everything, 3 runs per figure (make bench)
-    python -m bench.run --quick --only core --no-write
-    python -m bench.run --report-from bench/results/last.json   # rewrite the docs only
+python -m bench.run                    # everything, 3 runs per figure (make bench)
+python -m bench.run --quick --only core --no-write
+python -m bench.run --report-from bench/results/last.json   # rewrite the docs only
 """
 
 from __future__ import annotations
@@ -31,24 +31,42 @@ def _interrupt(signum, frame):  # SIGTERM/SIGHUP: stop like Ctrl-C (everything g
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--runs", type=int, help="runs per figure (default 3; the median is kept)")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 run, short durations, fewer connections; "
-                         "does not write the docs unless --write")
-    ap.add_argument("--only", default=",".join(SUITES),
-                    help=f"comma-separated suites (default: {','.join(SUITES)})")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 run, short durations, fewer connections; "
+        "does not write the docs unless --write",
+    )
+    ap.add_argument(
+        "--only",
+        default=",".join(SUITES),
+        help=f"comma-separated suites (default: {','.join(SUITES)})",
+    )
     ap.add_argument("--duration", type=float, help="seconds per measurement (default 3)")
-    ap.add_argument("--cpu", default="0",
-                    help="CPU the pinned figures use (taskset -c); '' to not pin")
+    ap.add_argument(
+        "--cpu", default="0", help="CPU the pinned figures use (taskset -c); '' to not pin"
+    )
     ap.add_argument("--no-write", action="store_true", help="print only, write no files")
     ap.add_argument("--write", action="store_true", help="with --quick: write the docs anyway")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
-    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "last.json",
-                    help="where the raw results go (not with --no-write)")
-    ap.add_argument("--report-from", type=Path, metavar="JSON",
-                    help="rewrite the report from saved results, run nothing")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=ROOT / "bench" / "results" / "last.json",
+        help="where the raw results go (not with --no-write)",
+    )
+    ap.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="JSON",
+        help="rewrite the report from saved results, run nothing",
+    )
     args = ap.parse_args(argv)
     unknown = set(args.only.split(",")) - set(SUITES)
     if unknown:
@@ -84,8 +102,11 @@ def _run_suite(name: str, cfg: Config) -> SuiteResult:
             res.notes.append("```\n" + traceback.format_exc() + "```")
         res.commands = list(h.commands)
     res.seconds = time.monotonic() - t0
-    print(f"[{name}] done in {res.seconds:.0f} s" + (f" ({res.skipped})" if res.skipped else ""),
-          file=sys.stderr, flush=True)
+    print(
+        f"[{name}] done in {res.seconds:.0f} s" + (f" ({res.skipped})" if res.skipped else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     return res
 
 
@@ -109,9 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     missing = _build_c_tools()
     started, t0 = time.time(), time.monotonic()
-    run = {"argv": "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
-           "config": asdict(cfg), "started": started, "machine": report.machine(),
-           "loadavg_before": os.getloadavg(), "suites": []}
+    run = {
+        "argv": "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "config": asdict(cfg),
+        "started": started,
+        "machine": report.machine(),
+        "loadavg_before": os.getloadavg(),
+        "suites": [],
+    }
     try:
         for name in args.only.split(","):
             if missing:

@@ -26,8 +26,9 @@ def nofile() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY or hard >= WANT_NOFILE:
         return WANT_NOFILE
-    probe = subprocess.run(["prlimit", f"--nofile={WANT_NOFILE}:{WANT_NOFILE}", "true"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["prlimit", f"--nofile={WANT_NOFILE}:{WANT_NOFILE}", "true"], capture_output=True
+    )
     return WANT_NOFILE if probe.returncode == 0 else hard
 
 
@@ -66,44 +67,80 @@ def daemon_missing(module: str, command: str) -> str | None:
 def peer_missing(*commands: str) -> str | None:
     missing = [c for c in commands if tool(c) is None]
     if missing:
-        return (f"{', '.join(missing)} not installed "
-                f"(apt-get install -y socat stunnel4 websocketd python3-websockify hitch)")
+        return (
+            f"{', '.join(missing)} not installed "
+            f"(apt-get install -y socat stunnel4 websocketd python3-websockify hitch)"
+        )
     return None
 
 
 # --- echo services --------------------------------------------------------
 
+
 def echo_server(h: Harness, sock: Path, pinned: bool = True) -> Proc:
-    return h.start("echo_server", [ECHO_SERVER, "unix", sock], pinned=pinned,
-                   nofile=nofile(), ready=("unix", sock))
+    return h.start(
+        "echo_server",
+        [ECHO_SERVER, "unix", sock],
+        pinned=pinned,
+        nofile=nofile(),
+        ready=("unix", sock),
+    )
 
 
 def pongd(h: Harness, rundir: Path, pinned: bool = True, name: str = "pong") -> Proc:
-    return h.start("pongd", [BIN / "ipc", "pongd", "--rundir", rundir, name],
-                   pinned=pinned, nofile=nofile(), ready=("unix", rundir / name))
+    return h.start(
+        "pongd",
+        [BIN / "ipc", "pongd", "--rundir", rundir, name],
+        pinned=pinned,
+        nofile=nofile(),
+        ready=("unix", rundir / name),
+    )
 
 
 def pyecho(h: Harness, sock: Path, pinned: bool = True) -> Proc:
-    return h.start("pyecho", [sys.executable, Path(__file__).with_name("pyecho.py"), sock], pinned=pinned,
-                   nofile=nofile(), ready=("unix", sock))
+    return h.start(
+        "pyecho",
+        [sys.executable, Path(__file__).with_name("pyecho.py"), sock],
+        pinned=pinned,
+        nofile=nofile(),
+        ready=("unix", sock),
+    )
 
 
 # --- relays ---------------------------------------------------------------
 
-def ipc_tcpd(h: Harness, rundir: Path, pinned: bool = True, service: str = "pong",
-             extra: tuple = ()) -> Target:
+
+def ipc_tcpd(
+    h: Harness,
+    rundir: Path,
+    pinned: bool = True,
+    service: str = "pong",
+    nofile_limit: int | None = None,
+) -> Target:
     port = free_port()
-    proc = h.start("ipc-tcpd", [BIN / "ipc-tcpd", "-q", "--rundir", rundir,
-                                "--listen", f"127.0.0.1:{port}", *extra],
-                   pinned=pinned, nofile=nofile(), ready=("tcp", port))
+    proc = h.start(
+        "ipc-tcpd",
+        [BIN / "ipc-tcpd", "-q", "--rundir", rundir, "--listen", f"127.0.0.1:{port}"],
+        pinned=pinned,
+        nofile=nofile_limit or nofile(),
+        ready=("tcp", port),
+    )
     return Target("ipc-tcpd", "tcp", proc, ["--tcp", f"127.0.0.1:{port}", "--handshake", service])
 
 
 def socat(h: Harness, sock: Path, pinned: bool = True) -> Target:
     port = free_port()
-    proc = h.start("socat", [tool("socat"), f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,"
-                             "backlog=512", f"UNIX-CONNECT:{sock}"],
-                   pinned=pinned, nofile=nofile(), ready=("tcp", port))
+    proc = h.start(
+        "socat",
+        [
+            tool("socat"),
+            f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=512",
+            f"UNIX-CONNECT:{sock}",
+        ],
+        pinned=pinned,
+        nofile=nofile(),
+        ready=("tcp", port),
+    )
     return Target("socat", "tcp", proc, ["--tcp", f"127.0.0.1:{port}"])
 
 
@@ -113,18 +150,40 @@ def make_certs(h: Harness) -> Certs:
     ipc = BIN / "ipc"
     if importlib.util.find_spec("daemons.certs") and ipc.exists():
         subprocess.run([ipc, "cert", "ca", "--out", d], check=True, capture_output=True)
-        subprocess.run([ipc, "cert", "server", "--ca-dir", d, "--out", d, "localhost",
-                        "127.0.0.1"], check=True, capture_output=True)
+        subprocess.run(
+            [ipc, "cert", "server", "--ca-dir", d, "--out", d, "localhost", "127.0.0.1"],
+            check=True,
+            capture_output=True,
+        )
         ca, cert, key = d / "ca.pem", d / "localhost.pem", d / "localhost.key"
         how = "`ipc cert ca` + `ipc cert server localhost 127.0.0.1` (EC P-256)"
     else:
         ca = cert = d / "cert.pem"
         key = d / "key.pem"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                        "-keyout", key, "-out", cert, "-days", "2"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-keyout",
+                key,
+                "-out",
+                cert,
+                "-days",
+                "2",
+            ],
+            check=True,
+            capture_output=True,
+        )
         how = "openssl req -x509 (self-signed EC P-256)"
     bundle = d / "bundle.pem"
     bundle.write_bytes(cert.read_bytes() + key.read_bytes())
@@ -139,10 +198,24 @@ def _tls_args(port: int, certs: Certs) -> list:
 
 def ipc_tlsd(h: Harness, rundir: Path, certs: Certs, pinned: bool = True) -> Target:
     port = free_port()
-    proc = h.start("ipc-tlsd", [BIN / "ipc-tlsd", "-q", "--rundir", rundir,
-                                "--listen", f"127.0.0.1:{port}", "--cert", certs.cert,
-                                "--key", certs.key],
-                   pinned=pinned, nofile=nofile(), ready=("tcp", port))
+    proc = h.start(
+        "ipc-tlsd",
+        [
+            BIN / "ipc-tlsd",
+            "-q",
+            "--rundir",
+            rundir,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--cert",
+            certs.cert,
+            "--key",
+            certs.key,
+        ],
+        pinned=pinned,
+        nofile=nofile(),
+        ready=("tcp", port),
+    )
     return Target("ipc-tlsd", "tls", proc, [*_tls_args(port, certs), "--handshake", "pong"])
 
 
@@ -152,7 +225,8 @@ def stunnel(h: Harness, sock: Path, certs: Certs, pinned: bool = True) -> Target
     conf.write_text(
         "foreground = yes\npid =\ndebug = crit\nsyslog = no\n"
         f"[bench]\naccept = 127.0.0.1:{port}\nconnect = {sock}\n"
-        f"cert = {certs.cert}\nkey = {certs.key}\n")
+        f"cert = {certs.cert}\nkey = {certs.key}\n"
+    )
     h.note(f"# {conf.name}: " + conf.read_text().strip().replace("\n", "; "))
     exe = tool("stunnel4") or tool("stunnel")
     proc = h.start("stunnel", [exe, conf], pinned=pinned, nofile=nofile(), ready=("tcp", port))
@@ -166,39 +240,74 @@ def hitch(h: Harness, sock: Path, certs: Certs, pinned: bool = True) -> Target:
     sock.chmod(0o666)
     for parent in (sock.parent, h.tmp):
         parent.chmod(0o711)
-    argv = [tool("hitch"), f"--frontend=[127.0.0.1]:{port}", f"--backend={sock}",
-            "--workers=1", "--quiet"]
+    argv = [
+        tool("hitch"),
+        f"--frontend=[127.0.0.1]:{port}",
+        f"--backend={sock}",
+        "--workers=1",
+        "--quiet",
+    ]
     if os.geteuid() == 0:
         argv.append("--user=nobody")
-    proc = h.start("hitch", [*argv, certs.bundle], pinned=pinned, nofile=nofile(),
-                   ready=("tcp", port))
+    proc = h.start(
+        "hitch", [*argv, certs.bundle], pinned=pinned, nofile=nofile(), ready=("tcp", port)
+    )
     return Target("hitch", "tls", proc, _tls_args(port, certs))
 
 
 def ipc_websocketd(h: Harness, rundir: Path, pinned: bool = True) -> Target:
     port = free_port()
-    proc = h.start("ipc-websocketd", [BIN / "ipc-websocketd", "-q", "--rundir", rundir,
-                                      "--listen", f"127.0.0.1:{port}", "--no-static"],
-                   pinned=pinned, nofile=nofile(), ready=("tcp", port))
+    proc = h.start(
+        "ipc-websocketd",
+        [
+            BIN / "ipc-websocketd",
+            "-q",
+            "--rundir",
+            rundir,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--no-static",
+        ],
+        pinned=pinned,
+        nofile=nofile(),
+        ready=("tcp", port),
+    )
     return Target("ipc-websocketd", "ws", proc, ["--tcp", f"127.0.0.1:{port}", "--ws", "/pong"])
 
 
 def websockify(h: Harness, sock: Path, pinned: bool = True) -> Target:
     port = free_port()
-    proc = h.start("websockify", [tool("websockify"), f"--unix-target={sock}",
-                                  f"127.0.0.1:{port}"],
-                   pinned=pinned, nofile=nofile(), ready=("tcp", port))
-    return Target("websockify", "ws", proc,
-                  ["--tcp", f"127.0.0.1:{port}", "--ws", "/", "--ws-stream"])
+    proc = h.start(
+        "websockify",
+        [tool("websockify"), f"--unix-target={sock}", f"127.0.0.1:{port}"],
+        pinned=pinned,
+        nofile=nofile(),
+        ready=("tcp", port),
+    )
+    return Target(
+        "websockify", "ws", proc, ["--tcp", f"127.0.0.1:{port}", "--ws", "/", "--ws-stream"]
+    )
 
 
 def websocketd(h: Harness, pinned: bool = True) -> Target:
     port = free_port()
-    proc = h.start("websocketd", [tool("websocketd"), "--address=127.0.0.1", f"--port={port}",
-                                  "--binary=true", "--loglevel=fatal", "cat"],
-                   pinned=pinned, nofile=nofile(), ready=("tcp", port))
-    return Target("websocketd", "ws", proc,
-                  ["--tcp", f"127.0.0.1:{port}", "--ws", "/", "--ws-stream"])
+    proc = h.start(
+        "websocketd",
+        [
+            tool("websocketd"),
+            "--address=127.0.0.1",
+            f"--port={port}",
+            "--binary=true",
+            "--loglevel=fatal",
+            "cat",
+        ],
+        pinned=pinned,
+        nofile=nofile(),
+        ready=("tcp", port),
+    )
+    return Target(
+        "websocketd", "ws", proc, ["--tcp", f"127.0.0.1:{port}", "--ws", "/", "--ws-stream"]
+    )
 
 
 def require(reason: str | None) -> None:

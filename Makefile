@@ -33,8 +33,11 @@ lint: setup
 bench-tools:
 	$(MAKE) -C bench/c
 
+# BENCH_ARGS: e.g. make bench BENCH_ARGS="--quick --only core"
 bench: setup bench-tools
-	$(PY) -m bench.run
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]' \
+		|| echo "matplotlib could not be installed: the report will have no chart"
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 # The units name their programs as /usr/local/bin/...; they are rewritten to
 # BINDIR, where the LibIPC commands are (e.g. BINDIR=/opt/libipc/bin for a

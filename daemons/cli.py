@@ -4,6 +4,8 @@ ipc pongd [NAME]        echo service (default ``pong``)
 ipc cat NAME            each stdin line is a message; replies are printed
 ipc send NAME MESSAGE   one request, print the reply
 ipc ls                  the services in the run directory, alive or stale
+ipc status [NAME...]    the counters of running daemons (their NAME.ctl services)
+ipc cert ...            a private CA and certificates for ipc-tlsd / wss
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from ipc_core import Context, Event, EventType, IPCError, Layer, PeerClosed, Pro
 from ipc_core.rundir import socket_path
 
 from . import systemd
-from .common import ServiceAccess, bound_address
+from .common import CommonOptions, ServiceAccess, bound_address, open_listener
 from .metrics import HttpResponder, Registry
 
 log = logging.getLogger("ipc.daemon")
@@ -574,3 +574,27 @@ def _error_kind(reason: str) -> str:
     if "tls" in reason or "websocket" in reason:
         return "protocol"
     return "io"
+
+
+def open_listeners(
+    daemon: Daemon,
+    common: CommonOptions,
+    factory: HandshakeFactory,
+    default_listen: str,
+    *,
+    listen: bool = True,
+) -> None:
+    """Listeners for a daemon: systemd's sockets when socket-activated (one
+    named ``metrics`` serves /metrics), else ``--listen`` / ``$ADDRESS`` /
+    ``default_listen`` (none with ``listen=False``); plus ``--metrics``."""
+    activated = systemd.listen_fds()
+    for sock, fdname in activated:
+        if fdname == "metrics":
+            daemon.serve_metrics(sock)
+        else:
+            daemon.listen(sock, factory)
+    if not activated and listen:
+        for address in common.listen_addresses(default_listen):
+            daemon.listen(open_listener(address), factory)
+    if common.metrics is not None and not any(n == "metrics" for _, n in activated):
+        daemon.serve_metrics(open_listener(common.metrics))

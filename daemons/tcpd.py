@@ -19,10 +19,9 @@ import click
 from ipc_core import Context, IPCError
 from ipc_core.rundir import socket_path
 
-from . import systemd
-from .common import CommonOptions, ServiceAccess, common_options, open_listener, setup_logging
+from .common import CommonOptions, ServiceAccess, common_options, setup_logging
 from .outbound import ConnectorFactory, Outbound
-from .server import Daemon
+from .server import Daemon, open_listeners
 from .tcp import TcpdClient, TcpdHandshake
 
 log = logging.getLogger("ipc.tcpd")
@@ -64,21 +63,10 @@ def start_daemon(
         handshake_timeout=common.handshake_timeout,
         max_connections=common.max_connections,
     )
-    factory = make_handshake(ctx)
-    activated = systemd.listen_fds()
-    if activated:
-        for sock, fdname in activated:
-            if fdname == "metrics":
-                daemon.serve_metrics(sock)
-            else:
-                daemon.listen(sock, factory)
-    elif listen:
-        for address in common.listen_addresses(default_listen):
-            daemon.listen(open_listener(address), factory)
-    if common.metrics is not None and not any(n == "metrics" for _, n in activated):
-        daemon.serve_metrics(open_listener(common.metrics))
+    # Local services first: a double start fails before any port is opened.
     outbound = Outbound(daemon, service_name, connectors, connect_timeout)
     daemon.serve_control(f"{service_name}.ctl")
+    open_listeners(daemon, common, make_handshake(ctx), default_listen, listen=listen)
     return daemon, outbound
 
 

@@ -60,16 +60,15 @@ from ipc_core import (
 from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE
 from ipc_core.rundir import socket_path
 
-from . import certs, systemd
+from . import certs
 from .common import (
     CommonOptions,
     ServiceAccess,
     common_options,
-    open_listener,
     service_name_error,
     setup_logging,
 )
-from .server import Daemon, Handshake
+from .server import Daemon, Handshake, open_listeners
 from .tls import server_context
 from .ws import HandshakeRequest, Phase, WebSocketServerLayer, origin_allowed
 
@@ -549,6 +548,7 @@ def build_daemon(
     idle_timeout: float = 0.0,
     tls: ServerCertificates | None = None,
     allow_client: Sequence[str] = (),
+    control_name: str = "ws",
 ) -> Daemon:
     """Context, engine, listeners (systemd sockets first), metrics, keepalive.
 
@@ -580,17 +580,8 @@ def build_daemon(
     daemon.stop = stop  # type: ignore[method-assign]
     if tls is not None:
         daemon.on_reload = tls.reload
-    activated = systemd.listen_fds()
-    for sock, fdname in activated:
-        if fdname == "metrics":
-            daemon.serve_metrics(sock)
-        else:
-            daemon.listen(sock, factory)
-    if not activated:
-        for address in common.listen_addresses(DEFAULT_LISTEN):
-            daemon.listen(open_listener(address), factory)
-    if common.metrics is not None and not any(n == "metrics" for _, n in activated):
-        daemon.serve_metrics(open_listener(common.metrics))
+    daemon.serve_control(f"{control_name}.ctl")  # fails first on a double start
+    open_listeners(daemon, common, factory, DEFAULT_LISTEN)
     return daemon
 
 
@@ -631,6 +622,9 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
               help="Private key of --cert (PEM).")
 @click.option("--client-ca", type=_FILE, default=None, metavar="FILE",
               help="Mutual TLS: require client certificates signed by these CAs.")
+@click.option("--control-name", default="ws", show_default=True, metavar="NAME",
+              help="Counters are served on the local service NAME.ctl (ipc status NAME); "
+              "give each instance sharing a run directory its own.")
 @click.option("--allow-client", multiple=True, metavar="PATTERN",
               help="Only these client certificates (CN, CN:name, DNS:name, IP:addr or a "
                    "SHA-256 fingerprint). Repeatable; needs --client-ca.")
@@ -647,6 +641,7 @@ def main(
     key: Path | None,
     client_ca: Path | None,
     allow_client: tuple[str, ...],
+    control_name: str,
 ) -> None:
     """Let browsers reach local LibIPC services: ws://HOST:PORT/SERVICE."""
     if (cert is None) != (key is None):
@@ -679,7 +674,8 @@ def main(
             static=static,
         )
         daemon = build_daemon(common, options, ping_interval=ping_interval,
-                              idle_timeout=idle_timeout, tls=tls, allow_client=allow_client)
+                              idle_timeout=idle_timeout, tls=tls, allow_client=allow_client,
+                              control_name=control_name)
     except (IPCError, OSError, ssl.SSLError, ValueError) as exc:
         click.echo(f"{NAME}: {exc}", err=True)
         sys.exit(1)

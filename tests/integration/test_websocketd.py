@@ -73,7 +73,8 @@ def websocketd(rundir: Path, procs: Processes, tmp_path: Path) -> Iterator[Calla
         count += 1
         log_path = tmp_path / f"websocketd-{count}.log"
         with log_path.open("wb") as log:
-            proc = procs.start(BIN / "ipc-websocketd", "--listen", "127.0.0.1:0", *args,
+            proc = procs.start(BIN / "ipc-websocketd", "--listen", "127.0.0.1:0",
+                               "--control-name", f"ws{count}", *args,
                                env={"RUNDIR": str(rundir)}, stderr=log)
 
         def port() -> int | None:
@@ -252,6 +253,12 @@ def test_oversize_message_closes_with_1009(websocketd) -> None:
 
 
 # -- refusals ------------------------------------------------------------------------
+
+
+def test_second_instance_needs_its_own_control_name(websocketd) -> None:
+    websocketd("--control-name", "shared")
+    with pytest.raises(AssertionError, match="already running"):
+        websocketd("--control-name", "shared")
 
 
 def test_origin_policy(websocketd) -> None:

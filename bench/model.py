@@ -91,10 +91,18 @@ def fmt_ratio(v: float | None) -> str:
 
 
 def fairness(r: dict) -> float | None:
+    """max/min replies per connection (inf: a connection got none)."""
     lo, hi = r.get("per_conn_min"), r.get("per_conn_max")
     if lo is None or hi is None:
         return None
     return hi / lo if lo else float("inf")
+
+
+def fmt_fair(r: dict) -> str:
+    f = fairness(r)
+    if f == float("inf"):
+        return "∞ (a connection got 0)"
+    return fmt(f, 2)
 
 
 def spread(r: dict, key: str = "rate") -> str:

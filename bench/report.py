@@ -5,20 +5,31 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
 from .model import Check, SuiteResult
 
-PEER_VERSIONS = {  # command printing a version line
-    "socat": ["socat", "-V"],
-    "stunnel4": ["stunnel4", "-version"],
-    "hitch": ["hitch", "--version"],
-    "websocketd": ["websocketd", "--version"],
-    "websockify": ["python3", "-c", "import websockify; print(websockify.__version__)"],
-    "gcc": ["gcc", "--version"],
-    "OpenSSL": ["openssl", "version"],
+PEER_PACKAGES = {  # name shown -> Debian package
+    "socat": "socat",
+    "stunnel4": "stunnel4",
+    "hitch": "hitch",
+    "websocketd": "websocketd",
+    "websockify": "python3-websockify",
+    "OpenSSL": "openssl",
+    "gcc": "gcc",
 }
+
+
+def _package_version(pkg: str) -> str:
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "not installed"
 
 
 def _first_line(cmd: list[str], grep: str = "") -> str:
@@ -38,10 +49,7 @@ def machine() -> dict:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    versions = {
-        name: _first_line(cmd, "version" if name in ("socat", "stunnel4") else "")
-        for name, cmd in PEER_VERSIONS.items()
-    }
+    versions = {name: _package_version(pkg) for name, pkg in PEER_PACKAGES.items()}
     return {
         "uname": " ".join(platform.uname())
         if not Path("/bin/uname").exists()
@@ -67,6 +75,8 @@ def _verdict(c: Check) -> str:
 def _value(c: Check) -> str:
     if c.value is None:
         return "-"
+    if c.unit == "ok":
+        return "yes" if c.ok else "no"
     if c.unit == "x":
         return f"{c.value:.2f}x"
     digits = 0 if abs(c.value) >= 100 else 2
@@ -74,6 +84,8 @@ def _value(c: Check) -> str:
 
 
 def _target(c: Check) -> str:
+    if c.unit == "ok":
+        return "yes"
     unit = "x" if c.unit == "x" else (f" {c.unit}" if c.unit else "")
     text = f"{'≥' if c.op == '>=' else '≤'} {c.target:g}{unit}"
     if c.aim is not None:
@@ -241,7 +253,11 @@ def markdown(run: dict) -> str:
 
 
 def chart(run: dict, path: Path) -> str | None:
-    """Bar chart of the checks; returns why not if matplotlib is missing."""
+    """Bar chart of the checks; returns why not if matplotlib is missing.
+
+    Top: ratios to a peer, with the target as a black mark. Bottom: the other
+    targets (latency, memory, ...), as the value relative to its limit.
+    """
     try:
         import matplotlib
 
@@ -252,43 +268,61 @@ def chart(run: dict, path: Path) -> str | None:
     checks = [c for s in _suites(run) for c in s.checks]
     ratios = [c for c in checks if c.unit == "x"]
     limits = [c for c in checks if c.unit != "x"]
-    colors = {True: "#3a9a4a", False: "#c8413b", None: "#999999"}
+    groups = [
+        (g, t)
+        for g, t in (
+            (ratios, "ratio to the peer (bar) and target (black mark)"),
+            (limits, "other targets: value relative to its limit (black mark = the limit)"),
+        )
+        if g
+    ]
+    if not groups:
+        return "no targets measured: no chart"
+    colors = {True: "#3a9a4a", False: "#c8413b", None: "#bbbbbb"}
     fig, axes = plt.subplots(
+        len(groups),
         1,
-        2,
-        figsize=(15, 0.42 * max(len(ratios), len(limits), 4) + 1.6),
-        gridspec_kw={"width_ratios": [3, 2]},
+        squeeze=False,
+        figsize=(12, 0.36 * len(checks) + 1.2 * len(groups) + 0.6),
+        gridspec_kw={"height_ratios": [len(g) + 1 for g, _ in groups]},
     )
-    for ax, group, title in (
-        (axes[0], ratios, "ratio to the peer (bar) and target (black mark)"),
-        (axes[1], limits, "value / limit (≤ 100% passes)"),
-    ):
-        ax.set_title(title, fontsize=10)
-        if not group:
-            ax.set_axis_off()
-            continue
-        labels = [f"{c.suite}: {c.name}" for c in group][::-1]
+    for ax, (group, title) in zip(axes[:, 0], groups, strict=True):
+        ax.set_title(title, fontsize=10, loc="left")
         group = group[::-1]
-        if ax is axes[0]:
+        labels = [textwrap.shorten(f"{c.suite}: {c.name}", 75, placeholder="...") for c in group]
+        if group is not None and group[0].unit == "x":
             values = [c.value or 0 for c in group]
             targets = [c.target for c in group]
+            cap = min(max([*values, *targets]) * 1.05, max(targets) * 2.5)
         else:
             values = [(c.value or 0) / c.target * 100 if c.target else 0 for c in group]
-            targets = [100 for _ in group]
-        y = range(len(group))
-        ax.barh(y, values, color=[colors[c.ok] for c in group], height=0.6)
-        ax.scatter(targets, y, marker="|", s=500, color="black", zorder=3)
-        for yi, c, v in zip(y, group, values, strict=True):
+            targets = [100.0 for _ in group]
+            cap = 250.0
+        shown = [min(v, cap) for v in values]
+        y = list(range(len(group)))
+        ax.barh(y, shown, color=[colors[c.ok] for c in group], height=0.62)
+        ax.scatter(targets, y, marker="|", s=260, color="black", zorder=3)
+        for yi, c, v, t in zip(y, group, shown, targets, strict=True):
             text = _value(c) if c.value is not None else "not measured"
-            ax.text(v, yi, f" {text} ({_target(c)})", va="center", fontsize=7.5)
-        ax.set_yticks(list(y), labels, fontsize=8)
-        ax.set_xlim(0, max([*values, *targets]) * 1.45)
+            ax.text(
+                max(v, t) + cap * 0.01,
+                yi,
+                f"{text}  (target {_target(c)})",
+                va="center",
+                fontsize=7.5,
+            )
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.set_xlim(0, cap * 1.35)
+        ax.set_ylim(-0.6, len(group) - 0.4)
         ax.grid(axis="x", alpha=0.3)
+        if group[0].unit != "x":
+            ax.xaxis.set_major_formatter(lambda x, _pos: f"{x:.0f}%")
     date = time.strftime("%Y-%m-%d", time.localtime(run["started"]))
+    runs = run["config"]["runs"]
     fig.suptitle(
-        f"libipc daemons vs their peers, pinned to one CPU, medians of "
-        f"{run['config']['runs']} runs ({date}); green = target met",
-        fontsize=11,
+        f"libipc daemons vs their peers ({date}): pinned to one CPU, medians of {runs} "
+        f"run{'s' if runs != 1 else ''}; green = target met, red = missed, grey = not measured",
+        fontsize=10.5,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

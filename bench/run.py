@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
+    # Ctrl-C, even when started in the background (where SIGINT starts ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     missing = _build_c_tools()
     started, t0 = time.time(), time.monotonic()
     run = {

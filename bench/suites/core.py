@@ -6,7 +6,7 @@ from functools import partial
 
 from .. import servers
 from ..harness import Harness
-from ..model import SuiteResult, fairness, fmt, fmt_rate, fmt_ratio, ratio, spread, status
+from ..model import SuiteResult, fairness, fmt, fmt_fair, fmt_rate, fmt_ratio, ratio, spread, status
 
 NAME = "core"
 TITLE = "Core: ipc pongd vs the C echo server (Unix socket, 64-byte messages)"
@@ -74,7 +74,7 @@ def run(h: Harness, res: SuiteResult) -> None:
                     fmt_rate(r.get("rate")),
                     fmt(r.get("p50_us"), 1),
                     fmt(r.get("p99_us"), 1),
-                    fmt(fairness(r), 2),
+                    fmt_fair(r),
                     fmt_ratio(ratio(r.get("rate"), base.get("rate"))),
                     spread(r),
                     status(r),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import servers
 from ..harness import Harness, rss_kib
-from ..model import SuiteResult, fairness, fmt, fmt_rate, fmt_ratio, ratio, spread, status
+from ..model import SuiteResult, fmt, fmt_fair, fmt_rate, fmt_ratio, ratio, spread, status
 
 NAME = "tcp"
 TITLE = "TCP: ipc-tcpd vs socat (TCP -> Unix socket relay)"
@@ -69,7 +69,7 @@ def _rows(table, figs: dict, backend: str) -> None:
                 fmt(r.get("mbps"), 1),
                 fmt(r.get("p50_us"), 1),
                 fmt(r.get("p99_us"), 1),
-                fmt(fairness(r), 2),
+                fmt_fair(r),
                 fmt_ratio(ratio(r.get("rate"), peer.get("rate"))),
                 fmt_ratio(ratio(r.get("p50_us"), peer.get("p50_us"))),
                 spread(r),

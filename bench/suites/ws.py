@@ -6,7 +6,7 @@ from functools import partial
 
 from .. import holds, servers
 from ..harness import Harness
-from ..model import SuiteResult, fairness, fmt, fmt_rate, fmt_ratio, ratio, spread, status
+from ..model import SuiteResult, fmt, fmt_fair, fmt_rate, fmt_ratio, ratio, spread, status
 
 NAME = "ws"
 TITLE = "WebSocket: ipc-websocketd vs websockify and websocketd"
@@ -83,7 +83,7 @@ def run(h: Harness, res: SuiteResult) -> None:
                 fmt(r.get("mbps"), 1),
                 fmt(r.get("p50_us"), 1),
                 fmt(r.get("p99_us"), 1),
-                fmt(fairness(r), 2),
+                fmt_fair(r),
                 fmt_ratio(ratio(ours.get("rate"), r.get("rate"))),
                 spread(r),
                 status(r),

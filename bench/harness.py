@@ -273,7 +273,7 @@ class Harness:
         argv: list[str],
         *,
         pinned: bool = True,
-        nofile: int | None = None,
+        nofile: int | str | None = None,
         env: dict | None = None,
         ready: tuple | None = None,
         timeout: float = 15.0,
@@ -283,8 +283,9 @@ class Harness:
         ready: ("unix", path) or ("tcp", port) or None.
         """
         full = self.pin(pinned)
-        if nofile:
-            full += ["prlimit", f"--nofile={nofile}:{nofile}", "--"]
+        if nofile:  # N (soft = hard = N) or "SOFT:HARD"
+            limits = nofile if isinstance(nofile, str) else f"{nofile}:{nofile}"
+            full += ["prlimit", f"--nofile={limits}", "--"]
         full += [str(a) for a in argv]
         self.record(full)
         log = self.tmp / f"{name}-{len(self.procs)}.log"

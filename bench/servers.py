@@ -115,7 +115,7 @@ def ipc_tcpd(
     rundir: Path,
     pinned: bool = True,
     service: str = "pong",
-    nofile_limit: int | None = None,
+    nofile_limit: int | str | None = None,
 ) -> Target:
     port = free_port()
     proc = h.start(

@@ -155,6 +155,21 @@ def _noise(run: dict) -> str:
     return text
 
 
+def _summary_notes(run: dict, suites: list[SuiteResult]) -> list[str]:
+    notes = [f"- Noise: {_noise(run)}."]
+    for s in suites:
+        if s.skipped:
+            notes.append(f"- Suite {s.name} not measured: {s.skipped}")
+        for c in s.checks:
+            if c.value is None:
+                notes.append(f"- Not measured: {s.name}, {c.name}: {c.detail}")
+    notes.append(
+        "- Each suite's section below has its figures, notes (what a failure "
+        "means, what was found) and the exact commands."
+    )
+    return ["## Notes", "", *notes, ""]
+
+
 def markdown(run: dict) -> str:
     suites = _suites(run)
     cfg, m = run["config"], run["machine"]
@@ -190,13 +205,13 @@ def markdown(run: dict) -> str:
         "",
         "![ratios against their targets](performance.png)",
         "",
+        *_summary_notes(run, suites),
         "## Machine",
         "",
         f"- `uname -a`: `{m['uname']}`",
         f"- CPU: {m['cpu']}, `nproc` = {m['nproc']}",
         f"- Python {m['python']}; peers: "
         + "; ".join(f"{k}: `{v}`" for k, v in m["versions"].items()),
-        f"- Noise: {_noise(run)}.",
         "",
         "## Method",
         "",

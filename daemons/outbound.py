@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from ipc_core import Event, EventType, Layer, PeerClosed, ProtocolError
 
-from .common import Uri, parse_uri
+from .common import Uri, parse_uri, tune_tcp
 from .server import Daemon
 
 log = logging.getLogger("ipc.daemon.outbound")
@@ -156,7 +156,7 @@ class Outbound:
         family, sockaddr = addresses[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_tcp(sock, self.daemon.peer_timeout)
         err = sock.connect_ex(sockaddr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()

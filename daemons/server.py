@@ -43,7 +43,7 @@ from ipc_core import Context, Event, EventType, IPCError, Layer, PeerClosed, Pro
 from ipc_core.rundir import socket_path
 
 from . import systemd
-from .common import CommonOptions, ServiceAccess, bound_address, open_listener
+from .common import CommonOptions, ServiceAccess, bound_address, open_listener, tune_tcp
 from .metrics import HttpResponder, Registry
 
 log = logging.getLogger("ipc.daemon")
@@ -125,12 +125,14 @@ class Daemon:
         *,
         handshake_timeout: float = 5.0,
         max_connections: int = 10000,
+        peer_timeout: float = 30.0,
     ) -> None:
         self.name = name
         self.ctx = ctx
         self.access = access
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
+        self.peer_timeout = peer_timeout  # TCP keepalive / user timeout (tune_tcp)
         self.metrics = DaemonMetrics()
         self.on_reload: Callable[[], None] | None = None
         #: Extra event handlers (e.g. the outbound side): return True if handled.
@@ -328,8 +330,7 @@ class Daemon:
                 sock.close()
                 continue
             sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_tcp(sock, self.peer_timeout)
             fd = self.ctx.add_external(sock)
             self._network_fds.add(fd)
             self.metrics.connections_total.inc()
@@ -415,7 +416,12 @@ class Daemon:
         except IPCError as exc:  # e.g. too long for a socket path here
             self._reject(p, "refused", str(exc), FORBIDDEN)
             return
-        local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE/ENFILE: refuse this peer, keep serving
+            self._reject(p, "service unavailable", f"service {service!r}: {exc.strerror or exc}",
+                         UNAVAILABLE)
+            return
         local.setblocking(False)
         try:
             local.connect(os.fsencode(path))

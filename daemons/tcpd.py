@@ -62,6 +62,7 @@ def start_daemon(
         access,
         handshake_timeout=common.handshake_timeout,
         max_connections=common.max_connections,
+        peer_timeout=common.peer_timeout,
     )
     # Local services first: a double start fails before any port is opened.
     outbound = Outbound(daemon, service_name, connectors, connect_timeout)

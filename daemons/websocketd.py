@@ -558,7 +558,7 @@ def build_daemon(
     ctx = Context(rundir_path=common.rundir, max_message_size=common.max_message_size)
     access = common.access()
     daemon = Daemon(NAME, ctx, access, handshake_timeout=common.handshake_timeout,
-                    max_connections=common.max_connections)
+                    max_connections=common.max_connections, peer_timeout=common.peer_timeout)
     known = service_known(ctx.rundir, access)
     mtls = tls is not None and tls.client_ca is not None
 

@@ -75,6 +75,7 @@ _IOV_BATCH = 64
 _ACCEPT_BATCH = 64
 DEFAULT_QUEUE_HIGH_WATER = 1 * 1024 * 1024
 LINGER_SECONDS = 5.0
+_TIMERS_COMPACT_MIN = 4096
 
 
 class ContextStopped(IPCError):
@@ -92,7 +93,14 @@ class TimerHandle:
         self.cancelled = False
 
     def cancel(self) -> None:
+        # Drop the callback now: what its closure holds (a handshake, an
+        # SSLObject) must not live on until the deadline would have fired.
         self.cancelled = True
+        self.callback = _no_callback
+
+
+def _no_callback() -> None:
+    """What a cancelled timer holds instead of its callback."""
 
 
 class _RawFd:
@@ -231,6 +239,7 @@ class Context:
         self._view = memoryview(self._buf)
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._timer_seq = itertools.count()
+        self._timers_compact_at = _TIMERS_COMPACT_MIN
         self._closed = False
         self._stopped = False
         self._loop_thread = threading.get_ident()
@@ -488,6 +497,12 @@ class Context:
         """Run ``callback()`` inside the loop after ``delay`` seconds."""
         handle = TimerHandle(time.monotonic() + delay, callback)
         heapq.heappush(self._timers, (handle.when, next(self._timer_seq), handle))
+        if len(self._timers) > self._timers_compact_at:
+            # Cancelled entries stay in the heap until due; purge them when the
+            # heap has doubled since the last purge (amortised O(1) per timer).
+            self._timers = [t for t in self._timers if not t[2].cancelled]
+            heapq.heapify(self._timers)
+            self._timers_compact_at = max(_TIMERS_COMPACT_MIN, 2 * len(self._timers))
         return handle
 
     def call_soon_threadsafe(self, callback: Callable[[], Any]) -> None:

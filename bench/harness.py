@@ -227,6 +227,7 @@ class Harness:
     procs: list[Proc] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     _clients: set = field(default_factory=set)
+    incidents: list[str] = field(default_factory=list)  # servers that died on their own
 
     def __enter__(self) -> Harness:
         return self
@@ -239,6 +240,7 @@ class Harness:
             _kill_group(popen, 1.0)
         self._clients.clear()
         for proc in reversed(self.procs):
+            self._check_died(proc)
             _kill_group(proc.popen)
         self.procs.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -331,9 +333,18 @@ class Harness:
     def stop(self, proc) -> None:
         """Stop a Proc (or anything with a .proc, like servers.Target) and its group."""
         proc = getattr(proc, "proc", proc)
+        self._check_died(proc)
         _kill_group(proc.popen)
         if proc in self.procs:
             self.procs.remove(proc)
+
+    def _check_died(self, proc: Proc) -> None:
+        """Record a server that exited before we stopped it (with its last log lines)."""
+        if proc.popen.poll() is not None and proc in self.procs:
+            self.incidents.append(
+                f"{proc.name} exited on its own (status {proc.popen.returncode}) before the "
+                f"end of its measurements; its last log lines: {proc.log_tail(6)!r}"
+            )
 
     # --- load -----------------------------------------------------------
 

@@ -118,7 +118,9 @@ def status(r: dict) -> str:
     if not r.get("ok_runs"):
         return f"FAILED: {r.get('error', 'no result')}"
     if r.get("failed_runs"):
-        return f"{r['failed_runs']} run(s) failed: {r.get('error', '')}"
+        lost = r["runs"] - r["ok_runs"]
+        what = f"{lost} run(s) failed" if lost else f"{r['failed_runs']} run(s) had errors"
+        return f"{what}: {r.get('error', '')}"
     if r.get("errors") or r.get("mismatches"):
         return f"errors={r.get('errors', 0):.0f} mismatches={r.get('mismatches', 0):.0f}"
     return ""

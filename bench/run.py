@@ -101,6 +101,7 @@ def _run_suite(name: str, cfg: Config) -> SuiteResult:
             res.skipped = f"crashed: {e!r}"
             res.notes.append("```\n" + traceback.format_exc() + "```")
         res.commands = list(h.commands)
+        res.notes += [f"**{i}**" for i in h.incidents]
     res.seconds = time.monotonic() - t0
     print(
         f"[{name}] done in {res.seconds:.0f} s" + (f" ({res.skipped})" if res.skipped else ""),

@@ -49,6 +49,30 @@ class Certs:
     how: str
 
 
+class Restartable:
+    """A server under test that is started again if it died between two runs (the
+    death is recorded by Harness.stop as an incident, with its log), so that one
+    crash costs one run, not all the following ones."""
+
+    def __init__(self, h: Harness, start) -> None:
+        self.h, self.start = h, start
+        self.target: Target = start()
+
+    @property
+    def tool(self) -> str:
+        return self.target.tool
+
+    @property
+    def proc(self) -> Proc:
+        return self.target.proc
+
+    def loadgen(self, args: list) -> dict:
+        if not self.target.proc.alive():
+            self.h.stop(self.target)
+            self.target = self.start()
+        return self.h.loadgen([*self.target.args, *args])
+
+
 def c_tools_missing() -> str | None:
     if not (ECHO_SERVER.exists() and LOADGEN.exists()):
         return "bench/c tools not built (make -C bench/c)"

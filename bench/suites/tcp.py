@@ -42,12 +42,12 @@ def missing() -> str | None:
 
 
 def _relays(h: Harness, rundir: Path, loads: dict) -> dict:
-    tcpd = servers.ipc_tcpd(h, rundir)
-    soc = servers.socat(h, rundir / "pong")
+    tcpd = servers.Restartable(h, partial(servers.ipc_tcpd, h, rundir))
+    soc = servers.Restartable(h, partial(servers.socat, h, rundir / "pong"))
     try:
         return h.measure(
             {
-                (load, t.tool): partial(h.loadgen, [*t.args, *args, *h.lg_time()])
+                (load, t.tool): partial(t.loadgen, [*args, *h.lg_time()])
                 for load, args in loads.items()
                 for t in (tcpd, soc)
             }

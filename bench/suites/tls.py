@@ -28,12 +28,12 @@ def run(h: Harness, res: SuiteResult) -> None:
     h.note(f"# certificates: {certs.how}")
     d = h.mkdir("tls")
     echo = servers.echo_server(h, d / "pong")
-    tlsd = servers.ipc_tlsd(h, d, certs)
-    stun = servers.stunnel(h, d / "pong", certs)
+    tlsd = servers.Restartable(h, partial(servers.ipc_tlsd, h, d, certs))
+    stun = servers.Restartable(h, partial(servers.stunnel, h, d / "pong", certs))
     try:
         figs = h.measure(
             {
-                (load, t.tool): partial(h.loadgen, [*t.args, *args, *h.lg_time()])
+                (load, t.tool): partial(t.loadgen, [*args, *h.lg_time()])
                 for load, args in LOADS.items()
                 for t in (tlsd, stun)
             }

@@ -44,14 +44,14 @@ def run(h: Harness, res: SuiteResult) -> None:
     for p in ("websockify", "websocketd"):
         if p not in starters:
             res.notes.append(f"{servers.peer_missing(p)}: not compared")
-    targets = {name: start() for name, start in starters.items()}
+    targets = {name: servers.Restartable(h, start) for name, start in starters.items()}
     try:
         variants = {}
         for load, args in LOADS.items():
             for name, t in targets.items():
                 if load != C100 and name == "websocketd":
                     continue  # stalls on messages of a few hundred KB (its pipe to cat)
-                variants[(load, name)] = partial(h.loadgen, [*t.args, *args, *h.lg_time()])
+                variants[(load, name)] = partial(t.loadgen, [*args, *h.lg_time()])
         figs = h.measure(variants)
     finally:
         for t in targets.values():

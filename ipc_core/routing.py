@@ -72,6 +72,7 @@ def connect_direct(name: str, directory: Path, timeout: float = 5.0) -> socket.s
     except OSError as exc:
         sock.close()
         raise ServiceUnavailable(f"cannot connect to service {name!r}: {exc.strerror}") from exc
+    sock.settimeout(None)  # the timeout was for connecting; the caller decides the rest
     return sock
 
 
@@ -96,7 +97,11 @@ def ask_router(
     finally:
         router.close()
     if data[:2] == b"ok" and fd is not None:
-        return socket.socket(fileno=fd)
+        sock = socket.socket(fileno=fd)
+        # O_NONBLOCK lives on the open file description ipcd shared with us:
+        # make the descriptor agree with the blocking socket object we return.
+        sock.setblocking(True)
+        return sock
     if fd is not None:
         os.close(fd)
     reason = data.decode(errors="replace").strip() or "router closed the connection"

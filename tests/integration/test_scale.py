@@ -412,7 +412,7 @@ def test_10000_lookup_cycles_through_ipcd(
     def cycles(n: int) -> None:
         for i in range(n):
             s = connect("echo", rundir)
-            s.settimeout(5)  # the descriptor comes non-blocking from ipcd
+            s.settimeout(5)  # a bound, should an echo never come
             s.sendall(encode(b"%d" % i))
             assert s.recv(64) == encode(b"%d" % i)
             s.close()

@@ -53,7 +53,7 @@ COMMANDS = {"tcpd": "ipc-tcpd", "tlsd": "ipc-tlsd", "websocketd": "ipc-websocket
 STALE = {
     "tcpd": ["tcp", "tcp.lock", "tcp.ctl", "tcp.ctl.lock"],
     "tlsd": ["tls", "tls.lock", "tls.ctl", "tls.ctl.lock"],
-    "websocketd": [],
+    "websocketd": ["ws.ctl", "ws.ctl.lock"],
     "ipcd": ["ipc", "ipc.lock", "ipc.ctl", "ipc.ctl.lock"],
 }
 MiB = 1024 * 1024

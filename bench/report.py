@@ -143,14 +143,23 @@ def console(run: dict) -> str:
 
 
 def _noise(run: dict) -> str:
-    before, after = run["loadavg_before"][0], run.get("loadavg_after", [0])[0]
+    before = run["loadavg_before"][0]
+    during = run.get("loadavg_suites")
     n = run["machine"]["nproc"] or 1
-    text = f"load average {before:.2f} before the run and {after:.2f} after it, on {n} CPU(s)"
-    if max(before, after) > 0.5:
+    if during:
+        text = f"1-minute load average {before:.2f} at the start, then after each suite: " + (
+            ", ".join(f"{k} {v:.2f}" for k, v in during.items())
+        )
+    else:
+        during = {"end": run.get("loadavg_after", [0])[0]}
+        text = f"1-minute load average {before:.2f} at the start, {during['end']:.2f} at the end"
+    peak = max(before, *during.values())
+    text += f", on {n} CPU(s)"
+    if peak > 0.5:
         text += (
-            ": other work was running on the machine during the benchmarks, so the "
-            "figures are noisy (see the run spread column: (max - min) / median over "
-            "the runs)"
+            ": other work was running on the machine during the benchmarks (up to "
+            f"{peak:.1f} processes wanting a CPU), so the figures are noisy; see the "
+            "run spread column ((max - min) / median over the runs)"
         )
     return text
 

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 res = _run_suite(name, cfg)
             run["suites"].append(res.to_dict())
+            run.setdefault("loadavg_suites", {})[name] = os.getloadavg()[0]
     except KeyboardInterrupt:
         print("\ninterrupted: every process stopped, nothing written", file=sys.stderr)
         return 130

@@ -133,6 +133,8 @@ class Daemon:
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
         self.peer_timeout = peer_timeout  # TCP keepalive / user timeout (tune_tcp)
+        self._accept_error_logged = -1e9
+        self._accept_errors_quiet = 0
         self.metrics = DaemonMetrics()
         self.on_reload: Callable[[], None] | None = None
         #: Extra event handlers (e.g. the outbound side): return True if handled.
@@ -318,7 +320,7 @@ class Daemon:
             except BlockingIOError:
                 return
             except OSError as exc:
-                log.error("%s: accept failed: %s", self.name, exc.strerror or exc)
+                self._accept_failed(exc)
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     self._pause_accept(lfd)
                 return
@@ -347,6 +349,20 @@ class Daemon:
             )
             self._pending[fd] = pending
             log.debug("%s: connection from %s (fd %d)", self.name, peer, fd)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Log accept errors at most every 10 s: at the descriptor limit the
+        listener is retried every 100 ms and would flood the log."""
+        self.metrics.errors.inc(kind="accept")
+        now = time.monotonic()
+        if now - self._accept_error_logged < 10:
+            self._accept_errors_quiet += 1
+            return
+        more = f" ({self._accept_errors_quiet} more since the last report)" \
+            if self._accept_errors_quiet else ""
+        log.error("%s: accept failed: %s%s", self.name, exc.strerror or exc, more)
+        self._accept_error_logged = now
+        self._accept_errors_quiet = 0
 
     def _pause_accept(self, lfd: int) -> None:
         sock, factory = self._listeners.pop(lfd)

@@ -1065,9 +1065,11 @@ def test_out_of_descriptors_is_a_clean_refusal(
     d = start_with_fd_limit(procs, "tcpd", rundir, pki, 64)
     with concurrent.futures.ThreadPoolExecutor(40) as pool:
         list(pool.map(lambda _: try_peer("tcpd", d.port, pki), range(40)))
-    time.sleep(0.3)
+    time.sleep(1.0)
     text = d.logs.text()
     assert "internal error" not in text and "Traceback" not in text, text[-2000:]
+    # At the limit the listener is retried every 100 ms: the log must not flood.
+    assert text.count("accept failed") <= 1, text.count("accept failed")
 
 
 def test_socket_from_the_router_behaves_like_a_direct_one(

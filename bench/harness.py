@@ -343,7 +343,8 @@ class Harness:
         if proc.popen.poll() is not None and proc in self.procs:
             self.incidents.append(
                 f"{proc.name} exited on its own (status {proc.popen.returncode}) before the "
-                f"end of its measurements; its last log lines: {proc.log_tail(6)!r}"
+                "end of its measurements; its last log lines: "
+                + " | ".join(ln.strip() for ln in proc.log_tail(10).splitlines())
             )
 
     # --- load -----------------------------------------------------------

@@ -194,7 +194,12 @@ class Outbound:
         layer, early = attempt.connector.result()
         self._forget(attempt)
         ctx = self.ctx
-        ctx.write(attempt.client_fd, b"ok")
+        if attempt.client_fd not in ctx or not ctx.write(attempt.client_fd, b"ok") \
+                or attempt.remote_fd not in ctx:
+            # One side vanished at the last moment: close the other, nothing to switch.
+            for fd in (attempt.client_fd, attempt.remote_fd):
+                ctx.close(fd)
+            return
         ctx.add_switch(attempt.remote_fd, attempt.client_fd)
         ctx.set_tag(attempt.remote_fd, "network")
         ctx.set_tag(attempt.client_fd, "local")

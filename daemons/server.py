@@ -465,6 +465,9 @@ class Daemon:
         self._cancel(p)
         self._flush(p)  # the success reply goes out before any relayed byte
         ctx = self.ctx
+        if p.fd not in ctx:  # the peer vanished while we answered (reset)
+            local.close()
+            return
         ctx.add_switch(p.fd, local)
         ctx.set_tag(p.fd, "network")
         ctx.set_tag(local.fileno(), "local")

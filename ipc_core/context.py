@@ -1126,6 +1126,8 @@ class Context:
             return conn
         conn = self._conns.get(fd)
         if conn is None:
+            if any(s.fileno() == fd for s in self._deferred_close):
+                raise UsageError(f"descriptor {fd} was closed (its DISCONNECTION is pending)")
             sock = _wrap_fd(fd)
             sock.setblocking(False)
             conn = _Conn(SWITCHED, sock)

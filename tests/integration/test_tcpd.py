@@ -356,3 +356,30 @@ def test_silent_remote_gives_bounded_failure(two_hosts, monkeypatch):
         ctx.connect_service("pong", timeout=15)
     assert time.monotonic() - t0 < 8
     silent.close()
+
+
+@pytest.mark.timeout(120)
+def test_peers_resetting_during_the_handshake_never_kill_the_daemon(host_b):
+    """Peers that name a service and reset at once race the daemon's 'ok':
+    the reply fails, the peer is gone, and nothing may be switched or closed
+    twice (this used to crash the daemon with EBADF after a few thousand)."""
+    _, proc, logs, port = host_b
+    linger = struct.pack("ii", 1, 0)  # close() sends RST
+    for i in range(3000):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"pong" + encode(b"x"))
+            if i % 2:
+                s.recv(2)
+        except OSError:
+            pass
+        s.close()
+        if i % 500 == 0:
+            assert proc.poll() is None, logs.text()[-3000:]
+    assert proc.poll() is None, logs.text()[-3000:]
+    good = tcp_client(port)
+    good.sendall(encode(b"alive"))
+    assert recv_msg(good) == b"alive"
+    assert "Traceback" not in logs.text()

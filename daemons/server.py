@@ -32,6 +32,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -133,6 +134,7 @@ class Daemon:
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
         self.peer_timeout = peer_timeout  # TCP keepalive / user timeout (tune_tcp)
+        raise_fd_limit(2 * max_connections + 64)
         self._accept_error_logged = -1e9
         self._accept_errors_quiet = 0
         self.metrics = DaemonMetrics()
@@ -582,6 +584,24 @@ def _peer(p: _Pending) -> str:
     """The peer name for log lines: a handshake may know better than the
     socket (ipc-websocketd --trust-proxy: X-Forwarded-For) by setting ``peer``."""
     return getattr(p.handshake, "peer", None) or p.peer
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft open-file limit towards ``wanted`` (two descriptors per
+    relayed connection), within the hard limit; a shell's default soft limit
+    of 1024 would cap a daemon at ~500 connections. Returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit to %d: %s", target, exc)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.info("open-file limit %d allows about %d connections (--max-connections "
+                    "asks for more)", soft, (soft - 64) // 2)
+    return soft
 
 
 def _peer_name(addr: Any) -> str:

@@ -48,3 +48,20 @@ def test_a_handler_exception_costs_one_connection_not_the_daemon(rundir, procs, 
         pump(ctx, daemon)
         assert recv_msg(good) == b"hi"
         assert daemon.metrics.connections_open.value() == 1
+
+
+def test_daemon_raises_its_soft_descriptor_limit(rundir):
+    import resource
+
+    from daemons.server import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        with Context() as ctx:
+            Daemon("test", ctx, ServiceAccess(), max_connections=1000)
+            now, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            assert now == min(2064, hard)
+        assert raise_fd_limit(10) >= 10
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

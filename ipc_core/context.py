@@ -563,9 +563,12 @@ class Context:
         poll = self._ep.poll
         while True:
             wait = -1.0
-            if self._timers or deadline is not None:
+            timers = self._timers
+            while timers and timers[0][2].cancelled:
+                heapq.heappop(timers)  # cancelled handshake deadlines cost nothing
+            if timers or deadline is not None:
                 now = time.monotonic()
-                wait = _next_wait(now, deadline, self._timers)
+                wait = _next_wait(now, deadline, timers)
             if self._always_ready:
                 wait = 0.0
                 for fd in self._always_ready:
@@ -575,7 +578,8 @@ class Context:
             ready = poll(wait, 512)
             if ready:
                 self._dispatch(ready)
-            if self._timers:
+            timers = self._timers
+            if timers and timers[0][0] <= time.monotonic():
                 self._run_timers()
             if events:
                 return events.popleft()
@@ -688,23 +692,21 @@ class Context:
                     conn.layer.receive_data(b"")
             self._close_pair(conn, None)
             return
-        partner = conn.partner
-        if conn.layer is None and partner.layer is None and partner.out_cb is None:  # type: ignore[union-attr]
-            self._relay_plain(conn, partner, self._view[:n])  # type: ignore[arg-type]
-        else:
-            self._relay_data(conn, self._view[:n])
-
-    def _relay_plain(self, conn: _Conn, partner: _Conn, data: memoryview) -> None:
-        """The hot path of a relay: LibIPC stream on both ends. Check frame
-        boundaries, then send straight from the read buffer; only what the
-        partner's socket does not take is copied into its queue."""
+        partner: _Conn = conn.partner  # type: ignore[assignment]
+        data = self._view[:n]
+        if conn.layer is not None or partner.layer is not None or partner.out_cb is not None:
+            self._relay_data(conn, data)
+            return
+        # The hot path of a relay, inlined: LibIPC stream on both ends. Check
+        # frame boundaries, then send straight from the read buffer; only what
+        # the partner's socket does not take is copied into its queue.
         try:
             frames = conn.scanner.scan(data)  # type: ignore[union-attr]
         except MessageTooLarge:
             self._relay_data(conn, data)  # the slow path logs, forwards the good part, closes
             return
         stats = conn.stats
-        stats[0] += len(data)
+        stats[0] += n
         stats[1] += frames
         if partner.out:
             self._enqueue(partner, bytes(data), False)
@@ -716,7 +718,7 @@ class Context:
             except OSError as exc:
                 self._lost(partner, exc)
                 return
-            if sent < len(data):
+            if sent < n:
                 self._enqueue(partner, bytes(data[sent:]), False)
         if self.switch_events:
             self._events.append(Event(EventType.SWITCH_RX, conn.fd))

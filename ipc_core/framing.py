@@ -131,10 +131,15 @@ class FrameScanner:
         return self._body_left == 0 and not self._head
 
     def scan(self, chunk: bytes | bytearray | memoryview) -> int:
-        pos = 0
         end = len(chunk)
-        frames = 0
         limit = self.max_message_size
+        if not self._body_left and not self._head and end >= HEADER_SIZE:
+            # The common case of request/response traffic: exactly one frame.
+            (length,) = _unpack_from(chunk)
+            if length + HEADER_SIZE == end and length <= limit:
+                return 1
+        pos = 0
+        frames = 0
         if self._body_left:
             take = min(self._body_left, end)
             self._body_left -= take

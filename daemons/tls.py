@@ -250,12 +250,19 @@ class TLSLayer:
         """Decrypt everything available; defer a close/error behind the data."""
         chunks: list[bytes] = []
         read = self._ssl.read
+        incoming = self._incoming
+        ssl_pending = self._ssl.pending
         try:
             while True:
                 chunk = read(_READ_SIZE)
                 if not chunk:  # SSL_read reports a clean close this way too
                     raise ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed")
                 chunks.append(chunk)
+                if not incoming.pending and not ssl_pending():
+                    # Everything received is decrypted: skip the read that
+                    # would only raise SSLWantReadError (an exception per
+                    # message is a measurable share of a small message's cost).
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         except ssl.SSLWantReadError:
             return b"".join(chunks)
         except ssl.SSLZeroReturnError as exc:

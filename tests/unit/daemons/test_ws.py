@@ -490,3 +490,47 @@ def test_head_size_cap_is_exact() -> None:
     server = WebSocketServerLayer(max_request_size=len(head) - 1)
     with pytest.raises(ProtocolError):
         server.receive_data(head)
+
+
+# -- the fast path ------------------------------------------------------------------
+
+
+def test_fast_path_engages_only_at_a_frame_boundary() -> None:
+    """Complete data frames are parsed without websockets when its parser
+    waits for a new frame; that must be detectable with this websockets."""
+    server, client = handshake()
+    assert server._at_frame_boundary()
+    frame = raw_client_frame(0x2, b"hello")
+    assert server.receive_data(frame[:3]) == b""  # a partial frame goes to websockets
+    assert not server._at_frame_boundary()
+    assert server.receive_data(frame[3:]) == encode(b"hello")
+    assert server._at_frame_boundary()
+
+
+def test_fast_and_slow_frames_interleaved_keep_order() -> None:
+    """[data][ping][data][fragment start][fragment end][data] in one read, then
+    split at every byte: always the same messages, in order, and one pong."""
+    stream = (
+        raw_client_frame(0x2, b"one")
+        + raw_client_frame(0x9, b"ping")
+        + raw_client_frame(0x1, "twö".encode())
+        + raw_client_frame(0x2, b"thr", fin=False)
+        + raw_client_frame(0x0, b"ee")
+        + raw_client_frame(0x2, b"x" * 70_000)
+    )
+    expected = [b"one", "twö".encode(), b"three", b"x" * 70_000]
+    for cut in [len(stream), *range(0, 60), *range(len(stream) - 20, len(stream))]:
+        server, client = handshake()
+        up = b"".join(server.receive_data(part) for part in (stream[:cut], stream[cut:]) if part)
+        assert FrameDecoder().feed(up) == expected, cut
+        pongs = [f for f in to_client(server, client) if f.opcode is Opcode.PONG]
+        assert [p.data for p in pongs] == [b"ping"], cut
+
+
+def test_server_frames_built_by_hand_parse_as_websockets_frames() -> None:
+    server, client = handshake()
+    sizes = [0, 1, 125, 126, 65535, 65536, 200_000]
+    server.send(b"".join(encode(bytes([i % 251]) * n) for i, n in enumerate(sizes)))
+    frames = to_client(server, client)
+    assert [len(f.data) for f in frames] == sizes
+    assert all(f.opcode is Opcode.BINARY and f.fin for f in frames)

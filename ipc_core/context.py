@@ -42,6 +42,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,9 +67,11 @@ log = logging.getLogger("ipc_core")
 
 LISTENER, PEER, EXTERNAL, SWITCHED, INTERNAL = range(5)
 
+_unpack_header = struct.Struct(">I").unpack_from
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _EPOLLERRS = select.EPOLLERR | select.EPOLLHUP
+_READABLE = _EPOLLIN | _EPOLLERRS
 _READ_BUFFER = 256 * 1024
 _SMALL_FRAME = 64 * 1024  # below this, header + payload are joined and sent with send()
 _IOV_BATCH = 64
@@ -165,6 +168,7 @@ class _Conn:
         "owned",
         "partner",
         "paused",
+        "plain",
         "scanner",
         "service",
         "sock",
@@ -184,6 +188,7 @@ class _Conn:
         self.decoder: FrameDecoder | None = None
         self.scanner: FrameScanner | None = None
         self.partner: _Conn | None = None
+        self.plain = False  # switched, and both ends carry the LibIPC stream as is
         self.layer: Layer | None = None
         self.in_cb: InCallback | None = None
         self.out_cb: OutCallback | None = None
@@ -333,6 +338,7 @@ class Context:
         if a is b:
             raise UsageError("cannot switch a descriptor with itself")
         a.partner, b.partner = b, a
+        a.plain = b.plain = True
         for end in (a, b):
             end.kind = SWITCHED
             if end.stats is _NO_STATS:
@@ -354,6 +360,7 @@ class Context:
         """
         conn = self._switched(fd)
         conn.in_cb, conn.out_cb = in_cb, out_cb
+        self._no_longer_plain(conn)
         if out_cb is not None and conn.partner is not None and conn.partner.decoder is None:
             conn.partner.decoder = FrameDecoder(self.max_message_size)
 
@@ -366,12 +373,19 @@ class Context:
         """
         conn = self._switched(fd)
         conn.layer = layer
+        self._no_longer_plain(conn)
         self.flush_switch(fd)
 
     def set_tag(self, fd: int, tag: str) -> None:
         """Count bytes/messages read from switched end ``fd`` under
         ``ctx.stats[tag]`` (e.g. "network" vs "local" in a daemon)."""
         self._get(fd).stats = self.stats.setdefault(tag, [0, 0])
+
+    @staticmethod
+    def _no_longer_plain(conn: _Conn) -> None:
+        conn.plain = False
+        if conn.partner is not None:
+            conn.partner.plain = False
 
     def feed_switch(self, fd: int, data: bytes) -> None:
         """Forward LibIPC stream bytes as if they had come from switched end
@@ -598,6 +612,8 @@ class Context:
 
     def _dispatch(self, ready: list[tuple[int, int]]) -> None:
         conns = self._conns
+        read_peer = self._read_peer  # bound once per batch, not once per descriptor
+        read_switched = self._read_switched
         for fd, mask in ready:
             conn = conns.get(fd)
             if conn is None:
@@ -610,12 +626,12 @@ class Context:
                 self._flush(conn)
                 if conn.fd not in conns:
                     continue
-            if mask & (_EPOLLIN | _EPOLLERRS):
+            if mask & _READABLE:
                 kind = conn.kind
-                if kind == PEER:
-                    self._read_peer(conn)
-                elif kind == SWITCHED:
-                    self._read_switched(conn)
+                if kind == SWITCHED:
+                    read_switched(conn)
+                elif kind == PEER:
+                    read_peer(conn)
                 elif kind == LISTENER:
                     self._accept(conn)
                 elif kind == EXTERNAL:
@@ -694,17 +710,26 @@ class Context:
             return
         partner: _Conn = conn.partner  # type: ignore[assignment]
         data = self._view[:n]
-        if conn.layer is not None or partner.layer is not None or partner.out_cb is not None:
+        if not conn.plain:
             self._relay_data(conn, data)
             return
         # The hot path of a relay, inlined: LibIPC stream on both ends. Check
         # frame boundaries, then send straight from the read buffer; only what
         # the partner's socket does not take is copied into its queue.
-        try:
-            frames = conn.scanner.scan(data)  # type: ignore[union-attr]
-        except MessageTooLarge:
-            self._relay_data(conn, data)  # the slow path logs, forwards the good part, closes
-            return
+        scanner: FrameScanner = conn.scanner  # type: ignore[assignment]
+        if (
+            scanner.idle
+            and n >= 4
+            and (length := _unpack_header(self._buf)[0]) + 4 == n
+            and length <= scanner.max_message_size
+        ):
+            frames = 1  # exactly one whole frame: FrameScanner.scan's fast path, inlined
+        else:
+            try:
+                frames = scanner.scan(data)
+            except MessageTooLarge:
+                self._relay_data(conn, data)  # the slow path logs, forwards the good part
+                return
         stats = conn.stats
         stats[0] += n
         stats[1] += frames

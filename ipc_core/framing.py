@@ -118,26 +118,35 @@ class FrameScanner:
     completed (useful for counters).
     """
 
-    __slots__ = ("_body_left", "_head", "max_message_size")
+    __slots__ = ("_body_left", "_head", "idle", "max_message_size")
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         self.max_message_size = check_limit(max_message_size)
         self._body_left = 0  # bytes of the current body still to come
         self._head = b""  # partial header bytes (0..3)
+        #: True when the bytes seen so far end exactly at a frame boundary (a
+        #: relay may then check a chunk that is exactly one frame inline).
+        self.idle = True
 
     @property
     def at_boundary(self) -> bool:
         """True when the bytes seen so far end exactly at a frame boundary."""
-        return self._body_left == 0 and not self._head
+        return self.idle
 
     def scan(self, chunk: bytes | bytearray | memoryview) -> int:
         end = len(chunk)
-        limit = self.max_message_size
-        if not self._body_left and not self._head and end >= HEADER_SIZE:
+        if self.idle and end >= HEADER_SIZE:
             # The common case of request/response traffic: exactly one frame.
             (length,) = _unpack_from(chunk)
-            if length + HEADER_SIZE == end and length <= limit:
+            if length + HEADER_SIZE == end and length <= self.max_message_size:
                 return 1
+        try:
+            return self._scan(chunk, end)
+        finally:
+            self.idle = not self._body_left and not self._head
+
+    def _scan(self, chunk: bytes | bytearray | memoryview, end: int) -> int:
+        limit = self.max_message_size
         pos = 0
         frames = 0
         if self._body_left:

@@ -127,16 +127,20 @@ def make_ca(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
     return ca, key
@@ -180,9 +184,15 @@ def make_cert(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -360,9 +370,7 @@ def _matches(ident: CertIdentity, pattern: str) -> bool:
     kind = kind.upper() if sep else ""
     if kind == "DNS":
         want = value.rstrip(".").lower()
-        return any(
-            s.startswith("DNS:") and s[4:].rstrip(".").lower() == want for s in ident.sans
-        )
+        return any(s.startswith("DNS:") and s[4:].rstrip(".").lower() == want for s in ident.sans)
     if kind == "IP":
         try:
             want_ip = ipaddress.ip_address(value)
@@ -430,19 +438,28 @@ def describe(source: CertSource) -> str:
 # --------------------------------------------------------------------------
 
 _out_option = click.option(
-    "--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-    show_default=True, help="Directory to write into (created 0700 if missing).",
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Directory to write into (created 0700 if missing).",
 )
 _force_option = click.option("--force", is_flag=True, help="Overwrite existing files.")
 _ca_dir_option = click.option(
-    "--ca-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True,
+    "--ca-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    required=True,
     help="Directory holding ca.pem and ca.key (from `cert ca`).",
 )
 
 
 def _days_option(default: int) -> Callable[[F], F]:
     return click.option(
-        "--days", type=int, default=default, show_default=True,
+        "--days",
+        type=int,
+        default=default,
+        show_default=True,
         help="Validity in days (negative: already expired, for tests).",
     )
 

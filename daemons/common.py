@@ -474,9 +474,7 @@ class ServiceAccess:
             if fnmatch.fnmatchcase(name, pattern):
                 return f"service {name!r} is denied (--deny {pattern})"
         if name in self.protected or any(fnmatch.fnmatchcase(name, p) for p in self.protected):
-            if any(
-                not _is_catch_all(p) and fnmatch.fnmatchcase(name, p) for p in self.allow
-            ):
+            if any(not _is_catch_all(p) and fnmatch.fnmatchcase(name, p) for p in self.allow):
                 return None
             return f"service {name!r} is protected; allow it explicitly (--allow {name})"
         if self.allow and not any(fnmatch.fnmatchcase(name, p) for p in self.allow):
@@ -698,49 +696,77 @@ def common_options(func: F) -> F:
 
     options = [
         click.option(
-            "--listen", "-l", type=LISTEN, multiple=True,
+            "--listen",
+            "-l",
+            type=LISTEN,
+            multiple=True,
             help="Address to listen on: :PORT (all interfaces, IPv4 and IPv6), "
             "HOST:PORT, [IPv6]:PORT or unix:PATH. Repeatable. "
             "Falls back to $ADDRESS, then the daemon's default.",
         ),
         click.option(
-            "--allow", multiple=True, metavar="GLOB",
+            "--allow",
+            multiple=True,
+            metavar="GLOB",
             help="Local services remote peers may reach (default: all but protected ones).",
         ),
         click.option(
-            "--deny", multiple=True, metavar="GLOB",
+            "--deny",
+            multiple=True,
+            metavar="GLOB",
             help="Local services remote peers may never reach (wins over --allow).",
         ),
         click.option(
-            "--rundir", envvar="RUNDIR", default=None, metavar="DIR",
+            "--rundir",
+            envvar="RUNDIR",
+            default=None,
+            metavar="DIR",
             help="LibIPC run directory [env RUNDIR; default /tmp/.libipc-run].",
         ),
         click.option(
-            "--log-format", type=click.Choice(LOG_FORMATS), default="auto", show_default=True,
+            "--log-format",
+            type=click.Choice(LOG_FORMATS),
+            default="auto",
+            show_default=True,
             help="auto: human, without timestamps under systemd; json: one object per line.",
         ),
         click.option("-v", "--verbose", count=True, help="More logs (debug)."),
         click.option("-q", "--quiet", count=True, help="Fewer logs (-q warnings, -qq errors)."),
         click.option(
-            "--handshake-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
-            show_default=True, metavar="SECONDS",
+            "--handshake-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=5.0,
+            show_default=True,
+            metavar="SECONDS",
             help="Close peers that have not finished their handshake by then.",
         ),
         click.option(
-            "--max-connections", type=click.IntRange(min=1), default=10000, show_default=True,
+            "--max-connections",
+            type=click.IntRange(min=1),
+            default=10000,
+            show_default=True,
             help="Refuse new connections beyond this many.",
         ),
         click.option(
-            "--max-message-size", type=click.IntRange(min=0, max=0xFFFFFFFF),
-            default=DEFAULT_MAX_MESSAGE_SIZE, show_default=True, metavar="BYTES",
+            "--max-message-size",
+            type=click.IntRange(min=0, max=0xFFFFFFFF),
+            default=DEFAULT_MAX_MESSAGE_SIZE,
+            show_default=True,
+            metavar="BYTES",
             help="Disconnect peers announcing a longer message.",
         ),
         click.option(
-            "--metrics", type=LISTEN, default=None, metavar="ADDRESS",
+            "--metrics",
+            type=LISTEN,
+            default=None,
+            metavar="ADDRESS",
             help="Serve Prometheus /metrics and /healthz on this address.",
         ),
         click.option(
-            "--peer-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+            "--peer-timeout",
+            type=click.FloatRange(min=1),
+            default=30.0,
+            show_default=True,
             metavar="SECONDS",
             help="Close a TCP peer whose data stays unacknowledged this long, or that "
             "stops answering keepalive probes (a dead link, a vanished host).",

@@ -190,8 +190,12 @@ class Router:
             self.lookups.inc(result="error")
         else:
             self.lookups.inc(result="ok")
-            log.info("ipcd: %r -> %s (%.1f ms)", lookup.service, lookup.target,
-                     (time.monotonic() - lookup.started) * 1000)
+            log.info(
+                "ipcd: %r -> %s (%.1f ms)",
+                lookup.service,
+                lookup.target,
+                (time.monotonic() - lookup.started) * 1000,
+            )
         finally:
             sock.close()
             self.ctx.close(lookup.client_fd)
@@ -202,8 +206,9 @@ class Router:
         self._forget(lookup)
         if lookup.daemon_fd >= 0:
             self.ctx.close(lookup.daemon_fd)
-        self._answer_error(lookup.client_fd, f"{lookup.service!r} -> {lookup.target}: {reason}",
-                           "unreachable")
+        self._answer_error(
+            lookup.client_fd, f"{lookup.service!r} -> {lookup.target}: {reason}", "unreachable"
+        )
 
     def _forget(self, lookup: _Lookup) -> None:
         self._by_client.pop(lookup.client_fd, None)
@@ -220,19 +225,35 @@ class Router:
             self.ctx.close(client_fd, flush=True)
 
 
-@click.command(context_settings={"auto_envvar_prefix": "IPCD",
-                                 "help_option_names": ["-h", "--help"]})
-@click.option("--rundir", envvar="RUNDIR", default=None, metavar="DIR",
-              help="LibIPC run directory [env RUNDIR; default /tmp/.libipc-run].")
-@click.option("--service-name", default=ROUTER_SERVICE, show_default=True,
-              help="The router's service name (clients look for 'ipc').")
-@click.option("--timeout", type=float, default=10.0, show_default=True,
-              help="Seconds a look-up may take before the client gets an error.")
+@click.command(
+    context_settings={"auto_envvar_prefix": "IPCD", "help_option_names": ["-h", "--help"]}
+)
+@click.option(
+    "--rundir",
+    envvar="RUNDIR",
+    default=None,
+    metavar="DIR",
+    help="LibIPC run directory [env RUNDIR; default /tmp/.libipc-run].",
+)
+@click.option(
+    "--service-name",
+    default=ROUTER_SERVICE,
+    show_default=True,
+    help="The router's service name (clients look for 'ipc').",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds a look-up may take before the client gets an error.",
+)
 @click.option("--log-format", type=click.Choice(["auto", "human", "json"]), default="auto")
 @click.option("-v", "--verbose", count=True)
 @click.option("-q", "--quiet", count=True)
-def main(rundir: str | None, service_name: str, timeout: float, log_format: str,
-         verbose: int, quiet: int) -> None:
+def main(
+    rundir: str | None, service_name: str, timeout: float, log_format: str, verbose: int, quiet: int
+) -> None:
     """The LibIPC router: hands clients connections to local or remote services."""
     setup_logging(verbose - quiet, log_format)
     try:

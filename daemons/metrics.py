@@ -244,8 +244,14 @@ class HttpResponder:
         """
         start, stop = max(0, self._scanned - 3), min(len(self._buf), self.max_request)
         self._scanned = stop
-        ends = [i for i in (self._buf.find(b"\r\n\r\n", start, stop),
-                            self._buf.find(b"\n\n", start, stop)) if i >= 0]
+        ends = [
+            i
+            for i in (
+                self._buf.find(b"\r\n\r\n", start, stop),
+                self._buf.find(b"\n\n", start, stop),
+            )
+            if i >= 0
+        ]
         return bytes(self._buf[: min(ends)]) if ends else None
 
     def _route(self, head: bytes) -> bytes:

@@ -160,8 +160,11 @@ class Outbound:
         err = sock.connect_ex(sockaddr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
-            self._fail(attempt, f"connect to {attempt.uri.host}:{attempt.uri.port}: "
-                                f"{errno.errorcode.get(err, err)}")
+            self._fail(
+                attempt,
+                f"connect to {attempt.uri.host}:{attempt.uri.port}: "
+                f"{errno.errorcode.get(err, err)}",
+            )
             return
         attempt.remote_fd = self.ctx.add_external(sock)
         self._by_remote[attempt.remote_fd] = attempt
@@ -194,8 +197,11 @@ class Outbound:
         layer, early = attempt.connector.result()
         self._forget(attempt)
         ctx = self.ctx
-        if attempt.client_fd not in ctx or not ctx.write(attempt.client_fd, b"ok") \
-                or attempt.remote_fd not in ctx:
+        if (
+            attempt.client_fd not in ctx
+            or not ctx.write(attempt.client_fd, b"ok")
+            or attempt.remote_fd not in ctx
+        ):
             # One side vanished at the last moment: close the other, nothing to switch.
             for fd in (attempt.client_fd, attempt.remote_fd):
                 ctx.close(fd)
@@ -208,8 +214,12 @@ class Outbound:
         if early:
             ctx.feed_switch(attempt.remote_fd, early)
         self.outbound_total.inc(result="ok")
-        log.info("%s: connected to %s (%.1f ms)", self.daemon.name, attempt.uri,
-                 (time.monotonic() - attempt.started) * 1000)
+        log.info(
+            "%s: connected to %s (%.1f ms)",
+            self.daemon.name,
+            attempt.uri,
+            (time.monotonic() - attempt.started) * 1000,
+        )
 
     # ------------------------------------------------------------- failure
 

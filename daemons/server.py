@@ -244,8 +244,12 @@ class Daemon:
 
     def _contain(self, event: Event) -> None:
         """Log an unexpected exception and close the descriptor it came from."""
-        log.exception("%s: internal error while handling %s on fd %d; closing it",
-                      self.name, event.type.name, event.fd)
+        log.exception(
+            "%s: internal error while handling %s on fd %d; closing it",
+            self.name,
+            event.type.name,
+            event.fd,
+        )
         self.metrics.errors.inc(kind="internal")
         pending = self._pending.pop(event.fd, None)
         if pending is not None:
@@ -328,8 +332,12 @@ class Daemon:
                 return
             peer = _peer_name(addr)
             if len(self._network_fds) >= self.max_connections:
-                log.warning("%s: refusing %s: %d connections open (--max-connections)",
-                            self.name, peer, len(self._network_fds))
+                log.warning(
+                    "%s: refusing %s: %d connections open (--max-connections)",
+                    self.name,
+                    peer,
+                    len(self._network_fds),
+                )
                 self.metrics.handshake_failures.inc(reason="too many connections")
                 sock.close()
                 continue
@@ -360,8 +368,11 @@ class Daemon:
         if now - self._accept_error_logged < 10:
             self._accept_errors_quiet += 1
             return
-        more = f" ({self._accept_errors_quiet} more since the last report)" \
-            if self._accept_errors_quiet else ""
+        more = (
+            f" ({self._accept_errors_quiet} more since the last report)"
+            if self._accept_errors_quiet
+            else ""
+        )
         log.error("%s: accept failed: %s%s", self.name, exc.strerror or exc, more)
         self._accept_error_logged = now
         self._accept_errors_quiet = 0
@@ -437,8 +448,9 @@ class Daemon:
         try:
             local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:  # EMFILE/ENFILE: refuse this peer, keep serving
-            self._reject(p, "service unavailable", f"service {service!r}: {exc.strerror or exc}",
-                         UNAVAILABLE)
+            self._reject(
+                p, "service unavailable", f"service {service!r}: {exc.strerror or exc}", UNAVAILABLE
+            )
             return
         local.setblocking(False)
         try:
@@ -478,8 +490,13 @@ class Daemon:
         if early:
             ctx.feed_switch(p.fd, early)
         self.metrics.switched_total.inc()
-        log.info("%s: %s -> %r (%.1f ms)", self.name, _peer(p), service,
-                 (time.monotonic() - p.started) * 1000)
+        log.info(
+            "%s: %s -> %r (%.1f ms)",
+            self.name,
+            _peer(p),
+            service,
+            (time.monotonic() - p.started) * 1000,
+        )
         if self.on_switched is not None:
             try:
                 self.on_switched(p.fd, p.handshake, layer)
@@ -515,8 +532,9 @@ class Daemon:
     def _timeout(self, p: _Pending) -> None:
         if self._pending.get(p.fd) is p:
             p.deadline = None
-            self._reject(p, "timeout", f"handshake not finished after {self.handshake_timeout} s",
-                         408)
+            self._reject(
+                p, "timeout", f"handshake not finished after {self.handshake_timeout} s", 408
+            )
 
     def _cancel(self, p: _Pending) -> None:
         for handle in (p.deadline, p.settle):
@@ -599,8 +617,11 @@ def raise_fd_limit(wanted: int) -> int:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-file limit to %d: %s", target, exc)
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        log.info("open-file limit %d allows about %d connections (--max-connections "
-                    "asks for more)", soft, (soft - 64) // 2)
+        log.info(
+            "open-file limit %d allows about %d connections (--max-connections asks for more)",
+            soft,
+            (soft - 64) // 2,
+        )
     return soft
 
 

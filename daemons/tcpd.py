@@ -71,14 +71,24 @@ def start_daemon(
     return daemon, outbound
 
 
-@click.command(context_settings={"auto_envvar_prefix": "IPC_TCPD",
-                                 "help_option_names": ["-h", "--help"]})
+@click.command(
+    context_settings={"auto_envvar_prefix": "IPC_TCPD", "help_option_names": ["-h", "--help"]}
+)
 @common_options
-@click.option("--service-name", envvar=["IPC_TCPD_SERVICE_NAME", "IPC_SERVICE_NAME"],
-              default="tcp", show_default=True,
-              help="Local service name of the outbound side [env IPC_SERVICE_NAME].")
-@click.option("--connect-timeout", type=float, default=5.0, show_default=True,
-              help="Seconds for an outbound connect and handshake.")
+@click.option(
+    "--service-name",
+    envvar=["IPC_TCPD_SERVICE_NAME", "IPC_SERVICE_NAME"],
+    default="tcp",
+    show_default=True,
+    help="Local service name of the outbound side [env IPC_SERVICE_NAME].",
+)
+@click.option(
+    "--connect-timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds for an outbound connect and handshake.",
+)
 def main(common: CommonOptions, service_name: str, connect_timeout: float) -> None:
     """Put local LibIPC services on TCP, and reach remote ones (TCPd)."""
     try:

@@ -64,14 +64,19 @@ class TLSFiles:
         if self.cert is None:
             return None
         _check_readable(self.cert, self.key, self.client_ca)
-        return server_context(self.cert, self.key, client_ca=self.client_ca,
-                              require_client_cert=self.client_ca is not None)
+        return server_context(
+            self.cert,
+            self.key,
+            client_ca=self.client_ca,
+            require_client_cert=self.client_ca is not None,
+        )
 
     def client_context(self) -> ssl.SSLContext:
         """The outbound context: verify (system store or --ca), maybe a client cert."""
         _check_readable(self.ca, self.client_cert, self.client_key)
-        return client_context(ca=self.ca, insecure=self.insecure,
-                              cert=self.client_cert, key=self.client_key)
+        return client_context(
+            ca=self.ca, insecure=self.insecure, cert=self.client_cert, key=self.client_key
+        )
 
 
 class Contexts:
@@ -86,12 +91,14 @@ class Contexts:
         try:
             server, client = self.files.server_context(), self.files.client_context()
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.error("%s: reload failed, keeping the previous certificates: %s", NAME,
-                      _file_error(exc))
+            log.error(
+                "%s: reload failed, keeping the previous certificates: %s", NAME, _file_error(exc)
+            )
             return False
         self.server, self.client = server, client
-        log.info("%s: reloaded certificates for new connections%s", NAME,
-                 _cert_summary(self.files.cert))
+        log.info(
+            "%s: reloaded certificates for new connections%s", NAME, _cert_summary(self.files.cert)
+        )
         return True
 
 
@@ -122,8 +129,10 @@ def _cert_summary(path: Path | None) -> str:
     except (OSError, ValueError):
         return ""
     expired = " EXPIRED" if certs.is_expired(cert) else ""
-    return (f" (server certificate {describe_identity(ident)}, valid until "
-            f"{cert.not_valid_after_utc:%Y-%m-%d}{expired})")
+    return (
+        f" (server certificate {describe_identity(ident)}, valid until "
+        f"{cert.not_valid_after_utc:%Y-%m-%d}{expired})"
+    )
 
 
 def _handshake_factory(
@@ -134,15 +143,20 @@ def _handshake_factory(
     def make(peer: str) -> Handshake:
         if contexts.server is None:  # socket-activated with --no-listen
             raise ValueError("no --cert/--key to serve TLS with")
-        hs = TLSHandshake(contexts.server, TcpdHandshake(exists), allow_client=allow_client,
-                          on_identity=lambda ident: _log_identity(peer, hs, ident, mtls))
+        hs = TLSHandshake(
+            contexts.server,
+            TcpdHandshake(exists),
+            allow_client=allow_client,
+            on_identity=lambda ident: _log_identity(peer, hs, ident, mtls),
+        )
         return hs
 
     return make
 
 
-def _log_identity(peer: str, hs: TLSHandshake, ident: certs.CertIdentity | None,
-                  mtls: bool) -> None:
+def _log_identity(
+    peer: str, hs: TLSHandshake, ident: certs.CertIdentity | None, mtls: bool
+) -> None:
     version = hs.tls.version or "TLS"
     if mtls:
         log.info("%s: %s: %s client %s", NAME, peer, version, describe_identity(ident))
@@ -153,8 +167,12 @@ def _log_identity(peer: str, hs: TLSHandshake, ident: certs.CertIdentity | None,
 def _connector_factory(contexts: Contexts, insecure: bool) -> Callable[[Uri], Connector]:
     def make(uri: Uri) -> Connector:
         if insecure:
-            log.warning("%s: NOT verifying the certificate of %s:%d (--insecure-skip-verify)",
-                        NAME, uri.host, uri.port)
+            log.warning(
+                "%s: NOT verifying the certificate of %s:%d (--insecure-skip-verify)",
+                NAME,
+                uri.host,
+                uri.port,
+            )
         return TLSConnector(contexts.client, uri.host, TcpdClient(uri.service))
 
     return make
@@ -165,11 +183,15 @@ def _check_flags(files: TLSFiles, listen: bool, allow_client: Sequence[str]) -> 
     if listen and (files.cert is None or files.key is None):
         raise click.UsageError("--cert and --key are required to listen (or use --no-listen)")
     if not listen and (files.cert or files.key or files.client_ca or allow_client):
-        raise click.UsageError("--cert, --key, --client-ca and --allow-client are for "
-                               "listening; they make no sense with --no-listen")
+        raise click.UsageError(
+            "--cert, --key, --client-ca and --allow-client are for "
+            "listening; they make no sense with --no-listen"
+        )
     if allow_client and files.client_ca is None:
-        raise click.UsageError("--allow-client needs --client-ca (client certificates "
-                               "are only asked for with mutual TLS)")
+        raise click.UsageError(
+            "--allow-client needs --client-ca (client certificates "
+            "are only asked for with mutual TLS)"
+        )
     for pattern in allow_client:
         reason = certs.allow_pattern_error(pattern)
         if reason:
@@ -183,34 +205,84 @@ def _check_flags(files: TLSFiles, listen: bool, allow_client: Sequence[str]) -> 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
 
-@click.command(context_settings={"auto_envvar_prefix": "IPC_TLSD",
-                                 "help_option_names": ["-h", "--help"]})
+@click.command(
+    context_settings={"auto_envvar_prefix": "IPC_TLSD", "help_option_names": ["-h", "--help"]}
+)
 @common_options
-@click.option("--service-name", envvar=["IPC_TLSD_SERVICE_NAME", "IPC_SERVICE_NAME"],
-              default="tls", show_default=True,
-              help="Local service name of the outbound side [env IPC_SERVICE_NAME].")
-@click.option("--cert", type=_FILE, default=None, metavar="FILE",
-              help="Server certificate (PEM, chain allowed); required to listen.")
-@click.option("--key", type=_FILE, default=None, metavar="FILE",
-              help="Private key of --cert (PEM); required to listen.")
-@click.option("--client-ca", type=_FILE, default=None, metavar="FILE",
-              help="Mutual TLS: require client certificates signed by these CAs.")
-@click.option("--allow-client", multiple=True, metavar="PATTERN",
-              help="Only these client certificates (CN, CN:name, DNS:name, IP:addr or a "
-                   "SHA-256 fingerprint). Repeatable; needs --client-ca.")
-@click.option("--no-listen", is_flag=True,
-              help="Outbound only: accept no network peers (no --cert/--key needed).")
-@click.option("--ca", type=_FILE, default=None, metavar="FILE",
-              help="Outbound: trust these CAs instead of the system store.")
-@click.option("--insecure-skip-verify", is_flag=True,
-              help="Outbound: do NOT verify servers (anyone can impersonate them). Tests only.")
-@click.option("--client-cert", type=_FILE, default=None, metavar="FILE",
-              help="Outbound: present this client certificate (mutual TLS).")
-@click.option("--client-key", type=_FILE, default=None, metavar="FILE",
-              help="Outbound: private key of --client-cert.")
-@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
-              show_default=True, metavar="SECONDS",
-              help="Seconds for an outbound connect, TLS and TCPd handshake.")
+@click.option(
+    "--service-name",
+    envvar=["IPC_TLSD_SERVICE_NAME", "IPC_SERVICE_NAME"],
+    default="tls",
+    show_default=True,
+    help="Local service name of the outbound side [env IPC_SERVICE_NAME].",
+)
+@click.option(
+    "--cert",
+    type=_FILE,
+    default=None,
+    metavar="FILE",
+    help="Server certificate (PEM, chain allowed); required to listen.",
+)
+@click.option(
+    "--key",
+    type=_FILE,
+    default=None,
+    metavar="FILE",
+    help="Private key of --cert (PEM); required to listen.",
+)
+@click.option(
+    "--client-ca",
+    type=_FILE,
+    default=None,
+    metavar="FILE",
+    help="Mutual TLS: require client certificates signed by these CAs.",
+)
+@click.option(
+    "--allow-client",
+    multiple=True,
+    metavar="PATTERN",
+    help="Only these client certificates (CN, CN:name, DNS:name, IP:addr or a "
+    "SHA-256 fingerprint). Repeatable; needs --client-ca.",
+)
+@click.option(
+    "--no-listen",
+    is_flag=True,
+    help="Outbound only: accept no network peers (no --cert/--key needed).",
+)
+@click.option(
+    "--ca",
+    type=_FILE,
+    default=None,
+    metavar="FILE",
+    help="Outbound: trust these CAs instead of the system store.",
+)
+@click.option(
+    "--insecure-skip-verify",
+    is_flag=True,
+    help="Outbound: do NOT verify servers (anyone can impersonate them). Tests only.",
+)
+@click.option(
+    "--client-cert",
+    type=_FILE,
+    default=None,
+    metavar="FILE",
+    help="Outbound: present this client certificate (mutual TLS).",
+)
+@click.option(
+    "--client-key",
+    type=_FILE,
+    default=None,
+    metavar="FILE",
+    help="Outbound: private key of --client-cert.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds for an outbound connect, TLS and TCPd handshake.",
+)
 def main(
     common: CommonOptions,
     service_name: str,
@@ -249,11 +321,18 @@ def main(
         click.echo(f"{NAME}: {exc}", err=True)
         sys.exit(1)
     if cert is not None:
-        log.info("%s: serving TLS%s%s", NAME, _cert_summary(cert),
-                 ", client certificates required" if mtls else "")
+        log.info(
+            "%s: serving TLS%s%s",
+            NAME,
+            _cert_summary(cert),
+            ", client certificates required" if mtls else "",
+        )
     if insecure_skip_verify:
-        log.warning("%s: --insecure-skip-verify: outbound servers are NOT verified; "
-                    "anyone on the path can read and change the traffic", NAME)
+        log.warning(
+            "%s: --insecure-skip-verify: outbound servers are NOT verified; "
+            "anyone on the path can read and change the traffic",
+            NAME,
+        )
     daemon.on_reload = contexts.reload
     try:
         daemon.run()

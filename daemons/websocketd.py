@@ -372,20 +372,35 @@ class WebSocketHandshake:
         elif found is not None:
             status = 200
             body, ctype = found
-            ws.respond(200, [("Content-Type", ctype), ("Cache-Control", "no-cache"),
-                             ("X-Content-Type-Options", "nosniff")], body)
+            ws.respond(
+                200,
+                [
+                    ("Content-Type", ctype),
+                    ("Cache-Control", "no-cache"),
+                    ("X-Content-Type-Options", "nosniff"),
+                ],
+                body,
+            )
         elif not service_name_error(name) and self._known(name):
             status = 426
-            ws.respond(426, [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"),
-                             _TEXT_PLAIN],
-                       f"{name} is a WebSocket endpoint: open it with new WebSocket(url).\n"
-                       .encode())
+            ws.respond(
+                426,
+                [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"), _TEXT_PLAIN],
+                f"{name} is a WebSocket endpoint: open it with new WebSocket(url).\n".encode(),
+            )
         else:
             status = 404
             ws.respond(404, [_TEXT_PLAIN], b"Not found.\n")
         level = logging.INFO if status == 426 else logging.DEBUG
-        log.log(level, "%s: %s: HTTP %s %s -> %d", NAME, self.peer, request.method,
-                request.path[:200], status)
+        log.log(
+            level,
+            "%s: %s: HTTP %s %s -> %d",
+            NAME,
+            self.peer,
+            request.method,
+            request.path[:200],
+            status,
+        )
 
 
 def service_known(rundir: Path, access: ServiceAccess) -> Callable[[str], bool]:
@@ -455,8 +470,9 @@ class Keepalive:
             elif conn.closing_since is not None:
                 continue
             elif not conn.layer.pong_received_since_last_ping():
-                log.warning("%s: %s: no pong within %g s; closing", NAME, conn.peer,
-                            self.ping_interval)
+                log.warning(
+                    "%s: %s: no pong within %g s; closing", NAME, conn.peer, self.ping_interval
+                )
                 conn.layer.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 self._flush(fd)
                 self._cut(fd)
@@ -508,8 +524,12 @@ class ServerCertificates:
         self.context = self._load()
 
     def _load(self) -> ssl.SSLContext:
-        return server_context(self.cert, self.key, client_ca=self.client_ca,
-                              require_client_cert=self.client_ca is not None)
+        return server_context(
+            self.cert,
+            self.key,
+            client_ca=self.client_ca,
+            require_client_cert=self.client_ca is not None,
+        )
 
     def reload(self) -> None:
         try:
@@ -520,8 +540,9 @@ class ServerCertificates:
         log.info("%s: reloaded the certificate for new connections", NAME)
 
 
-def _secure(handshake: WebSocketHandshake, context: ssl.SSLContext,
-            allow_client: Sequence[str], mtls: bool) -> Handshake:
+def _secure(
+    handshake: WebSocketHandshake, context: ssl.SSLContext, allow_client: Sequence[str], mtls: bool
+) -> Handshake:
     """TLS below the WebSocket handshake (tlswrap), keeping ``peer`` visible."""
     from .tlswrap import TLSHandshake, describe_identity
 
@@ -557,8 +578,14 @@ def build_daemon(
     """
     ctx = Context(rundir_path=common.rundir, max_message_size=common.max_message_size)
     access = common.access()
-    daemon = Daemon(NAME, ctx, access, handshake_timeout=common.handshake_timeout,
-                    max_connections=common.max_connections, peer_timeout=common.peer_timeout)
+    daemon = Daemon(
+        NAME,
+        ctx,
+        access,
+        handshake_timeout=common.handshake_timeout,
+        max_connections=common.max_connections,
+        peer_timeout=common.peer_timeout,
+    )
     known = service_known(ctx.rundir, access)
     mtls = tls is not None and tls.client_ca is not None
 
@@ -588,46 +615,95 @@ def build_daemon(
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
 
-@click.command(context_settings={"auto_envvar_prefix": "IPC_WEBSOCKETD",
-                                 "help_option_names": ["-h", "--help"]})
+@click.command(
+    context_settings={"auto_envvar_prefix": "IPC_WEBSOCKETD", "help_option_names": ["-h", "--help"]}
+)
 @common_options
-@click.option("--origin", "origins", multiple=True, metavar="ORIGIN",
-              envvar="IPC_WEBSOCKETD_ORIGIN",
-              help="Browser origins that may connect: https://app.example.com, "
-                   "https://*.example.com, null (file:// pages) or * (any). Repeatable. "
-                   "Default: same origin only (pages served by this daemon).")
-@click.option("--text/--binary", "text_replies", default=False, show_default=True,
-              envvar="IPC_WEBSOCKETD_TEXT",
-              help="Send replies as text messages (the service must send UTF-8; else "
-                   "close 1007) or binary messages. Client messages may be either.")
-@click.option("--static", "static_dir", default=None, metavar="DIR",
-              envvar="IPC_WEBSOCKETD_STATIC",
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Serve the files of DIR over plain HTTP on the same port "
-                   "(default: the bundled demo page).")
+@click.option(
+    "--origin",
+    "origins",
+    multiple=True,
+    metavar="ORIGIN",
+    envvar="IPC_WEBSOCKETD_ORIGIN",
+    help="Browser origins that may connect: https://app.example.com, "
+    "https://*.example.com, null (file:// pages) or * (any). Repeatable. "
+    "Default: same origin only (pages served by this daemon).",
+)
+@click.option(
+    "--text/--binary",
+    "text_replies",
+    default=False,
+    show_default=True,
+    envvar="IPC_WEBSOCKETD_TEXT",
+    help="Send replies as text messages (the service must send UTF-8; else "
+    "close 1007) or binary messages. Client messages may be either.",
+)
+@click.option(
+    "--static",
+    "static_dir",
+    default=None,
+    metavar="DIR",
+    envvar="IPC_WEBSOCKETD_STATIC",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Serve the files of DIR over plain HTTP on the same port "
+    "(default: the bundled demo page).",
+)
 @click.option("--no-static", is_flag=True, help="Serve no files at all (404).")
-@click.option("--ping-interval", type=click.FloatRange(min=0), default=20.0,
-              show_default=True, metavar="SECONDS",
-              help="Ping every connection this often; close one that did not answer the "
-                   "previous ping. 0 = off.")
-@click.option("--idle-timeout", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              metavar="SECONDS",
-              help="Close connections with no message either way for this long. 0 = off.")
-@click.option("--trust-proxy", is_flag=True,
-              help="Behind a reverse proxy: log the client address from X-Forwarded-For "
-                   "(and check same-origin against X-Forwarded-Host).")
-@click.option("--cert", type=_FILE, default=None, metavar="FILE",
-              help="Serve wss://: server certificate (PEM, chain allowed).")
-@click.option("--key", type=_FILE, default=None, metavar="FILE",
-              help="Private key of --cert (PEM).")
-@click.option("--client-ca", type=_FILE, default=None, metavar="FILE",
-              help="Mutual TLS: require client certificates signed by these CAs.")
-@click.option("--control-name", default="ws", show_default=True, metavar="NAME",
-              help="Counters are served on the local service NAME.ctl (ipc status NAME); "
-              "give each instance sharing a run directory its own.")
-@click.option("--allow-client", multiple=True, metavar="PATTERN",
-              help="Only these client certificates (CN, CN:name, DNS:name, IP:addr or a "
-                   "SHA-256 fingerprint). Repeatable; needs --client-ca.")
+@click.option(
+    "--ping-interval",
+    type=click.FloatRange(min=0),
+    default=20.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Ping every connection this often; close one that did not answer the "
+    "previous ping. 0 = off.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Close connections with no message either way for this long. 0 = off.",
+)
+@click.option(
+    "--trust-proxy",
+    is_flag=True,
+    help="Behind a reverse proxy: log the client address from X-Forwarded-For "
+    "(and check same-origin against X-Forwarded-Host).",
+)
+@click.option(
+    "--cert",
+    type=_FILE,
+    default=None,
+    metavar="FILE",
+    help="Serve wss://: server certificate (PEM, chain allowed).",
+)
+@click.option(
+    "--key", type=_FILE, default=None, metavar="FILE", help="Private key of --cert (PEM)."
+)
+@click.option(
+    "--client-ca",
+    type=_FILE,
+    default=None,
+    metavar="FILE",
+    help="Mutual TLS: require client certificates signed by these CAs.",
+)
+@click.option(
+    "--control-name",
+    default="ws",
+    show_default=True,
+    metavar="NAME",
+    help="Counters are served on the local service NAME.ctl (ipc status NAME); "
+    "give each instance sharing a run directory its own.",
+)
+@click.option(
+    "--allow-client",
+    multiple=True,
+    metavar="PATTERN",
+    help="Only these client certificates (CN, CN:name, DNS:name, IP:addr or a "
+    "SHA-256 fingerprint). Repeatable; needs --client-ca.",
+)
 def main(
     common: CommonOptions,
     origins: tuple[str, ...],
@@ -658,7 +734,9 @@ def main(
         if origin not in ("*", "null") and "://" not in origin:
             raise click.BadParameter(
                 f"{origin!r}: an origin is SCHEME://HOST[:PORT] (as in https://app.example.com),"
-                " null or *", param_hint="--origin")
+                " null or *",
+                param_hint="--origin",
+            )
     if static_dir is not None and no_static:
         raise click.UsageError("--static and --no-static contradict each other")
     setup_logging(common.verbosity, common.log_format)
@@ -673,16 +751,26 @@ def main(
             trust_proxy=trust_proxy,
             static=static,
         )
-        daemon = build_daemon(common, options, ping_interval=ping_interval,
-                              idle_timeout=idle_timeout, tls=tls, allow_client=allow_client,
-                              control_name=control_name)
+        daemon = build_daemon(
+            common,
+            options,
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+            tls=tls,
+            allow_client=allow_client,
+            control_name=control_name,
+        )
     except (IPCError, OSError, ssl.SSLError, ValueError) as exc:
         click.echo(f"{NAME}: {exc}", err=True)
         sys.exit(1)
-    log.info("%s: %s, replies as %s, origins: %s, static files: %s", NAME,
-             "wss (TLS)" if tls else "ws", "text" if text_replies else "binary",
-             ", ".join(origins) if origins else "same origin only",
-             static.root if static else "none")
+    log.info(
+        "%s: %s, replies as %s, origins: %s, static files: %s",
+        NAME,
+        "wss (TLS)" if tls else "ws",
+        "text" if text_replies else "binary",
+        ", ".join(origins) if origins else "same origin only",
+        static.root if static else "none",
+    )
     try:
         daemon.run()
     finally:

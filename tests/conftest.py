@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Processes
+from tests.helpers import Pki, Processes, make_pki
 
 
 @pytest.fixture
@@ -27,3 +27,9 @@ def procs() -> Iterator[Processes]:
     p = Processes()
     yield p
     p.stop_all()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA and a localhost server certificate, made once per test session."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,3 +171,23 @@ def start_listening_daemon(
     match = re.search(r"listening on (?:\[[^\]]+\]|[^:\s]+):(\d+)", line)
     assert match, line
     return proc, logs, int(match.group(1))
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A throwaway CA and a server certificate for localhost / 127.0.0.1."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_pki(directory: Path) -> Pki:
+    from daemons import certs
+
+    ca, ca_key = certs.make_ca("Test CA")
+    leaf, leaf_key = certs.make_cert(ca, ca_key, "localhost", ["localhost", "127.0.0.1"])
+    certs.write_cert(directory / "ca.pem", ca)
+    certs.write_cert(directory / "server.pem", leaf)
+    certs.write_key(directory / "server.key", leaf_key)
+    return Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")

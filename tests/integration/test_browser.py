@@ -68,11 +68,20 @@ def chromium() -> Iterator[DevTools]:
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         proc = subprocess.Popen(
             [
-                str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-proxy-server",
-                "--window-size=1000,760", f"--user-data-dir={profile}",
-                "--remote-debugging-port=0", "about:blank",
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-proxy-server",
+                "--window-size=1000,760",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-port=0",
+                "about:blank",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -103,8 +112,13 @@ def chromium() -> Iterator[DevTools]:
 
 def start_websocketd(procs: Processes, rundir: Path, log_path: Path) -> int:
     with log_path.open("wb") as log:
-        proc = procs.start(BIN / "ipc-websocketd", "--listen", "127.0.0.1:0",
-                           env={"RUNDIR": str(rundir)}, stderr=log)
+        proc = procs.start(
+            BIN / "ipc-websocketd",
+            "--listen",
+            "127.0.0.1:0",
+            env={"RUNDIR": str(rundir)},
+            stderr=log,
+        )
 
     def port() -> int | None:
         assert proc.poll() is None, log_path.read_text()
@@ -125,8 +139,9 @@ def test_demo_page_echoes_through_pongd(rundir: Path, procs: Processes, tmp_path
         # The page connects to "pong" by itself; wait for its status badge.
         # (Until the navigation commits, the expression runs on about:blank.)
         status = "document.getElementById('status')?.textContent || ''"
-        wait_for(lambda: page.evaluate(status).startswith("connected"), 15,
-                 what="the page to connect")
+        wait_for(
+            lambda: page.evaluate(status).startswith("connected"), 15, what="the page to connect"
+        )
         page.evaluate(f"""
             document.getElementById('message').value = {json.dumps(message)};
             document.getElementById('send').click();
@@ -135,7 +150,8 @@ def test_demo_page_echoes_through_pongd(rundir: Path, procs: Processes, tmp_path
         replies = wait_for(lambda: page.evaluate(received), 10, what="the echo in the page")
         assert replies == [message]
         sent = page.evaluate(
-            "[...document.querySelectorAll('#log li.tx .data')].map(e => e.textContent)")
+            "[...document.querySelectorAll('#log li.tx .data')].map(e => e.textContent)"
+        )
         assert sent == [message]
         assert page.evaluate("document.getElementById('message').value") == ""
         shot = page.call("Page.captureScreenshot", format="png")

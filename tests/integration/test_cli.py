@@ -11,8 +11,9 @@ from tests.helpers import BIN
 def run(*args, rundir, input=None, timeout=20):
     env = dict(os.environ, RUNDIR=str(rundir))
     env.pop("IPC_NETWORK", None)
-    return subprocess.run([BIN / "ipc", *args], env=env, input=input, capture_output=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [BIN / "ipc", *args], env=env, input=input, capture_output=True, timeout=timeout
+    )
 
 
 def test_send_and_cat(rundir, procs):

@@ -35,11 +35,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemons import certs
 from ipc_core import Context, EventType, PeerClosed, ServiceUnavailable, encode
 from tests.helpers import (
     BIN,
     LogReader,
+    Pki,
     Processes,
     connectable,
     recv_exact,
@@ -75,24 +75,6 @@ def fd_count(pid: int) -> int:
 
 
 # -- certificates ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("faults-pki")
-    ca, ca_key = certs.make_ca("Faults CA")
-    leaf, leaf_key = certs.make_cert(ca, ca_key, "localhost", ["localhost", "127.0.0.1"])
-    certs.write_cert(d / "ca.pem", ca)
-    certs.write_cert(d / "server.pem", leaf)
-    certs.write_key(d / "server.key", leaf_key)
-    return Pki(d / "ca.pem", d / "server.pem", d / "server.key")
 
 
 # -- network peers, one class per protocol --------------------------------------------------------

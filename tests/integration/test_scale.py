@@ -32,11 +32,10 @@ from pathlib import Path
 
 import pytest
 
-from daemons import certs
 from ipc_core import encode
 from ipc_core.framing import FrameDecoder
 from ipc_core.routing import connect
-from tests.helpers import BIN, ROOT, Processes, connectable, wait_for
+from tests.helpers import BIN, ROOT, Pki, Processes, connectable, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -99,24 +98,6 @@ def nofile_limit(n: int) -> Iterator[int]:
 
 
 # -- the stack ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("scale-pki")
-    ca, ca_key = certs.make_ca("Scale CA")
-    leaf, leaf_key = certs.make_cert(ca, ca_key, "localhost", ["localhost", "127.0.0.1"])
-    certs.write_cert(d / "ca.pem", ca)
-    certs.write_cert(d / "server.pem", leaf)
-    certs.write_key(d / "server.key", leaf_key)
-    return Pki(d / "ca.pem", d / "server.pem", d / "server.key")
 
 
 @pytest.fixture

@@ -38,7 +38,12 @@ def host_b(rundir, procs):
     """Host B: pongd and an ipc-tcpd listening on 127.0.0.1."""
     procs.pongd(rundir)
     proc, logs, port = start_listening_daemon(
-        procs, "ipc-tcpd", "--listen", "127.0.0.1:0", "--handshake-timeout", "1",
+        procs,
+        "ipc-tcpd",
+        "--listen",
+        "127.0.0.1:0",
+        "--handshake-timeout",
+        "1",
         env={"RUNDIR": str(rundir)},
     )
     return rundir, proc, logs, port
@@ -120,7 +125,12 @@ def test_denied_service(rundir, procs):
     procs.pongd(rundir)
     procs.pongd(rundir, "secret")
     _, logs, port = start_listening_daemon(
-        procs, "ipc-tcpd", "--listen", "127.0.0.1:0", "--deny", "sec*",
+        procs,
+        "ipc-tcpd",
+        "--listen",
+        "127.0.0.1:0",
+        "--deny",
+        "sec*",
         env={"RUNDIR": str(rundir)},
     )
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -149,7 +159,12 @@ def test_silent_peer_timed_out_while_others_served(host_b):
 def test_oversize_frame_closes_only_that_pair(rundir, procs):
     procs.pongd(rundir)
     _, logs, port = start_listening_daemon(
-        procs, "ipc-tcpd", "--listen", "127.0.0.1:0", "--max-message-size", "1000",
+        procs,
+        "ipc-tcpd",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-message-size",
+        "1000",
         env={"RUNDIR": str(rundir)},
     )
     good = tcp_client(port)
@@ -233,8 +248,10 @@ def two_hosts(host_b, procs, tmp_path):
     env = {"RUNDIR": str(rundir_a)}
     procs.start(BIN / "ipcd", env=env)
     procs.start(BIN / "ipc-tcpd", "--listen", "127.0.0.1:0", env=env)
-    wait_for(lambda: connectable(rundir_a / "ipc") and connectable(rundir_a / "tcp"),
-             what="host A daemons")
+    wait_for(
+        lambda: connectable(rundir_a / "ipc") and connectable(rundir_a / "tcp"),
+        what="host A daemons",
+    )
     yield rundir_a, rundir_b, port
     import shutil
 
@@ -258,8 +275,9 @@ def test_client_on_a_reaches_pong_on_b(two_hosts, monkeypatch):
 def test_ipc_send_cli_through_the_router(two_hosts):
     rundir_a, _, port = two_hosts
     env = dict(os.environ, RUNDIR=str(rundir_a), IPC_NETWORK=f"pong tcp://127.0.0.1:{port}/pong")
-    out = subprocess.run([BIN / "ipc", "send", "pong", "hi there"], env=env,
-                         capture_output=True, timeout=20)
+    out = subprocess.run(
+        [BIN / "ipc", "send", "pong", "hi there"], env=env, capture_output=True, timeout=20
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == b"hi there\n"
 

@@ -55,8 +55,7 @@ class PKI:
 
 
 def _ipc_cert(*args: str | Path) -> None:
-    out = subprocess.run([BIN / "ipc", "cert", *map(str, args)], capture_output=True,
-                         timeout=30)
+    out = subprocess.run([BIN / "ipc", "cert", *map(str, args)], capture_output=True, timeout=30)
     assert out.returncode == 0, out.stderr.decode()
 
 
@@ -77,8 +76,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 
 
 # -- small blocking clients ----------------------------------------------------
-
-
 
 
 def client_ctx(pki: PKI, cert: str | None = None, **kwargs: object) -> ssl.SSLContext:
@@ -140,10 +137,15 @@ def server_fingerprint(s: ssl.SSLSocket) -> str:
 # -- daemons -----------------------------------------------------------------
 
 
-def start_tlsd(procs, rundir: Path, *args: str | Path) -> tuple[subprocess.Popen[bytes],
-                                                                LogReader, int]:
+def start_tlsd(
+    procs, rundir: Path, *args: str | Path
+) -> tuple[subprocess.Popen[bytes], LogReader, int]:
     return start_listening_daemon(
-        procs, "ipc-tlsd", "--listen", "127.0.0.1:0", *map(str, args),
+        procs,
+        "ipc-tlsd",
+        "--listen",
+        "127.0.0.1:0",
+        *map(str, args),
         env={"RUNDIR": str(rundir)},
     )
 
@@ -153,8 +155,9 @@ def host_b(rundir: Path, procs, pki: PKI):
     """pongd and an ipc-tlsd serving localhost.pem (no client certificates)."""
     procs.pongd(rundir)
     cert, key = pki.pair("ca/localhost")
-    proc, logs, port = start_tlsd(procs, rundir, "--cert", cert, "--key", key,
-                                  "--handshake-timeout", "1")
+    proc, logs, port = start_tlsd(
+        procs, rundir, "--cert", cert, "--key", key, "--handshake-timeout", "1"
+    )
     return proc, logs, port
 
 
@@ -164,8 +167,20 @@ def mtls_b(rundir: Path, procs, pki: PKI):
     procs.pongd(rundir)
     cert, key = pki.pair("ca/localhost")
     bob = certs.fingerprint(pki.pair("ca/bob")[0])
-    return start_tlsd(procs, rundir, "--cert", cert, "--key", key, "--client-ca", pki.ca,
-                      "--allow-client", "alice", "--allow-client", bob)
+    return start_tlsd(
+        procs,
+        rundir,
+        "--cert",
+        cert,
+        "--key",
+        key,
+        "--client-ca",
+        pki.ca,
+        "--allow-client",
+        "alice",
+        "--allow-client",
+        bob,
+    )
 
 
 @pytest.fixture
@@ -179,8 +194,9 @@ def rundir_a(rundir: Path) -> Iterator[Path]:
 
 def start_outbound(procs, rundir_a: Path, *args: str | Path) -> LogReader:
     """Host A's ipc-tlsd: outbound only, the local service ``tls``."""
-    proc = procs.start(BIN / "ipc-tlsd", "--no-listen", *map(str, args),
-                       env={"RUNDIR": str(rundir_a)})
+    proc = procs.start(
+        BIN / "ipc-tlsd", "--no-listen", *map(str, args), env={"RUNDIR": str(rundir_a)}
+    )
     logs = LogReader(proc)
     logs.wait_for("outbound service 'tls' ready")
     wait_for(lambda: connectable(rundir_a / "tls"), what="tls service")
@@ -202,9 +218,21 @@ def ask_tls_service(rundir_a: Path, uri: str) -> tuple[Context, int, bytes]:
 def test_openssl_s_client_speaks_to_pongd(host_b, pki: PKI) -> None:
     _, logs, port = host_b
     proc = subprocess.Popen(
-        ["openssl", "s_client", "-quiet", "-verify_return_error", "-CAfile", str(pki.ca),
-         "-servername", "localhost", "-connect", f"127.0.0.1:{port}"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            "openssl",
+            "s_client",
+            "-quiet",
+            "-verify_return_error",
+            "-CAfile",
+            str(pki.ca),
+            "-servername",
+            "localhost",
+            "-connect",
+            f"127.0.0.1:{port}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         assert proc.stdin is not None and proc.stdout is not None
@@ -408,8 +436,9 @@ def test_two_hosts_through_ipcd(host_b, rundir_a: Path, procs, pki: PKI, monkeyp
             assert ctx.read(fd, timeout=10) == b"x" * i
     assert not (rundir_a / "pong").exists()  # it really went over the network
     env = dict(os.environ, RUNDIR=str(rundir_a), IPC_NETWORK=network)
-    out = subprocess.run([BIN / "ipc", "send", "pong", "hi over TLS"], env=env,
-                         capture_output=True, timeout=20)
+    out = subprocess.run(
+        [BIN / "ipc", "send", "pong", "hi over TLS"], env=env, capture_output=True, timeout=20
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == b"hi over TLS\n"
 
@@ -426,8 +455,9 @@ def test_outbound_refuses_a_server_that_does_not_match(
     rundir: Path, rundir_a: Path, procs, pki: PKI, server: str, ca: str, reason: str
 ) -> None:
     procs.pongd(rundir)
-    _, _, port = start_tlsd(procs, rundir, "--cert", pki.pair(server)[0],
-                            "--key", pki.pair(server)[1])
+    _, _, port = start_tlsd(
+        procs, rundir, "--cert", pki.pair(server)[0], "--key", pki.pair(server)[1]
+    )
     logs_a = start_outbound(procs, rundir_a, "--ca", pki.path(ca))
     ctx, _fd, answer = ask_tls_service(rundir_a, f"tls://127.0.0.1:{port}/pong")
     ctx.close_all()
@@ -440,8 +470,9 @@ def test_outbound_client_certificate(mtls_b, rundir_a: Path, procs, pki: PKI) ->
     _, logs_b, port = mtls_b
     uri = f"tls://127.0.0.1:{port}/pong"
     alice, alice_key = pki.pair("ca/alice")
-    start_outbound(procs, rundir_a, "--ca", pki.ca, "--client-cert", alice,
-                   "--client-key", alice_key)
+    start_outbound(
+        procs, rundir_a, "--ca", pki.ca, "--client-cert", alice, "--client-key", alice_key
+    )
     ctx, fd, answer = ask_tls_service(rundir_a, uri)
     with ctx:
         assert answer == b"ok"
@@ -484,8 +515,10 @@ def test_insecure_skip_verify_is_loud(rundir: Path, rundir_a: Path, procs, pki: 
         (["--cert", "x.pem"], "--cert and --key are required"),
         (["--no-listen", "--cert", "x.pem"], "make no sense with --no-listen"),
         (["--cert", "c", "--key", "k", "--allow-client", "alice"], "needs --client-ca"),
-        (["--cert", "c", "--key", "k", "--client-ca", "ca", "--allow-client", "SHA256:12"],
-         "bad SHA-256 fingerprint"),
+        (
+            ["--cert", "c", "--key", "k", "--client-ca", "ca", "--allow-client", "SHA256:12"],
+            "bad SHA-256 fingerprint",
+        ),
         (["--no-listen", "--ca", "ca", "--insecure-skip-verify"], "contradict"),
         (["--no-listen", "--client-cert", "c"], "go together"),
     ],
@@ -499,8 +532,9 @@ def test_bad_flags_are_refused_before_starting(args: list[str], message: str) ->
 def test_unreadable_files_are_reported(tmp_path: Path, pki: PKI) -> None:
     cert, _key = pki.pair("ca/localhost")
     _, wrong_key = pki.pair("ca/alice")
-    result = CliRunner().invoke(tlsd_main, ["--cert", str(cert), "--key",
-                                            str(tmp_path / "missing.key")])
+    result = CliRunner().invoke(
+        tlsd_main, ["--cert", str(cert), "--key", str(tmp_path / "missing.key")]
+    )
     assert result.exit_code == 1
     assert "missing.key" in result.output
     result = CliRunner().invoke(tlsd_main, ["--cert", str(cert), "--key", str(wrong_key)])

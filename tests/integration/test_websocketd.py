@@ -73,9 +73,16 @@ def websocketd(rundir: Path, procs: Processes, tmp_path: Path) -> Iterator[Calla
         count += 1
         log_path = tmp_path / f"websocketd-{count}.log"
         with log_path.open("wb") as log:
-            proc = procs.start(BIN / "ipc-websocketd", "--listen", "127.0.0.1:0",
-                               "--control-name", f"ws{count}", *args,
-                               env={"RUNDIR": str(rundir)}, stderr=log)
+            proc = procs.start(
+                BIN / "ipc-websocketd",
+                "--listen",
+                "127.0.0.1:0",
+                "--control-name",
+                f"ws{count}",
+                *args,
+                env={"RUNDIR": str(rundir)},
+                stderr=log,
+            )
 
         def port() -> int | None:
             match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())
@@ -266,13 +273,20 @@ def test_origin_policy(websocketd) -> None:
     # Default: same origin only (the demo page served by this daemon).
     with daemon.connect(origin=f"http://127.0.0.1:{daemon.port}") as ws:
         assert echo(ws, b"same origin") == b"same origin"
-    for origin in ["http://evil.example", "null", f"http://127.0.0.1:{daemon.port + 1}",
-                   "http://[zz", "not a url"]:
+    for origin in [
+        "http://evil.example",
+        "null",
+        f"http://127.0.0.1:{daemon.port + 1}",
+        "http://[zz",
+        "not a url",
+    ]:
         with pytest.raises(InvalidStatus) as info:
             daemon.connect(origin=origin)
         assert info.value.response.status_code == 403
-    daemon.wait_log(r"WARNING .*127\.0\.0\.1:\d+: websocket: origin 'http://evil.example' "
-                    r"not allowed")
+    daemon.wait_log(
+        r"WARNING .*127\.0\.0\.1:\d+: websocket: origin 'http://evil.example' "
+        r"not allowed"
+    )
     still_serves(daemon)
 
     listed = websocketd("--origin", "https://*.example.com", "--origin", "null")
@@ -398,8 +412,10 @@ def test_max_connections(websocketd) -> None:
 
 def test_trust_proxy_logs_the_forwarded_client(websocketd) -> None:
     daemon = websocketd("--trust-proxy")
-    headers = {"X-Forwarded-For": "203.0.113.50, 198.51.100.7",
-               "X-Forwarded-Host": "chat.example.com"}
+    headers = {
+        "X-Forwarded-For": "203.0.113.50, 198.51.100.7",
+        "X-Forwarded-Host": "chat.example.com",
+    }
     # Same origin is judged on the host the browser saw (X-Forwarded-Host).
     with daemon.connect(additional_headers=headers, origin="https://chat.example.com") as ws:
         assert echo(ws, b"proxied") == b"proxied"
@@ -470,8 +486,9 @@ def test_wss_with_the_tlsd_certificate_options(websocketd, tmp_path: Path) -> No
     certs.write_cert(tmp_path / "ca.pem", ca)
     certs.write_cert(tmp_path / "server.pem", cert)
     certs.write_key(tmp_path / "server.key", key)
-    daemon = websocketd("--cert", str(tmp_path / "server.pem"),
-                        "--key", str(tmp_path / "server.key"), scheme="wss")
+    daemon = websocketd(
+        "--cert", str(tmp_path / "server.pem"), "--key", str(tmp_path / "server.key"), scheme="wss"
+    )
     client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     big = random.Random(3).randbytes(MiB)
     with daemon.connect(ssl=client_tls, origin=f"https://127.0.0.1:{daemon.port}") as ws:
@@ -481,8 +498,9 @@ def test_wss_with_the_tlsd_certificate_options(websocketd, tmp_path: Path) -> No
         daemon.connect("nope", ssl=client_tls)
     assert info.value.response.status_code == 404
     # The demo page over https, from the same port.
-    request = urllib.request.urlopen(f"https://127.0.0.1:{daemon.port}/", context=client_tls,
-                                     timeout=5)
+    request = urllib.request.urlopen(
+        f"https://127.0.0.1:{daemon.port}/", context=client_tls, timeout=5
+    )
     assert b"LibIPC WebSocket console" in request.read()
     # A plain-text client on the TLS port gets nowhere, and nothing breaks.
     with pytest.raises(REFUSED):
@@ -501,10 +519,17 @@ def test_mutual_tls_with_allow_client(websocketd, tmp_path: Path) -> None:
         c, k = certs.make_cert(ca, ca_key, name, usage="client")
         certs.write_cert(tmp_path / f"{name}.pem", c)
         certs.write_key(tmp_path / f"{name}.key", k)
-    daemon = websocketd("--cert", str(tmp_path / "server.pem"),
-                        "--key", str(tmp_path / "server.key"),
-                        "--client-ca", str(tmp_path / "ca.pem"), "--allow-client", "CN:alice",
-                        scheme="wss")
+    daemon = websocketd(
+        "--cert",
+        str(tmp_path / "server.pem"),
+        "--key",
+        str(tmp_path / "server.key"),
+        "--client-ca",
+        str(tmp_path / "ca.pem"),
+        "--allow-client",
+        "CN:alice",
+        scheme="wss",
+    )
 
     def client_tls(name: str | None) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
@@ -534,10 +559,16 @@ def test_shutdown_sends_going_away(websocketd) -> None:
 
 
 def test_bad_flags_are_refused(rundir: Path) -> None:
-    for args in (["--origin", "example.com"], ["--cert", "/nonexistent.pem"],
-                 ["--static", "/nonexistent-dir"]):
-        result = subprocess.run([BIN / "ipc-websocketd", "--listen", "127.0.0.1:0", *args],
-                                capture_output=True, timeout=10)
+    for args in (
+        ["--origin", "example.com"],
+        ["--cert", "/nonexistent.pem"],
+        ["--static", "/nonexistent-dir"],
+    ):
+        result = subprocess.run(
+            [BIN / "ipc-websocketd", "--listen", "127.0.0.1:0", *args],
+            capture_output=True,
+            timeout=10,
+        )
         assert result.returncode != 0, args
         assert b"Error" in result.stderr or b"ipc-websocketd" in result.stderr
 
@@ -547,9 +578,11 @@ def test_frames_sent_ahead_of_the_101(websocketd) -> None:
     close frame right behind the request does not upset the daemon."""
     daemon = websocketd()
     key = base64.b64encode(os.urandom(16)).decode()
-    request = (f"GET /pong HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\nUpgrade: websocket\r\n"
-               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-               "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    request = (
+        f"GET /pong HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
     close = Frame(Opcode.CLOSE, b"\x03\xe8").serialize(mask=True)
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
         sock.sendall(request + FrameClient.frame(b"eager") + FrameClient.frame("eager 2"))

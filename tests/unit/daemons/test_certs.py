@@ -54,10 +54,26 @@ def pki(tmp_path_factory) -> Path:
     all made through the CLI."""
     d = tmp_path_factory.mktemp("pki")
     _run("ca", "--out", str(d / "ca"), "--name", "Test CA")
-    _run("server", "--ca-dir", str(d / "ca"), "--out", str(d / "srv"),
-         "localhost", "127.0.0.1", "::1")
-    _run("client", "--ca-dir", str(d / "ca"), "--out", str(d / "cli"), "alice",
-         "--san", "alice.example")
+    _run(
+        "server",
+        "--ca-dir",
+        str(d / "ca"),
+        "--out",
+        str(d / "srv"),
+        "localhost",
+        "127.0.0.1",
+        "::1",
+    )
+    _run(
+        "client",
+        "--ca-dir",
+        str(d / "ca"),
+        "--out",
+        str(d / "cli"),
+        "alice",
+        "--san",
+        "alice.example",
+    )
     _run("client", "--ca-dir", str(d / "ca"), "--out", str(d / "cli"), "--days", "-1", "old")
     return d
 
@@ -69,10 +85,14 @@ def pki(tmp_path_factory) -> Path:
 
 def test_files_and_modes(pki: Path) -> None:
     expected = {
-        "ca/ca.pem": 0o644, "ca/ca.key": 0o600,
-        "srv/localhost.pem": 0o644, "srv/localhost.key": 0o600,
-        "cli/alice.pem": 0o644, "cli/alice.key": 0o600,
-        "cli/old.pem": 0o644, "cli/old.key": 0o600,
+        "ca/ca.pem": 0o644,
+        "ca/ca.key": 0o600,
+        "srv/localhost.pem": 0o644,
+        "srv/localhost.key": 0o600,
+        "cli/alice.pem": 0o644,
+        "cli/alice.key": 0o600,
+        "cli/old.pem": 0o644,
+        "cli/old.key": 0o600,
     }
     for name, mode in expected.items():
         assert _mode(pki / name) == mode, name
@@ -177,8 +197,9 @@ def test_expiry(pki: Path) -> None:
     assert old.not_valid_after_utc < dt.datetime.now(dt.UTC)
     ca, key = make_ca()
     start = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
-    future, _ = make_cert(ca, key, "later", usage="client", not_before=start,
-                          not_after=start + dt.timedelta(days=1))
+    future, _ = make_cert(
+        ca, key, "later", usage="client", not_before=start, not_after=start + dt.timedelta(days=1)
+    )
     assert is_expired(future)
     assert not is_expired(future, now=start + dt.timedelta(hours=1))
     with pytest.raises(ValueError, match="not before"):
@@ -204,8 +225,17 @@ def test_describe(pki: Path) -> None:
     assert lines["issuer"].strip() == "CN=Test CA"
     assert lines["expired"].strip() == "yes"
     assert lines["CA"].strip() == "no"
-    assert set(lines) == {"subject", "issuer", "SANs", "not before", "not after", "serial",
-                          "fingerprint", "CA", "expired"}
+    assert set(lines) == {
+        "subject",
+        "issuer",
+        "SANs",
+        "not before",
+        "not after",
+        "serial",
+        "fingerprint",
+        "CA",
+        "expired",
+    }
     out = _run("inspect", str(pki / "srv" / "localhost.pem"))
     assert "DNS:localhost, IP:127.0.0.1, IP:::1" in out
     assert "expired:     no" in out
@@ -223,7 +253,10 @@ def test_fingerprint_matches_openssl(pki: Path) -> None:
     path = pki / "srv" / "localhost.pem"
     out = subprocess.run(
         ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(path)],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout.strip()
     label, _, hexpart = out.partition("=")
     assert label.lower() == "sha256 fingerprint"
@@ -238,8 +271,14 @@ def test_fingerprint_matches_openssl(pki: Path) -> None:
 def test_normalize_fingerprint() -> None:
     hexes = "ab" * 32
     colon = ":".join(["AB"] * 32)
-    for text in (hexes, hexes.upper(), colon, "SHA256:" + colon, "sha256:" + hexes,
-                 " " + colon + "\n"):
+    for text in (
+        hexes,
+        hexes.upper(),
+        colon,
+        "SHA256:" + colon,
+        "sha256:" + hexes,
+        " " + colon + "\n",
+    ):
         assert normalize_fingerprint(text) == hexes
     for text in ("ab" * 31, "zz" * 32, "SHA1:" + colon, ""):
         assert normalize_fingerprint(text) is None
@@ -287,9 +326,18 @@ def test_matches_allow_lists() -> None:
 
 @pytest.mark.parametrize(
     ("pattern", "ok"),
-    [("alice", True), ("CN:alice", True), ("DNS:a.b", True), ("IP:::1", True),
-     ("IP:x", False), ("DNS:", False), ("", False), ("SHA256:abc", False),
-     ("SHA256:" + "ab" * 32, True), ("ab" * 32, True)],
+    [
+        ("alice", True),
+        ("CN:alice", True),
+        ("DNS:a.b", True),
+        ("IP:::1", True),
+        ("IP:x", False),
+        ("DNS:", False),
+        ("", False),
+        ("SHA256:abc", False),
+        ("SHA256:" + "ab" * 32, True),
+        ("ab" * 32, True),
+    ],
 )
 def test_allow_pattern_error(pattern: str, ok: bool) -> None:
     assert (allow_pattern_error(pattern) is None) is ok
@@ -331,8 +379,10 @@ def _handshake(
     thread.start()
     client_error: Exception | None = None
     try:
-        with socket.create_connection(listener.getsockname()[:2], timeout=10) as raw, \
-                cli_ctx.wrap_socket(raw, server_hostname=server_host) as tls:
+        with (
+            socket.create_connection(listener.getsockname()[:2], timeout=10) as raw,
+            cli_ctx.wrap_socket(raw, server_hostname=server_host) as tls,
+        ):
             assert tls.recv(2) == b"hi"  # TLS 1.3 reports a client-cert refusal here
     except (ssl.SSLError, OSError) as exc:
         client_error = exc

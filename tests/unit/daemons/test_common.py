@@ -113,8 +113,11 @@ def test_parse_listen_rejects(spec: str, detail: str) -> None:
 
 
 def test_parse_listen_message_format() -> None:
-    with pytest.raises(ValueError, match=r"^missing port: expected :PORT, HOST:PORT, "
-                       r"\[IPv6\]:PORT or unix:PATH, got 'x'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^missing port: expected :PORT, HOST:PORT, "
+        r"\[IPv6\]:PORT or unix:PATH, got 'x'$",
+    ):
         parse_listen("x")
 
 
@@ -458,8 +461,13 @@ def test_logging_json_exception_and_odd_extras() -> None:
 @pytest.mark.usefixtures("restore_root_logger")
 @pytest.mark.parametrize(
     ("verbosity", "level"),
-    [(2, logging.DEBUG), (1, logging.DEBUG), (0, logging.INFO), (-1, logging.WARNING),
-     (-2, logging.ERROR)],
+    [
+        (2, logging.DEBUG),
+        (1, logging.DEBUG),
+        (0, logging.INFO),
+        (-1, logging.WARNING),
+        (-2, logging.ERROR),
+    ],
 )
 def test_logging_levels(verbosity: int, level: int) -> None:
     setup_logging(verbosity, "human", stream=io.StringIO(), env={})
@@ -516,8 +524,16 @@ def test_common_options_defaults() -> None:
     assert result.exit_code == 0, result.output
     (opts,) = seen
     assert opts == CommonOptions(
-        listen=(), allow=(), deny=(), rundir=None, log_format="auto", verbose=0, quiet=0,
-        handshake_timeout=5.0, max_connections=10000, max_message_size=16 * 1024 * 1024,
+        listen=(),
+        allow=(),
+        deny=(),
+        rundir=None,
+        log_format="auto",
+        verbose=0,
+        quiet=0,
+        handshake_timeout=5.0,
+        max_connections=10000,
+        max_message_size=16 * 1024 * 1024,
         metrics=None,
     )
     assert opts.listen_addresses(":9000", env={}) == [parse_listen(":9000")]
@@ -527,10 +543,30 @@ def test_common_options_defaults() -> None:
 def test_common_options_flags() -> None:
     main, seen = _command()
     args = [
-        "--listen", ":0", "-l", "unix:/tmp/x.sock", "--allow", "pong*", "--deny", "pong-x",
-        "--rundir", "/tmp/r", "--log-format", "json", "-vv", "-q", "--handshake-timeout", "0.5",
-        "--max-connections", "3", "--max-message-size", "0", "--metrics", "127.0.0.1:0",
-        "--service-name", "relay",
+        "--listen",
+        ":0",
+        "-l",
+        "unix:/tmp/x.sock",
+        "--allow",
+        "pong*",
+        "--deny",
+        "pong-x",
+        "--rundir",
+        "/tmp/r",
+        "--log-format",
+        "json",
+        "-vv",
+        "-q",
+        "--handshake-timeout",
+        "0.5",
+        "--max-connections",
+        "3",
+        "--max-message-size",
+        "0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--service-name",
+        "relay",
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -595,7 +631,17 @@ def test_common_options_bad_values(args: list[str], detail: str) -> None:
 def test_common_options_help_lists_flags() -> None:
     main, _ = _command()
     result = CliRunner().invoke(main, ["--help"])
-    for flag in ("--listen", "--allow", "--deny", "--rundir", "--log-format", "--verbose",
-                 "--quiet", "--handshake-timeout", "--max-connections", "--max-message-size",
-                 "--metrics"):
+    for flag in (
+        "--listen",
+        "--allow",
+        "--deny",
+        "--rundir",
+        "--log-format",
+        "--verbose",
+        "--quiet",
+        "--handshake-timeout",
+        "--max-connections",
+        "--max-message-size",
+        "--metrics",
+    ):
         assert flag in result.output

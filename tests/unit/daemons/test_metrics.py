@@ -91,8 +91,14 @@ def test_gauge_ops_and_function() -> None:
 
 @pytest.mark.parametrize(
     ("name", "labels"),
-    [("1bad", ()), ("with-dash", ()), ("", ()), ("ok", ("bad-label",)), ("ok", ("__x",)),
-     ("ok", ("a", "a"))],
+    [
+        ("1bad", ()),
+        ("with-dash", ()),
+        ("", ()),
+        ("ok", ("bad-label",)),
+        ("ok", ("__x",)),
+        ("ok", ("a", "a")),
+    ],
 )
 def test_invalid_names(name: str, labels: tuple[str, ...]) -> None:
     with pytest.raises(ValueError):

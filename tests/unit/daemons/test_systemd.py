@@ -116,8 +116,12 @@ def test_listen_fds_without_activation() -> None:
 
 
 def test_listen_fds_for_another_pid_is_empty_and_unsets() -> None:
-    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b",
-           "OTHER": "x"}
+    env = {
+        "LISTEN_PID": str(os.getpid() + 1),
+        "LISTEN_FDS": "2",
+        "LISTEN_FDNAMES": "a:b",
+        "OTHER": "x",
+    }
     assert systemd.listen_fds(environ=env) == []
     assert env == {"OTHER": "x"}
 
@@ -237,20 +241,35 @@ def test_socket_activation_ignores_inherited_pid(tmp_path) -> None:
     out = subprocess.run(
         [sys.executable, "-c", code],
         env=_child_env(LISTEN_PID="1", LISTEN_FDS="1"),
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.skipif(not shutil.which("systemd-socket-activate"),
-                    reason="systemd-socket-activate not installed")
+@pytest.mark.skipif(
+    not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate not installed"
+)
 def test_with_systemd_socket_activate(tmp_path) -> None:
     """The real tool from systemd: it binds, waits for a client, then execs us."""
     path = tmp_path / "sa.sock"
     proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", str(path), "--fdname=ipc",
-         "-E", "PYTHONPATH", sys.executable, "-c", CHILD],
-        env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            "systemd-socket-activate",
+            "-l",
+            str(path),
+            "--fdname=ipc",
+            "-E",
+            "PYTHONPATH",
+            sys.executable,
+            "-c",
+            CHILD,
+        ],
+        env=_child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 10

@@ -9,20 +9,18 @@ layer hold more than one TLS record (~18 KiB) of its input.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemons import certs
 from daemons.common import ServiceAccess
 from daemons.tcp import TcpdClient, TcpdHandshake
 from daemons.tls import TLSLayer, client_context, server_context
 from daemons.tlswrap import TLSConnector, TLSHandshake
 from ipc_core.errors import PeerClosed, ProtocolError
 from ipc_core.framing import FrameDecoder, encode
+from tests.helpers import Pki
 
 #: The largest TLS record a peer may announce (RFC 8446: 2^14 + 256 for
 #: TLS 1.3 ciphertext; OpenSSL allows 2^14 + 2048 for TLS 1.2).
@@ -30,24 +28,6 @@ MAX_RECORD = 2**14 + 2048 + 5
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("tlsfuzz")
-    ca, ca_key = certs.make_ca("Fuzz CA")
-    leaf, leaf_key = certs.make_cert(ca, ca_key, "localhost", ["localhost", "127.0.0.1"])
-    certs.write_cert(d / "ca.pem", ca)
-    certs.write_cert(d / "server.pem", leaf)
-    certs.write_key(d / "server.key", leaf_key)
-    return Pki(d / "ca.pem", d / "server.pem", d / "server.key")
 
 
 def server(pki: Pki) -> TLSLayer:

@@ -51,23 +51,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI(
         ca=d / "ca.pem",
         other_ca=d / "other.pem",
-        server=write("server", certs.make_cert(ca, ca_key, "localhost", ["localhost",
-                                                                         "127.0.0.1"])),
+        server=write(
+            "server", certs.make_cert(ca, ca_key, "localhost", ["localhost", "127.0.0.1"])
+        ),
         alice=write("alice", certs.make_cert(ca, ca_key, "alice", [], usage="client")),
-        mallory=write("mallory",
-                      certs.make_cert(other, other_key, "mallory", [], usage="client")),
+        mallory=write("mallory", certs.make_cert(other, other_key, "mallory", [], usage="client")),
     )
 
 
 def server_ctx(pki: PKI, *, mtls: bool = False) -> ssl.SSLContext:
-    return server_context(*pki.server, client_ca=pki.ca if mtls else None,
-                          require_client_cert=mtls)
+    return server_context(*pki.server, client_ca=pki.ca if mtls else None, require_client_cert=mtls)
 
 
-def client_ctx(pki: PKI, *, cert: tuple[Path, Path] | None = None,
-               ca: Path | None = None) -> ssl.SSLContext:
-    return client_context(ca=ca or pki.ca, cert=cert[0] if cert else None,
-                          key=cert[1] if cert else None)
+def client_ctx(
+    pki: PKI, *, cert: tuple[Path, Path] | None = None, ca: Path | None = None
+) -> ssl.SSLContext:
+    return client_context(
+        ca=ca or pki.ca, cert=cert[0] if cert else None, key=cert[1] if cert else None
+    )
 
 
 # -- pumping -------------------------------------------------------------------
@@ -112,12 +113,16 @@ def relay(a: TLSLayer, b: TLSLayer) -> bytes:
     return b.receive_data(data) if data else b""
 
 
-def connect(pki: PKI, *, server: ssl.SSLContext | None = None,
-            client: ssl.SSLContext | None = None, service: str = "pong",
-            **kwargs: object) -> tuple[TLSConnector, TLSHandshake]:
+def connect(
+    pki: PKI,
+    *,
+    server: ssl.SSLContext | None = None,
+    client: ssl.SSLContext | None = None,
+    service: str = "pong",
+    **kwargs: object,
+) -> tuple[TLSConnector, TLSHandshake]:
     conn = TLSConnector(client or client_ctx(pki), "localhost", TcpdClient(service))
-    hs = TLSHandshake(server or server_ctx(pki), TcpdHandshake(lambda n: n == "pong"),
-                      **kwargs)  # type: ignore[arg-type]
+    hs = TLSHandshake(server or server_ctx(pki), TcpdHandshake(lambda n: n == "pong"), **kwargs)  # type: ignore[arg-type]
     return conn, hs
 
 
@@ -263,9 +268,13 @@ def test_unknown_ca_is_refused_by_the_connector(pki: PKI) -> None:
 
 def test_mtls_good_client_identity_is_reported(pki: PKI) -> None:
     seen: list[certs.CertIdentity | None] = []
-    conn, hs = connect(pki, server=server_ctx(pki, mtls=True),
-                       client=client_ctx(pki, cert=pki.alice),
-                       allow_client=["CN:alice"], on_identity=seen.append)
+    conn, hs = connect(
+        pki,
+        server=server_ctx(pki, mtls=True),
+        client=client_ctx(pki, cert=pki.alice),
+        allow_client=["CN:alice"],
+        on_identity=seen.append,
+    )
     pump(conn, hs)
     assert conn.done and hs.service == "pong"
     assert len(seen) == 1 and seen[0] is not None
@@ -277,17 +286,25 @@ def test_mtls_good_client_identity_is_reported(pki: PKI) -> None:
 
 def test_mtls_allow_by_fingerprint(pki: PKI) -> None:
     fp = certs.fingerprint(pki.alice[0])
-    conn, hs = connect(pki, server=server_ctx(pki, mtls=True),
-                       client=client_ctx(pki, cert=pki.alice), allow_client=[fp])
+    conn, hs = connect(
+        pki,
+        server=server_ctx(pki, mtls=True),
+        client=client_ctx(pki, cert=pki.alice),
+        allow_client=[fp],
+    )
     pump(conn, hs)
     assert conn.done
 
 
 def test_mtls_client_not_in_allow_list(pki: PKI) -> None:
     seen: list[certs.CertIdentity | None] = []
-    conn, hs = connect(pki, server=server_ctx(pki, mtls=True),
-                       client=client_ctx(pki, cert=pki.alice), allow_client=["bob"],
-                       on_identity=seen.append)
+    conn, hs = connect(
+        pki,
+        server=server_ctx(pki, mtls=True),
+        client=client_ctx(pki, cert=pki.alice),
+        allow_client=["bob"],
+        on_identity=seen.append,
+    )
     err = server_refusal(conn, hs)
     assert re.search(r"CN=alice SHA256:[0-9A-F:]{95} is not in --allow-client", str(err))
     assert hs.service is None  # the name never reached the inner handshake
@@ -300,8 +317,9 @@ def test_mtls_missing_client_certificate(pki: PKI) -> None:
 
 
 def test_mtls_client_from_another_ca(pki: PKI) -> None:
-    conn, hs = connect(pki, server=server_ctx(pki, mtls=True),
-                       client=client_ctx(pki, cert=pki.mallory))
+    conn, hs = connect(
+        pki, server=server_ctx(pki, mtls=True), client=client_ctx(pki, cert=pki.mallory)
+    )
     assert "certificate verify failed" in str(server_refusal(conn, hs))
 
 

@@ -58,7 +58,10 @@ def test_parse_network_tolerates_spaces_and_keeps_first():
     routes = parse_network(
         "audio tor://example.com/audio ;pong tls://pong.example.com:9443/pong ; pong x"
     )
-    assert routes == {"audio": "tor://example.com/audio", "pong": "tls://pong.example.com:9443/pong"}
+    assert routes == {
+        "audio": "tor://example.com/audio",
+        "pong": "tls://pong.example.com:9443/pong",
+    }
     assert parse_network("") == {}
     with pytest.raises(ProtocolError):
         parse_network("just-a-name")

@@ -766,7 +766,9 @@ class Context:
                 self._flush_layer(conn)
                 self._close_pair(conn, str(exc))
                 return
-            self._flush_layer(conn)
+            pending = layer.data_to_send()  # e.g. a TLS alert or a pong
+            if pending:
+                self._send(conn, pending)
             if not data or conn.fd not in self._conns:
                 return
         try:
@@ -780,7 +782,20 @@ class Context:
         stats = conn.stats
         stats[0] += len(data)
         stats[1] += frames
-        self._forward(conn, partner, data)
+        if partner.layer is None and partner.out_cb is None and not partner.out:
+            # Decoded bytes to a plain end (TLS/WebSocket -> local service): send
+            # at once, as the plain relay does; _forward covers everything else.
+            try:
+                sent = partner.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._lost(partner, exc)
+                return
+            if sent < len(data):
+                self._enqueue(partner, bytes(data[sent:]), False)
+        else:
+            self._forward(conn, partner, data)
         if self.switch_events:
             self._events.append(Event(EventType.SWITCH_RX, conn.fd))
             self._events.append(Event(EventType.SWITCH_TX, partner.fd))
@@ -788,7 +803,9 @@ class Context:
     def _forward(self, conn: _Conn, partner: _Conn, data: bytes | memoryview) -> None:
         if partner.layer is not None:
             try:
-                partner.layer.send(bytes(data))
+                # Layers copy what they keep (SSLObject.write, FrameDecoder), so
+                # the read buffer's view can be passed without a copy.
+                partner.layer.send(data)  # type: ignore[arg-type]
             except ProtocolError as exc:
                 log.warning("descriptor %d: %s; closing the pair", partner.fd, exc)
                 self._flush_layer(partner)

@@ -45,12 +45,14 @@ class Layer(Protocol):
     takes LibIPC stream bytes from the local end; ``data_to_send`` returns
     the bytes the layer wants written to the network (after every call).
     Bad input raises :class:`~ipc_core.errors.ProtocolError`, an orderly
-    close by the peer :class:`~ipc_core.errors.PeerClosed`.
+    close by the peer :class:`~ipc_core.errors.PeerClosed`. ``send`` may be
+    given a memoryview of the loop's read buffer, valid only during the call:
+    copy whatever is kept.
     """
 
     def receive_data(self, data: bytes) -> bytes: ...
 
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: bytes | memoryview) -> None: ...
 
     def data_to_send(self) -> bytes: ...
 

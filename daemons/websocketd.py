@@ -42,7 +42,6 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 from websockets.frames import CloseCode
@@ -75,7 +74,6 @@ from .ws import HandshakeRequest, Phase, WebSocketServerLayer, origin_allowed
 __all__ = [
     "Keepalive",
     "StaticFiles",
-    "TrackedLayer",
     "WebSocketHandshake",
     "WebSocketOptions",
     "build_daemon",
@@ -248,29 +246,6 @@ class WebSocketOptions:
     static: StaticFiles | None = None
 
 
-class TrackedLayer(WebSocketServerLayer):
-    """The WebSocket layer, remembering when a message last went through.
-
-    Only complete data messages count (pings and pongs do not): a browser
-    tab that answers pings but says nothing is idle.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.last_message = time.monotonic()
-
-    def receive_data(self, data: bytes) -> bytes:
-        out = super().receive_data(data)
-        if out:
-            self.last_message = time.monotonic()
-        return out
-
-    def send(self, data: bytes) -> None:
-        super().send(data)
-        if data:
-            self.last_message = time.monotonic()
-
-
 class WebSocketHandshake:
     """The engine's ``Handshake`` over :class:`WebSocketServerLayer`.
 
@@ -294,7 +269,7 @@ class WebSocketHandshake:
         self.options = options
         self._transport_peer = peer
         self._known = service_known
-        self.ws = TrackedLayer(
+        self.ws = WebSocketServerLayer(
             max_message_size=options.max_message_size,
             text_replies=options.text_replies,
             logger=frame_log,
@@ -316,7 +291,6 @@ class WebSocketHandshake:
             early = self.ws.accept()
         except PeerClosed as exc:  # a close frame right behind the request
             raise ProtocolError(f"websocket: client closed before the 101: {exc}") from exc
-        self.ws.last_message = time.monotonic()
         return self.ws, early
 
     def reject(self, reason: str, status: int) -> None:
@@ -422,8 +396,10 @@ def service_known(rundir: Path, access: ServiceAccess) -> Callable[[str], bool]:
 
 @dataclass
 class _Open:
-    layer: TrackedLayer
+    layer: WebSocketServerLayer
     peer: str
+    since: float  # when the idle sweep last saw layer.activity change
+    seen: int = 0  # layer.activity at that sweep
     closing_since: float | None = None
 
 
@@ -436,7 +412,10 @@ class Keepalive:
     with no data message either way for that long gets a close frame (1001
     "idle timeout") and, if it does not answer within :data:`CLOSE_TIMEOUT`,
     a cut socket. The sweeps are O(connections) once per interval, which is
-    cheaper than a timer per connection re-armed on every message.
+    cheaper than a timer per connection re-armed on every message: the idle
+    sweep (every T/4, at most 5 s) compares each layer's message counter with
+    the previous sweep, so the close comes between T and T + one sweep period
+    after the last message.
     """
 
     def __init__(self, ctx: Context, *, ping_interval: float, idle_timeout: float) -> None:
@@ -453,8 +432,9 @@ class Keepalive:
     def switched(self, fd: int, handshake: Handshake, layer: Layer | None) -> None:
         """The engine's ``on_switched`` hook: start watching ``fd``."""
         ws = layer.upper if isinstance(layer, StackedLayer) else layer
-        if isinstance(ws, TrackedLayer) and fd in self.ctx:
-            self.conns[fd] = _Open(ws, getattr(handshake, "peer", None) or f"fd {fd}")
+        if isinstance(ws, WebSocketServerLayer) and fd in self.ctx:
+            peer = getattr(handshake, "peer", None) or f"fd {fd}"
+            self.conns[fd] = _Open(ws, peer, time.monotonic(), ws.activity)
 
     def on_event(self, event: Event) -> bool:
         """A ``daemon.handlers`` entry: forget closed connections."""
@@ -490,7 +470,10 @@ class Keepalive:
                 if now - conn.closing_since >= CLOSE_TIMEOUT:
                     log.info("%s: %s: no answer to our close frame; cutting", NAME, conn.peer)
                     self._cut(fd)
-            elif now - conn.layer.last_message >= self.idle_timeout:
+            elif conn.layer.activity != conn.seen:
+                conn.seen = conn.layer.activity
+                conn.since = now
+            elif now - conn.since >= self.idle_timeout:
                 log.info("%s: %s: idle for %g s; closing", NAME, conn.peer, self.idle_timeout)
                 conn.layer.close(CloseCode.GOING_AWAY, "idle timeout")
                 conn.closing_since = now

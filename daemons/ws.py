@@ -232,6 +232,13 @@ class WebSocketServerLayer:
         self.pings_sent = 0
         self.pongs_received = 0
         self._pong_since_ping = True
+        #: Data messages relayed either way; a keepalive compares it between
+        #: sweeps to find idle connections (cheaper than a clock per message).
+        self.activity = 0
+        # True once checked that complete frames can bypass websockets: open,
+        # no error, no fragment, its parser idle at a frame boundary. Cleared
+        # whenever websockets is fed or its state changes; rechecked lazily.
+        self._fast_ok = False
 
     # -- state -------------------------------------------------------------
 
@@ -303,6 +310,71 @@ class WebSocketServerLayer:
             return b""
         self._out = []
         return out[0] if len(out) == 1 else b"".join(out)
+
+    # -- fast paths (optional Layer hooks, see ipc_core.switch.Layer) ---------
+
+    def fast_receive(self, data: bytes | memoryview) -> bytes | None:
+        """``data`` is exactly one complete, masked, unfragmented data frame:
+        return its LibIPC frame. None (nothing consumed): use receive_data.
+
+        This is the common case of an interactive client, handled without
+        websockets' general parser (which never sees these bytes, and is
+        only bypassed while it sits idle at a frame boundary).
+        """
+        if not self._fast_ok and not self._check_fast():
+            return None
+        end = len(data)
+        if end < 6:
+            return None
+        first = data[0]
+        second = data[1]
+        if (first != 0x82 and first != 0x81) or second < 0x80:
+            return None
+        length = second & 0x7F
+        if length < 126:
+            head = 2
+        elif length == 126:
+            (length,) = _U16.unpack_from(data, 2)
+            head = 4
+        else:
+            return None  # 64-bit lengths: bulk, where a call more does not matter
+        if head + 4 + length != end or length > self.max_message_size:
+            return None
+        payload = apply_mask(data[head + 4 :], data[head : head + 4])
+        if first == 0x81 and not _is_utf8(payload):
+            return None  # the general path closes with 1007
+        self.activity += 1
+        return header(length) + payload
+
+    def fast_send(self, data: bytes | memoryview) -> bytes | None:
+        """``data`` is exactly one whole LibIPC message: return its data
+        frame for the network. None (nothing consumed): use send()."""
+        if (
+            not (self._fast_ok or self._check_fast())
+            or self._out
+            or self._proto.writes  # a pong or ping queued: it goes first
+            or self._decoder.pending
+            or self.text_replies
+        ):
+            return None
+        n = len(data) - 4
+        if n < 126:
+            head = bytes((0x82, n))
+        elif n < 65536:
+            head = _HEAD16.pack(0x82, 126, n)
+        else:
+            head = _HEAD64.pack(0x82, 127, n)
+        self.activity += 1
+        return head + data[4:]
+
+    def _check_fast(self) -> bool:
+        self._fast_ok = ok = (
+            self._phase is Phase.OPEN
+            and self._error is None
+            and self._fragments is None
+            and self._at_frame_boundary()
+        )
+        return ok
 
     # -- handshake decisions -------------------------------------------------
 
@@ -385,6 +457,7 @@ class WebSocketServerLayer:
         try:
             payloads = self._decoder.feed(data)
         except MessageTooLarge as exc:
+            self._fast_ok = False
             proto.fail(CloseCode.INTERNAL_ERROR, "message too large")
             self._error = exc
             raise
@@ -392,6 +465,7 @@ class WebSocketServerLayer:
             for i, payload in enumerate(payloads):
                 if not _is_utf8(payload):
                     self._frame_out(payloads[:i], 0x81)  # the valid ones before it
+                    self._fast_ok = False
                     proto.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
                     self._error = ProtocolError(
                         "websocket: local service sent a message that is not UTF-8 text"
@@ -406,6 +480,7 @@ class WebSocketServerLayer:
         websockets keeps no state for them, and building the 2-10 byte header
         here is several times cheaper than its general frame serialiser."""
         self._pull()  # whatever websockets queued (a pong) goes out first
+        self.activity += len(payloads)
         out = self._out
         for payload in payloads:
             n = len(payload)
@@ -426,6 +501,7 @@ class WebSocketServerLayer:
 
     def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Start the close handshake (or just finish, before accept())."""
+        self._fast_ok = False
         if self._phase is not Phase.OPEN:
             self._phase = Phase.ANSWERED
         elif self._proto.state is State.OPEN:
@@ -541,10 +617,12 @@ class WebSocketServerLayer:
             out.append(header(length))
             out.append(payload)
             pos = stop
+        self.activity += len(out) // 2
         return b"".join(out), pos
 
     def _slow_frames(self, data: bytes) -> bytes:
         proto = self._proto
+        self._fast_ok = False
         if data:
             proto.receive_data(data)
         else:
@@ -582,6 +660,7 @@ class WebSocketServerLayer:
                 break
             out.append(header(len(message)))
             out.append(message)
+        self.activity += len(out) // 2
         if err is None:
             err = self._parser_error()
         if err is None and not data:

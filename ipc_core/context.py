@@ -154,6 +154,8 @@ class _Conn:
     __slots__ = (
         "closing",
         "decoder",
+        "fast_in",
+        "fast_out",
         "fd",
         "feeding_paused",
         "in_cb",
@@ -190,6 +192,9 @@ class _Conn:
         self.partner: _Conn | None = None
         self.plain = False  # switched, and both ends carry the LibIPC stream as is
         self.layer: Layer | None = None
+        # Optional Layer fast hooks for what this end reads (see _refresh_fast).
+        self.fast_in: Callable[[memoryview], bytes | None] | None = None
+        self.fast_out: Callable[[memoryview], bytes | None] | None = None
         self.in_cb: InCallback | None = None
         self.out_cb: OutCallback | None = None
         self.service: ServiceSocket | None = None
@@ -361,6 +366,7 @@ class Context:
         conn = self._switched(fd)
         conn.in_cb, conn.out_cb = in_cb, out_cb
         self._no_longer_plain(conn)
+        self._refresh_fast(conn)
         if out_cb is not None and conn.partner is not None and conn.partner.decoder is None:
             conn.partner.decoder = FrameDecoder(self.max_message_size)
 
@@ -374,7 +380,24 @@ class Context:
         conn = self._switched(fd)
         conn.layer = layer
         self._no_longer_plain(conn)
+        self._refresh_fast(conn)
         self.flush_switch(fd)
+
+    @staticmethod
+    def _refresh_fast(conn: _Conn) -> None:
+        """Use a layer's optional fast hooks where one end has the layer and
+        the other carries the plain LibIPC stream (no callbacks either side)."""
+        partner = conn.partner
+        for end, other in ((conn, partner), (partner, conn)):
+            if end is None:
+                continue
+            end.fast_in = end.fast_out = None
+            if other is None or end.in_cb is not None or other.out_cb is not None:
+                continue
+            if end.layer is not None and other.layer is None:
+                end.fast_in = getattr(end.layer, "fast_receive", None)
+            elif end.layer is None and other.layer is not None:
+                end.fast_out = getattr(other.layer, "fast_send", None)
 
     def set_tag(self, fd: int, tag: str) -> None:
         """Count bytes/messages read from switched end ``fd`` under
@@ -711,6 +734,10 @@ class Context:
         partner: _Conn = conn.partner  # type: ignore[assignment]
         data = self._view[:n]
         if not conn.plain:
+            if (conn.fast_in is not None or conn.fast_out is not None) and self._relay_fast(
+                conn, partner, data, n
+            ):
+                return
             self._relay_data(conn, data)
             return
         # The hot path of a relay, inlined: LibIPC stream on both ends. Check
@@ -748,6 +775,49 @@ class Context:
         if self.switch_events:
             self._events.append(Event(EventType.SWITCH_RX, conn.fd))
             self._events.append(Event(EventType.SWITCH_TX, partner.fd))
+
+    def _relay_fast(self, conn: _Conn, partner: _Conn, data: memoryview, n: int) -> bool:
+        """A layer's fast hook for one whole unit (a WebSocket frame in, a
+        LibIPC message out, or the reverse), sent at once. False: nothing was
+        consumed, the general path (_relay_data) takes the bytes."""
+        fast = conn.fast_in
+        if fast is not None:  # the layer's end: wire bytes -> one LibIPC message
+            out = fast(data)
+            if out is None:
+                return False
+            size = len(out)
+        else:  # the plain end: exactly one whole LibIPC message -> the layer's wire bytes
+            scanner: FrameScanner = conn.scanner  # type: ignore[assignment]
+            if not (
+                scanner.idle
+                and n >= 4
+                and _unpack_header(self._buf)[0] + 4 == n
+                and n - 4 <= scanner.max_message_size
+            ):
+                return False
+            out = conn.fast_out(data)  # type: ignore[misc]
+            if out is None:
+                return False
+            size = n
+        stats = conn.stats
+        stats[0] += size
+        stats[1] += 1
+        if partner.out:
+            self._enqueue(partner, out, False)
+        else:
+            try:
+                sent = partner.sock.send(out)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._lost(partner, exc)
+                return True
+            if sent < len(out):
+                self._enqueue(partner, out[sent:], False)
+        if self.switch_events:
+            self._events.append(Event(EventType.SWITCH_RX, conn.fd))
+            self._events.append(Event(EventType.SWITCH_TX, partner.fd))
+        return True
 
     def _relay_data(self, conn: _Conn, data: bytes | memoryview, decoded: bool = False) -> None:
         """Forward bytes read from ``conn`` to its partner (the hot path)."""

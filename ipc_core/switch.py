@@ -48,6 +48,14 @@ class Layer(Protocol):
     close by the peer :class:`~ipc_core.errors.PeerClosed`. ``send`` may be
     given a memoryview of the loop's read buffer, valid only during the call:
     copy whatever is kept.
+
+    Optional fast hooks (looked up with getattr, used only when the partner
+    end carries the plain LibIPC stream): ``fast_receive(data)`` gets exactly
+    one read's bytes and returns the LibIPC bytes if they are one whole unit
+    needing nothing else (no reply, no state change), ``fast_send(data)`` gets
+    exactly one whole LibIPC message and returns its wire bytes. Either
+    returns None to decline, having consumed nothing; the general methods
+    then take the bytes. They save the interactive case a round of calls.
     """
 
     def receive_data(self, data: bytes) -> bytes: ...

@@ -431,6 +431,72 @@ def test_switch_with_sans_io_layer():
         assert data == b"bye\n"
 
 
+class FastLineLayer(LineLayer):
+    """LineLayer with the optional fast hooks; they decline anything but one
+    whole line / one whole message without "slow" in it, and count calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast = {"in": 0, "out": 0}
+
+    def fast_receive(self, data) -> bytes | None:
+        data = bytes(data)
+        if self.buf or data.count(b"\n") != 1 or not data.endswith(b"\n") or b"slow" in data:
+            return None
+        self.fast["in"] += 1
+        return encode(data[:-1])
+
+    def fast_send(self, data) -> bytes | None:
+        if self.decoder.pending or self.out or b"slow" in bytes(data):
+            return None
+        self.fast["out"] += 1
+        return bytes(data[4:]) + b"\n"
+
+
+def test_switch_uses_a_layers_fast_hooks_and_falls_back_in_order():
+    ctx, net, local, nfd, lfd = _pair_with_switch()
+    layer = FastLineLayer()
+    with ctx:
+        ctx.set_switch_codec(nfd, layer)
+        for line in (b"one", b"slow two", b"three"):
+            net.sendall(line + b"\n")
+            _pump(ctx, lambda s: local_ready(local))
+            assert recv_msg(local) == line
+        net.sendall(b"four\nfi")  # two units in one read: the general path
+        net.sendall(b"ve\n")
+        _pump(ctx, lambda s: local_ready(local))
+        assert [recv_msg(local), recv_msg(local)] == [b"four", b"five"]
+        assert layer.fast["in"] == 2  # "one" and "three"
+        for payload in (b"a", b"slow b", b"c"):
+            local.sendall(encode(payload))
+            _pump(ctx, lambda s: net_ready(net))
+            assert net.recv(100) == payload + b"\n"
+        assert layer.fast["out"] == 2
+        local.sendall(encode(b"d")[:3])  # a partial message: the general path
+        _pump(ctx, lambda s: len(s) >= 3)
+        local.sendall(encode(b"d")[3:])
+        _pump(ctx, lambda s: net_ready(net))
+        assert net.recv(100) == b"d\n" and layer.fast["out"] == 2
+        assert ctx.stats["switched"][1] == 5 + 4  # messages counted on both paths
+
+
+def test_switch_fast_hooks_not_used_when_the_partner_has_callbacks():
+    ctx, net, local, nfd, lfd = _pair_with_switch()
+    layer = FastLineLayer()
+
+    def out_cb(fd: int, payload: bytes):
+        os.write(fd, encode(payload.upper()))
+        return SwitchResult.NO_ERROR
+
+    with ctx:
+        ctx.set_switch_codec(nfd, layer)
+        ctx.set_switch_callbacks(lfd, None, out_cb)
+        net.sendall(b"shout\n")
+        _pump(ctx, lambda s: local_ready(local))
+        assert recv_msg(local) == b"SHOUT"
+        assert layer.fast == {"in": 0, "out": 0}
+
+
 def local_ready(sock: socket.socket) -> bool:
     import select
 

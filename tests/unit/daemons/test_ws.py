@@ -534,3 +534,90 @@ def test_server_frames_built_by_hand_parse_as_websockets_frames() -> None:
     frames = to_client(server, client)
     assert [len(f.data) for f in frames] == sizes
     assert all(f.opcode is Opcode.BINARY and f.fin for f in frames)
+
+
+# -- the fast hooks the core's relay calls first (fast_receive / fast_send) ----------
+
+
+def test_fast_receive_takes_exactly_one_whole_data_frame() -> None:
+    server, _client = handshake()
+    assert server.fast_receive(raw_client_frame(0x2, b"bin")) == encode(b"bin")
+    assert server.fast_receive(raw_client_frame(0x1, "tëxt".encode())) == encode("tëxt".encode())
+    big = b"y" * 300
+    assert server.fast_receive(memoryview(raw_client_frame(0x2, big))) == encode(big)
+    declined = [
+        raw_client_frame(0x2, b"partial")[:-1],
+        raw_client_frame(0x2, b"a") + raw_client_frame(0x2, b"b"),  # two frames
+        raw_client_frame(0x9, b"ping"),
+        raw_client_frame(0x2, b"frag", fin=False),
+        raw_client_frame(0x1, b"\xff\xfe"),  # invalid UTF-8: receive_data closes 1007
+        raw_client_frame(0x2, b"z" * 70_000),  # 64-bit length
+        b"\x82\x03abc",  # unmasked
+    ]
+    for raw in declined:
+        assert server.fast_receive(raw) is None, raw[:8]
+    assert server.activity == 3
+    small = WebSocketServerLayer(max_message_size=10)
+    small, _ = handshake(small)
+    assert small.fast_receive(raw_client_frame(0x2, b"x" * 11)) is None
+
+
+def test_fast_receive_declines_while_websockets_holds_state() -> None:
+    server, _client = handshake()
+    frame = raw_client_frame(0x2, b"hello")
+    assert server.receive_data(frame[:3]) == b""  # websockets holds a partial frame
+    assert server.fast_receive(frame) is None
+    assert server.receive_data(frame[3:]) == encode(b"hello")
+    assert server.fast_receive(frame) == encode(b"hello")  # boundary again
+    server.receive_data(raw_client_frame(0x2, b"he", fin=False))  # a fragment pending
+    assert server.fast_receive(frame) is None
+    server.receive_data(raw_client_frame(0x0, b"llo"))
+    assert server.fast_receive(frame) == encode(b"hello")
+    server.close()
+    assert server.fast_receive(frame) is None
+    unopened = WebSocketServerLayer()
+    assert unopened.fast_receive(frame) is None
+
+
+def test_fast_send_builds_the_same_frames_as_send() -> None:
+    for size in (0, 1, 125, 126, 65535, 65536, 70_000):
+        payload = bytes([size % 251]) * size
+        fast, _ = handshake()
+        slow, client = handshake()
+        wire_fast = fast.fast_send(memoryview(encode(payload)))
+        slow.send(encode(payload))
+        assert wire_fast == slow.data_to_send(), size
+        client.receive_data(wire_fast)
+        [frame] = client.events_received()
+        assert (frame.opcode, frame.fin, frame.data) == (Opcode.BINARY, True, payload)
+        assert fast.activity == slow.activity == 1
+
+
+def test_fast_send_declines_when_order_or_options_need_the_general_path() -> None:
+    server, client = handshake()
+    client.send_ping(b"p")
+    assert server.receive_data(wire(client)) == b""  # websockets queued the pong
+    assert server.fast_send(encode(b"x")) is None  # the pong must go out first
+    server.send(encode(b"x"))
+    assert [f.opcode for f in to_client(server, client)] == [Opcode.PONG, Opcode.BINARY]
+    assert server.fast_send(encode(b"y")) is not None
+    server.send(encode(b"partial")[:5])  # the decoder holds part of a message
+    assert server.fast_send(encode(b"z")) is None
+    text = WebSocketServerLayer(text_replies=True)
+    text, _ = handshake(text)
+    assert text.fast_send(encode(b"t")) is None  # UTF-8 checks live in send()
+    server.close()
+    assert server.fast_send(encode(b"late")) is None
+
+
+def test_activity_counts_data_messages_not_control_frames() -> None:
+    server, client = handshake()
+    client.send_ping(b"p")
+    server.receive_data(wire(client))
+    server.data_to_send()
+    assert server.activity == 0
+    client.send_binary(b"one")
+    client.send_binary(b"two")
+    server.receive_data(wire(client))
+    server.send(encode(b"three") + encode(b"four"))
+    assert server.activity == 4

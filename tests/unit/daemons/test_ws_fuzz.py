@@ -72,15 +72,19 @@ def close_code_sent(server: WebSocketServerLayer) -> int | None:
 
 
 def deliver(
-    server: WebSocketServerLayer, chunks: list[bytes], *, eof: bool = False
+    server: WebSocketServerLayer, chunks: list[bytes], *, eof: bool = False, fast: bool = False
 ) -> tuple[list[bytes], Exception | None]:
     """Feed the non-empty chunks (then EOF if ``eof``); return the LibIPC
-    payloads that came up and the error that ended it."""
+    payloads that came up and the error that ended it. With ``fast``, drive
+    it as the core's relay does: ``fast_receive`` first, then receive_data."""
     decoder = FrameDecoder()
     out: list[bytes] = []
     for chunk in [c for c in chunks if c] + ([b""] if eof else []):
         try:
-            out += decoder.feed(server.receive_data(chunk))
+            up = server.fast_receive(chunk) if fast and chunk else None
+            if up is None:
+                up = server.receive_data(chunk)
+            out += decoder.feed(up)
         except (ProtocolError, PeerClosed) as exc:
             server.data_to_send()
             assert server.closed
@@ -212,16 +216,23 @@ pieces = st.one_of(
 )
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["general", "fast-hooks"])
 @settings(max_examples=400, deadline=None)
-@given(sequence=st.lists(pieces, max_size=12), points=st.lists(st.integers(0), max_size=6))
+@given(
+    sequence=st.lists(pieces, max_size=12),
+    points=st.lists(st.integers(0), max_size=6),
+    per_frame=st.booleans(),
+)
 def test_random_frames_give_a_prefix_of_the_messages_then_a_clean_close(
-    sequence: list[tuple[str, bytes, bytes]], points: list[int]
+    fast: bool, sequence: list[tuple[str, bytes, bytes]], points: list[int], per_frame: bool
 ) -> None:
     wire = b"".join(raw for _, _, raw in sequence)
     marks = sorted({p % (len(wire) + 1) for p in points})
     chunks = [wire[a:b] for a, b in zip([0, *marks], [*marks, len(wire)], strict=True)]
+    if per_frame:  # one read per frame: what an interactive client produces
+        chunks = [raw for _, _, raw in sequence]
     server = opened(max_message_size=1 << 16)
-    out, err = deliver(server, chunks, eof=True)
+    out, err = deliver(server, chunks, eof=True, fast=fast)
     good = []
     for kind, payload, _ in sequence:
         if kind == "bad":

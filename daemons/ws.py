@@ -29,6 +29,11 @@ needs around it:
   reassembled here (bounded by ``max_message_size``, which websockets also
   enforces across fragments: close 1009), and text messages are checked to be
   UTF-8 (close 1007), which websockets leaves to its I/O layers.
+* Speed: while websockets' parser sits idle at a frame boundary, complete
+  unfragmented data frames are unmasked here without it (``_fast_frames``),
+  and the core's relay calls :meth:`fast_receive` / :meth:`fast_send` first
+  (one frame in, one LibIPC message out, in one call), falling back to the
+  general methods for anything else. Server data frames are built here too.
 * Outgoing bytes from websockets (pongs, close frames, HTTP responses) and
   our data frames are queued in one list, in the order they were produced;
   websockets' end-of-stream marker becomes the :attr:`closed` flag.

@@ -436,6 +436,10 @@ class Context:
         """
         conn = self._conns.get(fd)
         if conn is None:
+            if self._disconnection_pending(fd):
+                # The peer went while earlier events for it were still queued
+                # (e.g. the 2nd of 3 messages read together): not a misuse.
+                return False
             raise UsageError(f"descriptor {fd} is not in the context")
         n = len(payload)
         if n > self.max_message_size:
@@ -480,7 +484,9 @@ class Context:
 
     def send_raw(self, fd: int, data: bytes) -> bool:
         """Write raw bytes (no framing) to a descriptor of the context, queued
-        if needed: a daemon's handshake replies."""
+        if needed: a daemon's handshake replies. False if the peer is gone."""
+        if fd not in self._conns and self._disconnection_pending(fd):
+            return False
         return self._send(self._get(fd), data)
 
     def read(self, fd: int, timeout: float | None = None) -> bytes:
@@ -1220,8 +1226,15 @@ class Context:
     def _get(self, fd: int) -> _Conn:
         conn = self._conns.get(fd)
         if conn is None:
+            if self._disconnection_pending(fd):
+                raise PeerClosed(f"descriptor {fd} is closed (its DISCONNECTION is pending)")
             raise UsageError(f"descriptor {fd} is not in the context")
         return conn
+
+    def _disconnection_pending(self, fd: int) -> bool:
+        """True for a descriptor closed by the loop whose DISCONNECTION event
+        the application has not consumed yet (its number is still reserved)."""
+        return any(s.fileno() == fd for s in self._deferred_close)
 
     def _switched(self, fd: int) -> _Conn:
         conn = self._get(fd)
@@ -1240,7 +1253,7 @@ class Context:
             return conn
         conn = self._conns.get(fd)
         if conn is None:
-            if any(s.fileno() == fd for s in self._deferred_close):
+            if self._disconnection_pending(fd):
                 raise UsageError(f"descriptor {fd} was closed (its DISCONNECTION is pending)")
             sock = _wrap_fd(fd)
             sock.setblocking(False)

@@ -21,6 +21,7 @@ from ipc_core import (
     EventType,
     PeerClosed,
     SwitchResult,
+    UsageError,
     encode,
     recv_fd,
     send_fd,
@@ -89,6 +90,32 @@ def test_connection_and_disconnection_events(rundir):
                 assert fd == ev.fd
             case _:
                 pytest.fail("match on Event failed")
+
+
+def test_replies_to_a_peer_gone_mid_batch_return_false_not_raise(rundir):
+    """Three messages read in one go, then the client is gone: the reply to
+    the first fails (EPIPE), and the replies to the two still-queued messages
+    must report the loss (False), not raise: `ipc pongd` died of this."""
+    with Context() as ctx:
+        ctx.service_init("pong")
+        s = client(rundir)
+        conn = ctx.wait_event(timeout=2)
+        s.sendall(encode(b"a" * 70_000) * 3)
+        s.close()
+        messages = [ctx.wait_event(timeout=2) for _ in range(3)]
+        assert [e.type for e in messages] == [EventType.MESSAGE_RX] * 3
+        results = [ctx.write(conn.fd, e.message) for e in messages]
+        assert results == [False, False, False]
+        assert ctx.send_raw(conn.fd, b"raw") is False
+        with pytest.raises(PeerClosed):
+            ctx.pending_bytes(conn.fd)
+        ctx.close(conn.fd)  # a no-op, like any close of a closed descriptor
+        gone = ctx.wait_event(timeout=2)
+        assert (gone.type, gone.fd) == (EventType.DISCONNECTION, conn.fd)
+        assert "write failed" in (gone.reason or "")
+        assert ctx.wait_event(timeout=0.01).type == EventType.TIMER  # the number is freed
+        with pytest.raises(UsageError):  # now a plain misuse
+            ctx.write(conn.fd, b"late")
 
 
 def test_oversize_header_closes_only_that_connection(rundir, caplog):

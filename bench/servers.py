@@ -299,7 +299,11 @@ def ipc_websocketd(h: Harness, rundir: Path, pinned: bool = True) -> Target:
     return Target("ipc-websocketd", "ws", proc, ["--tcp", f"127.0.0.1:{port}", "--ws", "/pong"])
 
 
-def websockify(h: Harness, sock: Path, pinned: bool = True) -> Target:
+def websockify(
+    h: Harness, sock: Path, pinned: bool = True, ipc_in_messages: bool = False
+) -> Target:
+    """``ipc_in_messages``: the service speaks LibIPC, so loadgen sends the
+    header inside each message and parses the replies as LibIPC frames."""
     port = free_port()
     proc = h.start(
         "websockify",
@@ -308,9 +312,8 @@ def websockify(h: Harness, sock: Path, pinned: bool = True) -> Target:
         nofile=nofile(),
         ready=("tcp", port),
     )
-    return Target(
-        "websockify", "ws", proc, ["--tcp", f"127.0.0.1:{port}", "--ws", "/", "--ws-stream"]
-    )
+    framing = "--ws-ipc" if ipc_in_messages else "--ws-stream"
+    return Target("websockify", "ws", proc, ["--tcp", f"127.0.0.1:{port}", "--ws", "/", framing])
 
 
 def websocketd(h: Harness, pinned: bool = True) -> Target:

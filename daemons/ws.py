@@ -96,6 +96,10 @@ _TEXT, _BINARY, _CONT, _PONG, _CLOSE = (
 
 _log = logging.getLogger(__name__)
 
+# Headers of small messages, built once: the fast paths index these lists.
+_IPC_HEADS = [header(n) for n in range(126)]
+_WS_BINARY_HEADS = [bytes((0x82, n)) for n in range(126)]
+
 
 # -- origin policy -------------------------------------------------------------
 
@@ -318,7 +322,7 @@ class WebSocketServerLayer:
 
     # -- fast paths (optional Layer hooks, see ipc_core.switch.Layer) ---------
 
-    def fast_receive(self, data: bytes | memoryview) -> bytes | None:
+    def fast_receive(self, data: bytes | bytearray | memoryview) -> bytes | None:
         """``data`` is exactly one complete, masked, unfragmented data frame:
         return its LibIPC frame. None (nothing consumed): use receive_data.
 
@@ -349,9 +353,9 @@ class WebSocketServerLayer:
         if first == 0x81 and not _is_utf8(payload):
             return None  # the general path closes with 1007
         self.activity += 1
-        return header(length) + payload
+        return (_IPC_HEADS[length] if length < 126 else header(length)) + payload
 
-    def fast_send(self, data: bytes | memoryview) -> bytes | None:
+    def fast_send(self, data: bytes | bytearray | memoryview) -> bytes | None:
         """``data`` is exactly one whole LibIPC message: return its data
         frame for the network. None (nothing consumed): use send()."""
         if (
@@ -364,7 +368,7 @@ class WebSocketServerLayer:
             return None
         n = len(data) - 4
         if n < 126:
-            head = bytes((0x82, n))
+            head = _WS_BINARY_HEADS[n]
         elif n < 65536:
             head = _HEAD16.pack(0x82, 126, n)
         else:

@@ -74,6 +74,10 @@ _EPOLLERRS = select.EPOLLERR | select.EPOLLHUP
 _READABLE = _EPOLLIN | _EPOLLERRS
 _READ_BUFFER = 256 * 1024
 _SMALL_FRAME = 64 * 1024  # below this, header + payload are joined and sent with send()
+# Reads up to this size are relayed as a copy of the read buffer: copying a
+# small read is cheaper than slicing a memoryview (and C functions take a
+# bytearray faster than a memoryview); larger reads keep the zero-copy view.
+_COPY_READS = 4096
 _IOV_BATCH = 64
 _ACCEPT_BATCH = 64
 DEFAULT_QUEUE_HIGH_WATER = 1 * 1024 * 1024
@@ -193,8 +197,8 @@ class _Conn:
         self.plain = False  # switched, and both ends carry the LibIPC stream as is
         self.layer: Layer | None = None
         # Optional Layer fast hooks for what this end reads (see _refresh_fast).
-        self.fast_in: Callable[[memoryview], bytes | None] | None = None
-        self.fast_out: Callable[[memoryview], bytes | None] | None = None
+        self.fast_in: Callable[[bytearray | memoryview], bytes | None] | None = None
+        self.fast_out: Callable[[bytearray | memoryview], bytes | None] | None = None
         self.in_cb: InCallback | None = None
         self.out_cb: OutCallback | None = None
         self.service: ServiceSocket | None = None
@@ -738,7 +742,7 @@ class Context:
             self._close_pair(conn, None)
             return
         partner: _Conn = conn.partner  # type: ignore[assignment]
-        data = self._view[:n]
+        data = self._buf[:n] if n <= _COPY_READS else self._view[:n]
         if not conn.plain:
             if (conn.fast_in is not None or conn.fast_out is not None) and self._relay_fast(
                 conn, partner, data, n
@@ -782,7 +786,9 @@ class Context:
             self._events.append(Event(EventType.SWITCH_RX, conn.fd))
             self._events.append(Event(EventType.SWITCH_TX, partner.fd))
 
-    def _relay_fast(self, conn: _Conn, partner: _Conn, data: memoryview, n: int) -> bool:
+    def _relay_fast(
+        self, conn: _Conn, partner: _Conn, data: bytearray | memoryview, n: int
+    ) -> bool:
         """A layer's fast hook for one whole unit (a WebSocket frame in, a
         LibIPC message out, or the reverse), sent at once. False: nothing was
         consumed, the general path (_relay_data) takes the bytes."""

@@ -67,6 +67,7 @@ static struct {
     const char *sni;
     const char *ws_path;
     int ws_stream;
+    int ws_ipc;
     long connections;
     uint64_t size;
     long inflight;
@@ -1169,6 +1170,10 @@ static int ws_data(struct conn *c, uint8_t *p, size_t n, int fin_at_end)
             return end_message(c);
         return 1;
     }
+    if (cfg.ws_ipc) {
+        ipc_feed(c, p, n);
+        return c->st == ST_RUN;
+    }
     /* --ws-stream: payload bytes form a stream cut into --size replies */
     while (n > 0) {
         if (!c->in_msg)
@@ -1591,6 +1596,10 @@ static void usage(FILE *f)
             "  --ws PATH              WebSocket: GET PATH, one binary frame per message\n"
             "  --ws-stream            WebSocket replies are a byte stream (servers that\n"
             "                         do not keep message boundaries, e.g. websocketd)\n"
+            "  --ws-ipc               each WebSocket message carries a whole LibIPC frame\n"
+            "                         (u32 length + payload) and the replies are a stream\n"
+            "                         of LibIPC frames: a byte bridge such as websockify\n"
+            "                         in front of a LibIPC service\n"
             "load:\n"
             "  -c, --connections N    connections (default 1)\n"
             "  -s, --size BYTES       payload size (default 64)\n"
@@ -1689,7 +1698,7 @@ static void parse_target(void)
 static void parse_args(int argc, char **argv)
 {
     enum {
-        O_UNIX = 256, O_TCP, O_HANDSHAKE, O_TLS, O_CA, O_SNI, O_WS, O_WS_STREAM, O_VERIFY,
+        O_UNIX = 256, O_TCP, O_HANDSHAKE, O_TLS, O_CA, O_SNI, O_WS, O_WS_STREAM, O_WS_IPC, O_VERIFY,
         O_CONNRATE, O_HOLD, O_HOLDSEC, O_GRACEFUL,
     };
     static const struct option opts[] = {
@@ -1701,6 +1710,7 @@ static void parse_args(int argc, char **argv)
         {"sni", required_argument, 0, O_SNI},
         {"ws", required_argument, 0, O_WS},
         {"ws-stream", no_argument, 0, O_WS_STREAM},
+        {"ws-ipc", no_argument, 0, O_WS_IPC},
         {"connections", required_argument, 0, 'c'},
         {"size", required_argument, 0, 's'},
         {"inflight", required_argument, 0, 'i'},
@@ -1728,6 +1738,7 @@ static void parse_args(int argc, char **argv)
         case O_SNI: cfg.sni = optarg; break;
         case O_WS: cfg.ws_path = optarg; break;
         case O_WS_STREAM: cfg.ws_stream = 1; break;
+        case O_WS_IPC: cfg.ws_ipc = 1; break;
         case 'c': cfg.connections = (long)parse_u64(optarg, "--connections"); conn_given = 1; break;
         case 's': cfg.size = parse_u64(optarg, "--size"); break;
         case 'i': cfg.inflight = (long)parse_u64(optarg, "--inflight"); break;
@@ -1755,6 +1766,10 @@ static void parse_args(int argc, char **argv)
         fatal("--ca/--sni need --tls");
     if (cfg.ws_stream && !cfg.ws_path)
         fatal("--ws-stream needs --ws");
+    if (cfg.ws_ipc && !cfg.ws_path)
+        fatal("--ws-ipc needs --ws");
+    if (cfg.ws_ipc)
+        cfg.ws_stream = 1; /* replies are a byte stream, cut by their LibIPC headers */
     if (cfg.ws_path && cfg.ws_path[0] != '/')
         fatal("--ws PATH must start with '/'");
     if (cfg.handshake && !cfg.handshake[0])
@@ -1874,8 +1889,16 @@ int main(int argc, char **argv)
         memcpy(ws_mask_key, "\x5a\x3c\x96\xe1", 4);
 
     /* the frame template */
-    uint8_t hdr[14];
-    if (cfg.ws_path) {
+    uint8_t hdr[18]; /* WebSocket header (<= 14) + LibIPC header with --ws-ipc */
+    if (cfg.ws_path && cfg.ws_ipc) {
+        /* WebSocket header, then the LibIPC header as the first 4 payload
+           bytes, masked with the key from its start (4 % 4 == 0, so the
+           payload after it is masked as the code below expects) */
+        frame_hdr_len = ws_header(hdr, cfg.size + 4, 2, ws_mask_key);
+        for (int i = 0; i < 4; i++)
+            hdr[frame_hdr_len + i] = (uint8_t)(cfg.size >> (24 - 8 * i)) ^ ws_mask_key[i];
+        frame_hdr_len += 4;
+    } else if (cfg.ws_path) {
         frame_hdr_len = ws_header(hdr, cfg.size, 2, ws_mask_key);
     } else {
         hdr[0] = (uint8_t)(cfg.size >> 24);

@@ -742,36 +742,52 @@ class Context:
             self._close_pair(conn, None)
             return
         partner: _Conn = conn.partner  # type: ignore[assignment]
-        data = self._buf[:n] if n <= _COPY_READS else self._view[:n]
-        if not conn.plain:
-            if (conn.fast_in is not None or conn.fast_out is not None) and self._relay_fast(
-                conn, partner, data, n
-            ):
+        data: Any = self._buf[:n] if n <= _COPY_READS else self._view[:n]
+        # The hot path of a relay, inlined. What is read is either the LibIPC
+        # stream (a plain end, or the plain end facing a layer's fast_send) or
+        # a layer's wire bytes (fast_receive); a whole unit is sent straight
+        # on and only what the partner's socket does not take is queued.
+        # Anything else goes to the general path, _relay_data.
+        size = n
+        fast_in = conn.fast_in
+        if fast_in is not None:  # a layer's end: one wire unit -> one LibIPC message
+            out = fast_in(data)
+            if out is None:
+                self._relay_data(conn, data)
                 return
-            self._relay_data(conn, data)
-            return
-        # The hot path of a relay, inlined: LibIPC stream on both ends. Check
-        # frame boundaries, then send straight from the read buffer; only what
-        # the partner's socket does not take is copied into its queue.
-        scanner: FrameScanner = conn.scanner  # type: ignore[assignment]
-        if (
-            scanner.idle
-            and n >= 4
-            and (length := _unpack_header(self._buf)[0]) + 4 == n
-            and length <= scanner.max_message_size
-        ):
-            frames = 1  # exactly one whole frame: FrameScanner.scan's fast path, inlined
+            data = out
+            size = len(out)
+            frames = 1
         else:
-            try:
-                frames = scanner.scan(data)
-            except MessageTooLarge:
-                self._relay_data(conn, data)  # the slow path logs, forwards the good part
+            scanner: FrameScanner = conn.scanner  # type: ignore[assignment]
+            if (
+                scanner.idle
+                and n >= 4
+                and (length := _unpack_header(self._buf)[0]) + 4 == n
+                and length <= scanner.max_message_size
+            ):
+                frames = 1  # exactly one whole frame: FrameScanner.scan's fast path, inlined
+                if not conn.plain:
+                    fast_out = conn.fast_out  # the partner's layer: message -> wire unit
+                    out = None if fast_out is None else fast_out(data)
+                    if out is None:
+                        self._relay_data(conn, data)
+                        return
+                    data = out
+            elif not conn.plain:
+                self._relay_data(conn, data)
                 return
+            else:
+                try:
+                    frames = scanner.scan(data)
+                except MessageTooLarge:
+                    self._relay_data(conn, data)  # the slow path logs, forwards the good part
+                    return
         stats = conn.stats
-        stats[0] += n
+        stats[0] += size
         stats[1] += frames
         if partner.out:
-            self._enqueue(partner, bytes(data), False)
+            self._enqueue(partner, data if type(data) is bytes else bytes(data), False)
         else:
             try:
                 sent = partner.sock.send(data)
@@ -780,56 +796,11 @@ class Context:
             except OSError as exc:
                 self._lost(partner, exc)
                 return
-            if sent < n:
+            if sent < len(data):
                 self._enqueue(partner, bytes(data[sent:]), False)
         if self.switch_events:
             self._events.append(Event(EventType.SWITCH_RX, conn.fd))
             self._events.append(Event(EventType.SWITCH_TX, partner.fd))
-
-    def _relay_fast(
-        self, conn: _Conn, partner: _Conn, data: bytearray | memoryview, n: int
-    ) -> bool:
-        """A layer's fast hook for one whole unit (a WebSocket frame in, a
-        LibIPC message out, or the reverse), sent at once. False: nothing was
-        consumed, the general path (_relay_data) takes the bytes."""
-        fast = conn.fast_in
-        if fast is not None:  # the layer's end: wire bytes -> one LibIPC message
-            out = fast(data)
-            if out is None:
-                return False
-            size = len(out)
-        else:  # the plain end: exactly one whole LibIPC message -> the layer's wire bytes
-            scanner: FrameScanner = conn.scanner  # type: ignore[assignment]
-            if not (
-                scanner.idle
-                and n >= 4
-                and _unpack_header(self._buf)[0] + 4 == n
-                and n - 4 <= scanner.max_message_size
-            ):
-                return False
-            out = conn.fast_out(data)  # type: ignore[misc]
-            if out is None:
-                return False
-            size = n
-        stats = conn.stats
-        stats[0] += size
-        stats[1] += 1
-        if partner.out:
-            self._enqueue(partner, out, False)
-        else:
-            try:
-                sent = partner.sock.send(out)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self._lost(partner, exc)
-                return True
-            if sent < len(out):
-                self._enqueue(partner, out[sent:], False)
-        if self.switch_events:
-            self._events.append(Event(EventType.SWITCH_RX, conn.fd))
-            self._events.append(Event(EventType.SWITCH_TX, partner.fd))
-        return True
 
     def _relay_data(self, conn: _Conn, data: bytes | memoryview, decoded: bool = False) -> None:
         """Forward bytes read from ``conn`` to its partner (the hot path)."""

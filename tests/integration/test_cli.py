@@ -57,3 +57,20 @@ def test_pongd_custom_name_and_invalid_name(rundir, procs):
     assert run("send", "echo", "x", rundir=rundir).stdout == b"x\n"
     out = run("pongd", "a/b", rundir=rundir)
     assert out.returncode == 1 and b"contains '/'" in out.stderr
+
+
+def test_pongd_survives_clients_that_leave_with_messages_in_flight(rundir, procs):
+    """Pipelined messages read together, then the client is gone before the
+    replies: pongd died of this once ("descriptor N is not in the context")."""
+    import socket
+
+    from ipc_core import encode
+
+    pongd = procs.pongd(rundir)
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(rundir / "pong"))
+        s.sendall(encode(b"x" * 70_000) * 3)
+        s.close()
+    assert run("send", "pong", "still here", rundir=rundir).stdout == b"still here\n"
+    assert pongd.poll() is None

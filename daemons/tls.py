@@ -138,6 +138,10 @@ class TLSLayer:
         self._pending: list[bytes] = []  # plaintext sent before the handshake completed
         self._error: IPCError | None = None  # raised by the next receive_data
         self._closing = False  # close() was called
+        # fast_receive declined after feeding the BIO: what it read (bytes) or
+        # the error it hit, for the receive_data call that follows with the
+        # same bytes (see fast_receive).
+        self._fed: bytes | ssl.SSLError | None = None
         if not server_side:
             # The client speaks first: put the ClientHello in the outgoing BIO.
             self._advance_handshake()
@@ -180,7 +184,10 @@ class TLSLayer:
         """Feed ciphertext (b"" = EOF); return the plaintext it completed."""
         if self._error is not None:
             raise self._error
-        if data:
+        fed, self._fed = self._fed, None
+        if fed is not None:
+            pass  # fast_receive already put these bytes into the BIO
+        elif data:
             self._incoming.write(data)
         else:
             self._incoming.write_eof()
@@ -189,13 +196,62 @@ class TLSLayer:
                 if not data:
                     raise PeerClosed("tls: connection closed during the handshake")
                 return b""
-            return self._read_all()
+            return self._read_all(fed)
         except IPCError as exc:
             self._error = exc
             raise
 
     def data_to_send(self) -> bytes:
         """Ciphertext waiting to be written to the network (b"" if none)."""
+        return self._outgoing.read()
+
+    # -- the core's fast hooks (see ipc_core.switch.Layer) -------------------
+
+    def fast_receive(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """Decrypt one read of an established connection in one call: the
+        plaintext when it completed a record and nothing else came of it (no
+        bytes to send back, no alert, nothing left over). Otherwise None, and
+        the receive_data(data) call that follows finishes the job as the
+        general path would (the bytes are already in the BIO by then)."""
+        if (
+            not self._handshake_complete
+            or self._closing
+            or self._error is not None
+            or self._fed is not None
+            or self._incoming.pending
+        ):
+            return None
+        self._incoming.write(data)
+        try:
+            chunk = self._ssl.read(_READ_SIZE)
+        except ssl.SSLError as exc:  # incl. want-read (a partial record), close_notify
+            self._fed = exc
+            return None
+        if (
+            chunk
+            and not self._incoming.pending
+            and not self._ssl.pending()
+            and not self._outgoing.pending
+        ):
+            return chunk
+        self._fed = chunk
+        return None
+
+    def fast_send(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """Encrypt one whole LibIPC message into the bytes for the network,
+        when nothing is queued before it; None (nothing done): use send()."""
+        if (
+            not self._handshake_complete
+            or self._closing
+            or self._error is not None
+            or self._outgoing.pending
+        ):
+            return None
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError as exc:
+            self._error = _protocol_error(exc)  # as send() would: dropped, raised later
+            return None
         return self._outgoing.read()
 
     # -- local side --------------------------------------------------------
@@ -246,13 +302,20 @@ class TLSLayer:
             self._write(chunk)
         return True
 
-    def _read_all(self) -> bytes:
-        """Decrypt everything available; defer a close/error behind the data."""
+    def _read_all(self, fed: bytes | ssl.SSLError | None = None) -> bytes:
+        """Decrypt everything available; defer a close/error behind the data.
+        ``fed``: what fast_receive already read (or the error it hit)."""
         chunks: list[bytes] = []
         read = self._ssl.read
         incoming = self._incoming
         ssl_pending = self._ssl.pending
         try:
+            if isinstance(fed, ssl.SSLError):
+                raise fed
+            if fed:
+                chunks.append(fed)
+                if not incoming.pending and not ssl_pending():
+                    return fed
             while True:
                 chunk = read(_READ_SIZE)
                 if not chunk:  # SSL_read reports a clean close this way too

@@ -749,17 +749,8 @@ class Context:
         # on and only what the partner's socket does not take is queued.
         # Anything else goes to the general path, _relay_data.
         size = n
-        fast_in = conn.fast_in
-        if fast_in is not None:  # a layer's end: one wire unit -> one LibIPC message
-            out = fast_in(data)
-            if out is None:
-                self._relay_data(conn, data)
-                return
-            data = out
-            size = len(out)
-            frames = 1
-        else:
-            scanner: FrameScanner = conn.scanner  # type: ignore[assignment]
+        scanner: FrameScanner = conn.scanner  # type: ignore[assignment]
+        if conn.plain or conn.fast_out is not None:
             if (
                 scanner.idle
                 and n >= 4
@@ -767,9 +758,8 @@ class Context:
                 and length <= scanner.max_message_size
             ):
                 frames = 1  # exactly one whole frame: FrameScanner.scan's fast path, inlined
-                if not conn.plain:
-                    fast_out = conn.fast_out  # the partner's layer: message -> wire unit
-                    out = None if fast_out is None else fast_out(data)
+                if not conn.plain:  # the partner's layer: one message -> its wire bytes
+                    out = conn.fast_out(data)  # type: ignore[misc]
                     if out is None:
                         self._relay_data(conn, data)
                         return
@@ -783,6 +773,23 @@ class Context:
                 except MessageTooLarge:
                     self._relay_data(conn, data)  # the slow path logs, forwards the good part
                     return
+        else:
+            fast_in = conn.fast_in  # this end's layer: wire bytes -> LibIPC stream
+            out = None if fast_in is None else fast_in(data)
+            if out is None:
+                self._relay_data(conn, data)
+                return
+            size = len(out)
+            if not (
+                scanner.idle
+                and size >= 4
+                and (length := _unpack_header(out)[0]) + 4 == size
+                and length <= scanner.max_message_size
+            ):
+                self._relay_data(conn, out, decoded=True)  # scans, counts, forwards
+                return
+            data = out
+            frames = 1
         stats = conn.stats
         stats[0] += size
         stats[1] += frames

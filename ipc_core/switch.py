@@ -51,11 +51,13 @@ class Layer(Protocol):
 
     Optional fast hooks (looked up with getattr, used only when the partner
     end carries the plain LibIPC stream): ``fast_receive(data)`` gets exactly
-    one read's bytes and returns the LibIPC bytes if they are one whole unit
-    needing nothing else (no reply, no state change), ``fast_send(data)`` gets
-    exactly one whole LibIPC message and returns its wire bytes. Either
-    returns None to decline, having consumed nothing; the general methods
-    then take the bytes. They save the interactive case a round of calls.
+    one read's bytes and returns the (non-empty) LibIPC stream they decode to
+    when nothing else came of them (nothing to send back, no close, no
+    error); on None the loop calls ``receive_data(data)`` with the same
+    bytes, which must then finish the job (a hook may have consumed them).
+    ``fast_send(data)`` gets exactly one whole LibIPC message and returns its
+    wire bytes, or None having consumed nothing (the loop calls ``send``).
+    They save the interactive case a round of calls.
     """
 
     def receive_data(self, data: bytes) -> bytes: ...

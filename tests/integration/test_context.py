@@ -507,6 +507,31 @@ def test_switch_uses_a_layers_fast_hooks_and_falls_back_in_order():
         assert ctx.stats["switched"][1] == 5 + 4  # messages counted on both paths
 
 
+class StreamFastLayer(LineLayer):
+    """fast_receive returns whatever the lines decode to: several messages,
+    or a header announcing more than the limit (as TLS plaintext can)."""
+
+    def fast_receive(self, data) -> bytes | None:
+        data = bytes(data)
+        if data.startswith(b"BIG"):
+            return encode(b"ok") + struct.pack(">I", 10_000)
+        return self.receive_data(data) or None
+
+
+def test_fast_receive_output_is_scanned_like_the_general_paths():
+    ctx, net, local, nfd, _lfd = _pair_with_switch(max_message_size=1000)
+    with ctx:
+        ctx.set_switch_codec(nfd, StreamFastLayer())
+        net.sendall(b"one\ntwo\nthree\n")
+        _pump(ctx, lambda s: local_ready(local))
+        assert [recv_msg(local) for _ in range(3)] == [b"one", b"two", b"three"]
+        assert ctx.stats["switched"][1] == 3
+        net.sendall(b"BIG\n")
+        _pump(ctx, lambda s: any(e.type == EventType.DISCONNECTION for e in s))
+        assert recv_msg(local) == b"ok"  # the good message before the oversize header
+        assert local.recv(1) == b""
+
+
 def test_switch_fast_hooks_not_used_when_the_partner_has_callbacks():
     ctx, net, local, nfd, lfd = _pair_with_switch()
     layer = FastLineLayer()

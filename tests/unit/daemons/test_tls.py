@@ -391,3 +391,124 @@ def test_corrupted_client_flight_only_raises_protocol_errors(pki: PKI, data: st.
         server.receive_data(b"")
     except (ProtocolError, PeerClosed):
         pass
+
+
+# -- the fast hooks the core's relay calls first --------------------------------------------
+
+
+def fast_then_general(layer: TLSLayer, data: bytes) -> bytes:
+    """What the core's relay does with one read."""
+    out = layer.fast_receive(data)
+    return out if out is not None else layer.receive_data(data)
+
+
+def opened_pair(pki: PKI) -> tuple[TLSLayer, TLSLayer]:
+    server, client = make_pair(pki)
+    pump(client, server)
+    assert server.handshake_complete and client.handshake_complete
+    return server, client
+
+
+def test_fast_receive_decrypts_one_record_in_one_call(pki: PKI) -> None:
+    server, client = opened_pair(pki)
+    for size in (0, 64, 16_000):
+        message = b"\x00\x00\x3e\x80" + b"m" * size
+        client.send(message)
+        assert server.fast_receive(client.data_to_send()) == message
+    assert server.data_to_send() == b""
+
+
+def test_fast_receive_declines_and_receive_data_finishes_the_read(pki: PKI) -> None:
+    server, client = opened_pair(pki)
+    client.send(b"abc")
+    record = client.data_to_send()
+    assert server.fast_receive(record[:7]) is None  # a partial record
+    assert server.receive_data(record[:7]) == b""
+    assert fast_then_general(server, record[7:]) == b"abc"
+    client.send(b"one")
+    client.send(b"two")
+    two = client.data_to_send()
+    assert server.fast_receive(two) is None  # two records: the second is left over
+    assert server.receive_data(two) == b"onetwo"
+    client.send(b"last")
+    client.close()
+    tail = client.data_to_send()
+    assert server.fast_receive(tail) is None  # data, then close_notify
+    assert server.receive_data(tail) == b"last"
+    with pytest.raises(PeerClosed, match="close_notify"):
+        server.receive_data(b"")
+
+
+def test_fast_receive_close_notify_and_tampering_raise_from_receive_data(pki: PKI) -> None:
+    server, client = opened_pair(pki)
+    client.close()
+    notify = client.data_to_send()
+    assert server.fast_receive(notify) is None
+    with pytest.raises(PeerClosed, match="close_notify"):
+        server.receive_data(notify)
+    server, client = opened_pair(pki)
+    client.send(b"secret")
+    tampered = bytearray(client.data_to_send())
+    tampered[-1] ^= 1
+    assert server.fast_receive(bytes(tampered)) is None
+    with pytest.raises(ProtocolError):
+        server.receive_data(bytes(tampered))
+    assert server.fast_receive(b"more") is None  # failed layers always decline
+
+
+def test_fast_receive_declines_before_the_handshake_without_consuming(pki: PKI) -> None:
+    server, client = make_pair(pki)
+    hello = client.data_to_send()
+    assert server.fast_receive(hello) is None
+    assert server.receive_data(hello) == b""  # the general path sees the hello once
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    assert server.handshake_complete
+
+
+def test_fast_send_matches_send_and_declines_behind_queued_bytes(pki: PKI) -> None:
+    server, client = opened_pair(pki)
+    wire = server.fast_send(memoryview(b"\x00\x00\x00\x02hi"))
+    assert wire and client.receive_data(wire) == b"\x00\x00\x00\x02hi"
+    server.send(b"queued")
+    assert server.fast_send(b"after") is None  # order: the queued record goes first
+    assert client.receive_data(server.data_to_send()) == b"queued"
+    server.close()
+    assert server.fast_send(b"late") is None
+
+
+def _sent(pki: PKI, messages: list[bytes], close: bool) -> tuple[TLSLayer, bytes]:
+    """A fresh opened server, and the client's records for ``messages``."""
+    server, client = opened_pair(pki)
+    for message in messages:
+        client.send(message)
+    if close:
+        client.close()
+    return server, client.data_to_send()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    messages=st.lists(st.binary(max_size=3000), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0), max_size=5),
+    close=st.booleans(),
+)
+def test_fast_and_general_reads_give_the_same_plaintext(
+    pki: PKI, messages: list[bytes], cuts: list[int], close: bool
+) -> None:
+    results = []
+    for drive in (TLSLayer.receive_data, fast_then_general):
+        server, wire = _sent(pki, messages, close)
+        marks = sorted({c % (len(wire) + 1) for c in cuts})
+        chunks = [wire[a:b] for a, b in zip([0, *marks], [*marks, len(wire)], strict=True)]
+        got, err = [], None
+        try:
+            for chunk in [c for c in chunks if c]:
+                got.append(drive(server, chunk))
+            server.receive_data(b"")  # EOF, as the relay reports it
+        except (PeerClosed, ProtocolError) as exc:
+            err = exc
+        results.append((b"".join(got), type(err), "sent close_notify" in str(err)))
+    assert results[0] == results[1] == (b"".join(messages), PeerClosed, close)

@@ -367,6 +367,8 @@ class WebSocketServerLayer:
         ):
             return None
         n = len(data) - 4
+        if n > self.max_message_size:
+            return None  # send() fails the connection (1011), as for any oversize message
         if n < 126:
             head = _WS_BINARY_HEADS[n]
         elif n < 65536:
@@ -381,6 +383,7 @@ class WebSocketServerLayer:
             self._phase is Phase.OPEN
             and self._error is None
             and self._fragments is None
+            and isinstance(getattr(self._proto, "writes", None), list)  # read by fast_send
             and self._at_frame_boundary()
         )
         return ok

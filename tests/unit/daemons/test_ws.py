@@ -621,3 +621,12 @@ def test_activity_counts_data_messages_not_control_frames() -> None:
     server.receive_data(wire(client))
     server.send(encode(b"three") + encode(b"four"))
     assert server.activity == 4
+
+
+def test_fast_send_leaves_oversize_messages_to_send() -> None:
+    server, _client = handshake(WebSocketServerLayer(max_message_size=10))
+    assert server.fast_send(encode(b"x" * 10)) is not None
+    assert server.fast_send(encode(b"x" * 11)) is None
+    with pytest.raises(MessageTooLarge):
+        server.send(encode(b"x" * 11))
+    assert close_code_sent(server) == 1011

@@ -69,18 +69,53 @@ class Layer(Protocol):
     def close(self) -> None: ...
 
 
+_FAST_HOOKS = ("fast_receive", "fast_send")
+
+
 class StackedLayer:
     """Two layers on top of each other (e.g. WebSocket over TLS).
 
     ``lower`` touches the network; ``upper`` produces the LibIPC stream.
+    When both have the fast hooks, so does the stack (``fast_receive`` and
+    ``fast_send`` are then set on the instance): one call per direction
+    through both, falling back to the general path as each layer does.
     """
 
     def __init__(self, lower: Layer, upper: Layer) -> None:
         self.lower = lower
         self.upper = upper
+        # Plaintext the lower layer's fast_receive produced but the upper's
+        # declined: the receive_data call that follows starts from it.
+        self._plain: bytes | None = None
+        hooks = [getattr(layer, name, None) for layer in (lower, upper) for name in _FAST_HOOKS]
+        if all(hooks):
+            self._lower_receive, self._lower_send, self._upper_receive, self._upper_send = hooks
+            self.fast_receive = self._fast_receive
+            self.fast_send = self._fast_send
+
+    def _fast_receive(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        plain = self._lower_receive(data)
+        if plain is None:
+            return None  # receive_data(data) -> lower.receive_data(data) finishes
+        out = self._upper_receive(plain)
+        if out is None:
+            self._plain = plain  # the lower layer consumed data: continue from here
+        return out
+
+    def _fast_send(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        wire = self._upper_send(data)
+        if wire is None:
+            return None  # nothing consumed
+        out = self._lower_send(wire)
+        if out is None:  # the upper layer consumed data: finish as send() would
+            self.lower.send(wire)
+            out = self.lower.data_to_send()
+        return out
 
     def receive_data(self, data: bytes) -> bytes:
-        plain = self.lower.receive_data(data)  # EOF raises here
+        plain, self._plain = self._plain, None
+        if plain is None:
+            plain = self.lower.receive_data(data)  # EOF raises here
         if not plain:
             self._push_down()
             return b""

@@ -173,12 +173,13 @@ def make_certs(h: Harness) -> Certs:
     d = h.mkdir("certs", 0o755)
     ipc = BIN / "ipc"
     if importlib.util.find_spec("daemons.certs") and ipc.exists():
-        subprocess.run([ipc, "cert", "ca", "--out", d], check=True, capture_output=True)
-        subprocess.run(
-            [ipc, "cert", "server", "--ca-dir", d, "--out", d, "localhost", "127.0.0.1"],
-            check=True,
-            capture_output=True,
-        )
+        if not (d / "localhost.pem").exists():  # made once per run (tls and ws use them)
+            subprocess.run([ipc, "cert", "ca", "--out", d], check=True, capture_output=True)
+            subprocess.run(
+                [ipc, "cert", "server", "--ca-dir", d, "--out", d, "localhost", "127.0.0.1"],
+                check=True,
+                capture_output=True,
+            )
         ca, cert, key = d / "ca.pem", d / "localhost.pem", d / "localhost.key"
         how = "`ipc cert ca` + `ipc cert server localhost 127.0.0.1` (EC P-256)"
     else:
@@ -279,8 +280,13 @@ def hitch(h: Harness, sock: Path, certs: Certs, pinned: bool = True) -> Target:
     return Target("hitch", "tls", proc, _tls_args(port, certs))
 
 
-def ipc_websocketd(h: Harness, rundir: Path, pinned: bool = True) -> Target:
+def ipc_websocketd(
+    h: Harness, rundir: Path, pinned: bool = True, certs: Certs | None = None
+) -> Target:
+    """``certs``: wss (TLS with that certificate)."""
     port = free_port()
+    # wss: a second instance in the same run directory needs its own control service
+    tls = ["--cert", certs.cert, "--key", certs.key, "--control-name", "wss"] if certs else []
     proc = h.start(
         "ipc-websocketd",
         [
@@ -291,33 +297,44 @@ def ipc_websocketd(h: Harness, rundir: Path, pinned: bool = True) -> Target:
             "--listen",
             f"127.0.0.1:{port}",
             "--no-static",
+            *tls,
         ],
         pinned=pinned,
         nofile=nofile(),
         ready=("tcp", port),
     )
-    return Target("ipc-websocketd", "ws", proc, ["--tcp", f"127.0.0.1:{port}", "--ws", "/pong"])
+    client = _tls_args(port, certs) if certs else ["--tcp", f"127.0.0.1:{port}"]
+    return Target("ipc-websocketd", "ws", proc, [*client, "--ws", "/pong"])
 
 
 def websockify(
-    h: Harness, sock: Path, pinned: bool = True, ipc_in_messages: bool = False
+    h: Harness,
+    sock: Path,
+    pinned: bool = True,
+    ipc_in_messages: bool = False,
+    certs: Certs | None = None,
 ) -> Target:
     """``ipc_in_messages``: the service speaks LibIPC, so loadgen sends the
-    header inside each message and parses the replies as LibIPC frames."""
+    header inside each message and parses the replies as LibIPC frames.
+    ``certs``: wss (websockify then refuses plain ws)."""
     port = free_port()
+    tls = [f"--cert={certs.cert}", f"--key={certs.key}", "--ssl-only"] if certs else []
     proc = h.start(
         "websockify",
-        [tool("websockify"), f"--unix-target={sock}", f"127.0.0.1:{port}"],
+        [tool("websockify"), *tls, f"--unix-target={sock}", f"127.0.0.1:{port}"],
         pinned=pinned,
         nofile=nofile(),
         ready=("tcp", port),
     )
     framing = "--ws-ipc" if ipc_in_messages else "--ws-stream"
-    return Target("websockify", "ws", proc, ["--tcp", f"127.0.0.1:{port}", "--ws", "/", framing])
+    client = _tls_args(port, certs) if certs else ["--tcp", f"127.0.0.1:{port}"]
+    return Target("websockify", "ws", proc, [*client, "--ws", "/", framing])
 
 
-def websocketd(h: Harness, pinned: bool = True) -> Target:
+def websocketd(h: Harness, pinned: bool = True, certs: Certs | None = None) -> Target:
+    """``certs``: wss (--ssl)."""
     port = free_port()
+    tls = ["--ssl", f"--sslcert={certs.cert}", f"--sslkey={certs.key}"] if certs else []
     proc = h.start(
         "websocketd",
         [
@@ -326,15 +343,15 @@ def websocketd(h: Harness, pinned: bool = True) -> Target:
             f"--port={port}",
             "--binary=true",
             "--loglevel=fatal",
+            *tls,
             "cat",
         ],
         pinned=pinned,
         nofile=nofile(),
         ready=("tcp", port),
     )
-    return Target(
-        "websocketd", "ws", proc, ["--tcp", f"127.0.0.1:{port}", "--ws", "/", "--ws-stream"]
-    )
+    client = _tls_args(port, certs) if certs else ["--tcp", f"127.0.0.1:{port}"]
+    return Target("websocketd", "ws", proc, [*client, "--ws", "/", "--ws-stream"])
 
 
 def require(reason: str | None) -> None:

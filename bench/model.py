@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 
@@ -49,6 +50,22 @@ class SuiteResult:
         self.checks.append(c)
         return c
 
+    def check_ratio(
+        self,
+        name: str,
+        ours: float | None,
+        peer: float | None,
+        op: str,
+        target: float,
+        unit: str,
+        show: Callable[[float | None], str] | None = None,
+    ) -> Check:
+        """A target on ours / peer, with both figures behind it ("a vs b unit")."""
+        show = show or fmt
+        return self.check(
+            name, ratio(ours, peer), op, target, detail=f"{show(ours)} vs {show(peer)} {unit}"
+        )
+
     def table(self, title: str, headers: list[str]) -> Table:
         t = Table(title, headers)
         self.tables.append(t)
@@ -78,6 +95,11 @@ def fmt(v: float | None, digits: int = 0, suffix: str = "") -> str:
     if v is None:
         return "-"
     return f"{v:,.{digits}f}{suffix}"
+
+
+def fmt1(v: float | None) -> str:
+    """One decimal (latencies in µs)."""
+    return fmt(v, 1)
 
 
 def fmt_rate(v: float | None) -> str:

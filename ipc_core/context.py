@@ -794,7 +794,8 @@ class Context:
         stats[0] += size
         stats[1] += frames
         if partner.out:
-            self._enqueue(partner, data if type(data) is bytes else bytes(data), False)
+            # a copy of a small read is private already; a view of the buffer is not
+            self._enqueue(partner, bytes(data) if type(data) is memoryview else data, False)
         else:
             try:
                 sent = partner.sock.send(data)
@@ -810,7 +811,9 @@ class Context:
             self._events.append(Event(EventType.SWITCH_TX, partner.fd))
 
     def _relay_data(self, conn: _Conn, data: bytes | memoryview, decoded: bool = False) -> None:
-        """Forward bytes read from ``conn`` to its partner (the hot path)."""
+        """Forward bytes read from ``conn`` to its partner: the general path
+        (layers, callbacks, partial or several frames); _read_switched keeps
+        the common whole-message cases inline."""
         partner = conn.partner
         assert partner is not None
         layer = conn.layer
@@ -842,20 +845,7 @@ class Context:
         stats = conn.stats
         stats[0] += len(data)
         stats[1] += frames
-        if partner.layer is None and partner.out_cb is None and not partner.out:
-            # Decoded bytes to a plain end (TLS/WebSocket -> local service): send
-            # at once, as the plain relay does; _forward covers everything else.
-            try:
-                sent = partner.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self._lost(partner, exc)
-                return
-            if sent < len(data):
-                self._enqueue(partner, bytes(data[sent:]), False)
-        else:
-            self._forward(conn, partner, data)
+        self._forward(conn, partner, data)
         if self.switch_events:
             self._events.append(Event(EventType.SWITCH_RX, conn.fd))
             self._events.append(Event(EventType.SWITCH_TX, partner.fd))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import servers
 from ..harness import Harness, rss_kib
-from ..model import SuiteResult, fmt, fmt_fair, fmt_rate, fmt_ratio, ratio, spread, status
+from ..model import SuiteResult, fmt, fmt1, fmt_fair, fmt_rate, fmt_ratio, ratio, spread, status
 
 NAME = "tcp"
 TITLE = "TCP: ipc-tcpd vs socat (TCP -> Unix socket relay)"
@@ -99,28 +99,31 @@ def run(h: Harness, res: SuiteResult) -> None:
     def get(load: str, relay: str, key: str) -> float | None:
         return figs[(load, relay)].get(key)
 
-    res.check(
+    res.check_ratio(
         "1 connection ping-pong: p50 latency, ipc-tcpd / socat",
-        ratio(get(PP, "ipc-tcpd", "p50_us"), get(PP, "socat", "p50_us")),
+        get(PP, "ipc-tcpd", "p50_us"),
+        get(PP, "socat", "p50_us"),
         "<=",
         1.3,
-        detail=f"{fmt(get(PP, 'ipc-tcpd', 'p50_us'), 1)} vs "
-        f"{fmt(get(PP, 'socat', 'p50_us'), 1)} µs",
+        "µs",
+        show=fmt1,
     )
-    res.check(
+    res.check_ratio(
         "bulk 1 MiB, 4 in flight: throughput, ipc-tcpd / socat",
-        ratio(get(BULK, "ipc-tcpd", "mbps"), get(BULK, "socat", "mbps")),
+        get(BULK, "ipc-tcpd", "mbps"),
+        get(BULK, "socat", "mbps"),
         ">=",
         1.0,
-        detail=f"{fmt(get(BULK, 'ipc-tcpd', 'mbps'))} vs {fmt(get(BULK, 'socat', 'mbps'))} MB/s",
+        "MB/s",
     )
-    res.check(
+    res.check_ratio(
         "100 connections: aggregate msg/s, ipc-tcpd / socat",
-        ratio(get(C100, "ipc-tcpd", "rate"), get(C100, "socat", "rate")),
+        get(C100, "ipc-tcpd", "rate"),
+        get(C100, "socat", "rate"),
         ">=",
         1.5,
-        detail=f"{fmt_rate(get(C100, 'ipc-tcpd', 'rate'))} vs "
-        f"{fmt_rate(get(C100, 'socat', 'rate'))} msg/s",
+        "msg/s",
+        show=fmt_rate,
     )
     res.notes.append(
         "socat forks one process per connection: with 100 connections pinned to one CPU "

@@ -6,7 +6,7 @@ from functools import partial
 
 from .. import servers
 from ..harness import Harness
-from ..model import SuiteResult, fmt, fmt_rate, fmt_ratio, ratio, spread, status
+from ..model import SuiteResult, fmt, fmt1, fmt_rate, fmt_ratio, ratio, spread, status
 
 NAME = "tls"
 TITLE = "TLS: ipc-tlsd vs stunnel (TLS -> Unix socket relay)"
@@ -80,27 +80,30 @@ def run(h: Harness, res: SuiteResult) -> None:
     def get(load: str, relay: str, key: str) -> float | None:
         return figs[(load, relay)].get(key)
 
-    res.check(
+    res.check_ratio(
         "bulk 1 MiB, 4 in flight: throughput, ipc-tlsd / stunnel",
-        ratio(get(BULK, "ipc-tlsd", "mbps"), get(BULK, "stunnel", "mbps")),
+        get(BULK, "ipc-tlsd", "mbps"),
+        get(BULK, "stunnel", "mbps"),
         ">=",
         1.0,
-        detail=f"{fmt(get(BULK, 'ipc-tlsd', 'mbps'))} vs {fmt(get(BULK, 'stunnel', 'mbps'))} MB/s",
+        "MB/s",
     )
-    res.check(
+    res.check_ratio(
         "new TLS connections/s, ipc-tlsd / stunnel",
-        ratio(get(CONN, "ipc-tlsd", "rate"), get(CONN, "stunnel", "rate")),
+        get(CONN, "ipc-tlsd", "rate"),
+        get(CONN, "stunnel", "rate"),
         ">=",
         0.8,
-        detail=f"{fmt(get(CONN, 'ipc-tlsd', 'rate'))} vs {fmt(get(CONN, 'stunnel', 'rate'))} /s",
+        "/s",
     )
-    res.check(
+    res.check_ratio(
         "1 connection ping-pong: p50 latency, ipc-tlsd / stunnel",
-        ratio(get(PP, "ipc-tlsd", "p50_us"), get(PP, "stunnel", "p50_us")),
+        get(PP, "ipc-tlsd", "p50_us"),
+        get(PP, "stunnel", "p50_us"),
         "<=",
         1.3,
-        detail=f"{fmt(get(PP, 'ipc-tlsd', 'p50_us'), 1)} vs "
-        f"{fmt(get(PP, 'stunnel', 'p50_us'), 1)} µs",
+        "µs",
+        show=fmt1,
     )
     res.notes.append(
         f"Certificates: {certs.how}; loadgen verifies the server against the CA "

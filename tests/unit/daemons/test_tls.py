@@ -2,113 +2,21 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from daemons import certs
 from daemons.tls import TLSLayer, client_context, server_context
 from ipc_core.errors import PeerClosed, ProtocolError
 
-# -- certificates (local helper: a CA, a server cert, a client cert) ---------
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
-def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def _make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _make_leaf(
-    ca: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    cn: str,
-    *,
-    server: bool,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(cn), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(ca_key, hashes.SHA256()), key
+# -- certificates (daemons.certs: a CA, another CA, a server and a client cert) --
 
 
 @dataclass(frozen=True)
@@ -124,10 +32,10 @@ class PKI:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     d = tmp_path_factory.mktemp("pki")
-    ca, ca_key = _make_ca("Test CA")
-    other, _ = _make_ca("Other CA")
-    srv, srv_key = _make_leaf(ca, ca_key, "localhost", server=True)
-    cli, cli_key = _make_leaf(ca, ca_key, "client-1", server=False)
+    ca, ca_key = certs.make_ca("Test CA")
+    other, _ = certs.make_ca("Other CA")
+    srv, srv_key = certs.make_cert(ca, ca_key, "localhost", ["localhost", "127.0.0.1"])
+    cli, cli_key = certs.make_cert(ca, ca_key, "client-1", usage="client")
     paths = PKI(
         ca=d / "ca.pem",
         other_ca=d / "other-ca.pem",
@@ -136,12 +44,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
         client_cert=d / "client.pem",
         client_key=d / "client.key",
     )
-    _write_cert(paths.ca, ca)
-    _write_cert(paths.other_ca, other)
-    _write_cert(paths.server_cert, srv)
-    _write_key(paths.server_key, srv_key)
-    _write_cert(paths.client_cert, cli)
-    _write_key(paths.client_key, cli_key)
+    certs.write_cert(paths.ca, ca)
+    certs.write_cert(paths.other_ca, other)
+    certs.write_cert(paths.server_cert, srv)
+    certs.write_key(paths.server_key, srv_key)
+    certs.write_cert(paths.client_cert, cli)
+    certs.write_key(paths.client_key, cli_key)
     return paths
 
 
@@ -272,7 +180,8 @@ def test_mtls_client_certificate_accepted(pki: PKI) -> None:
     assert pump(client, server)[1] == b"hello"
     der = server.peer_certificate_der()
     assert der is not None
-    assert x509.load_der_x509_certificate(der).subject == _name("client-1")
+    client_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client-1")])
+    assert x509.load_der_x509_certificate(der).subject == client_name
 
 
 def test_mtls_missing_client_certificate_fails_on_server(pki: PKI) -> None:

@@ -21,7 +21,14 @@ from .events import Event, EventType
 from .fdpass import recv_fd, send_fd
 from .framing import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, FrameScanner, encode
 from .routing import parse_network
-from .rundir import DEFAULT_RUNDIR, list_services, rundir, service_alive, socket_path
+from .rundir import (
+    DEFAULT_RUNDIR,
+    is_local_only,
+    list_services,
+    rundir,
+    service_alive,
+    socket_path,
+)
 from .switch import Layer, StackedLayer, SwitchResult
 from .typed import TypeRegistry
 
@@ -49,6 +56,7 @@ __all__ = [
     "TypeRegistry",
     "UsageError",
     "encode",
+    "is_local_only",
     "list_services",
     "parse_network",
     "recv_fd",

@@ -270,14 +270,16 @@ class Context:
 
     # ------------------------------------------------------------------ setup
 
-    def service_init(self, name: str, backlog: int = 1024) -> int:
+    def service_init(self, name: str, backlog: int = 1024, *, local_only: bool = False) -> int:
         """Listen as service ``name``; return the listening descriptor.
 
-        Raises ServiceBusy if another instance runs, InvalidServiceName for a
-        bad name.
+        ``local_only=True`` declares a service that must never be reached from
+        the network (a router, a daemon's outbound side, a control service):
+        protocol daemons refuse to connect a remote peer to it. Raises
+        ServiceBusy if another instance runs, InvalidServiceName for a bad name.
         """
         self._check_open()
-        service = bind_service(name, self.rundir, backlog)
+        service = bind_service(name, self.rundir, backlog, local_only=local_only)
         conn = _Conn(LISTENER, service.sock)
         conn.service = service
         self._add(conn, _EPOLLIN)

@@ -23,6 +23,11 @@ DEFAULT_RUNDIR = "/tmp/.libipc-run/"
 RUNDIR_MODE = 0o770
 SOCKET_UMASK = 0o117  # sockets come out 0660
 LOCK_SUFFIX = ".lock"
+LOCK_MODE = 0o660  # like the sockets: a group member can take over a stale lock
+# What a local-only service writes into its lock file (the reference leaves
+# lock files empty): "never reach me from the network".
+LOCAL_ONLY_MARK = b"local-only"
+_MARK_READ = 64
 # sun_path is 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
 
@@ -95,7 +100,7 @@ class ServiceSocket:
 
 
 def _take_lock(lock_path: Path, name: str) -> int:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, LOCK_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -114,14 +119,47 @@ def _take_lock(lock_path: Path, name: str) -> int:
     except FileNotFoundError:
         os.close(fd)
         return _take_lock(lock_path, name)
+    _lock_mode(fd)
     return fd
 
 
-def bind_service(name: str, directory: Path | None = None, backlog: int = 1024) -> ServiceSocket:
-    """Lock, clean up a stale socket, bind and listen: one service instance."""
+def _lock_mode(fd: int) -> None:
+    """Give our lock the sockets' mode (0660, whatever the umask), so that a
+    group member can take it over once we are gone."""
+    with contextlib.suppress(OSError):
+        info = os.fstat(fd)
+        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != LOCK_MODE:
+            os.fchmod(fd, LOCK_MODE)
+
+
+def _mark_lock(fd: int, local_only: bool) -> None:
+    """Say in the lock whether the service is local-only; a normal service
+    empties it, so a name taken over from a local-only one is not marked."""
+    os.ftruncate(fd, 0)
+    if local_only:
+        os.pwrite(fd, LOCAL_ONLY_MARK + b"\n", 0)
+
+
+def bind_service(
+    name: str,
+    directory: Path | None = None,
+    backlog: int = 1024,
+    *,
+    local_only: bool = False,
+) -> ServiceSocket:
+    """Lock, clean up a stale socket, bind and listen: one service instance.
+
+    ``local_only`` marks the service as never to be reached from the network
+    (see :func:`is_local_only`).
+    """
     directory = ensure_rundir(rundir() if directory is None else directory)
     path = socket_path(name, directory)
     lock_fd = _take_lock(Path(str(path) + LOCK_SUFFIX), name)
+    try:
+        _mark_lock(lock_fd, local_only)
+    except OSError as exc:
+        os.close(lock_fd)
+        raise ServiceError(f"cannot write lock of {name!r}: {exc.strerror}") from exc
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # lock is ours: any socket file here is stale
@@ -137,6 +175,28 @@ def bind_service(name: str, directory: Path | None = None, backlog: int = 1024) 
         os.close(lock_fd)
         raise ServiceError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
     return ServiceSocket(name, path, sock, lock_fd)
+
+
+def is_local_only(name: str, directory: Path | None = None) -> bool:
+    """True when service ``name`` declared itself local-only in its lock file.
+
+    Cheap (one open, one read): a protocol daemon asks it once per network
+    connection. A missing, unreadable or odd lock (a link, a FIFO) is False.
+    """
+    directory = rundir() if directory is None else directory
+    try:
+        lock_path = directory / (validate_name(name, directory) + LOCK_SUFFIX)
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (OSError, InvalidServiceName):
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return os.read(fd, _MARK_READ).startswith(LOCAL_ONLY_MARK)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def service_alive(name: str, directory: Path | None = None) -> bool:

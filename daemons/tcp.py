@@ -39,6 +39,7 @@ class TcpdHandshake:
         self.finished = False
         self._exists = service_exists
         self._buf = b""
+        self._cr = False  # a lone "\r" ended the last read (held, not in _buf)
         self._early = b""
         self._out = b""
 
@@ -48,20 +49,24 @@ class TcpdHandshake:
             return
         if not data:
             raise PeerClosed("EOF before a service name")
-        self._buf += data
+        self._buf += b"\r" + data if self._cr else data
+        self._cr = False
         for i, byte in enumerate(self._buf):
             if byte < 0x20:
                 rest = self._buf[i:]
                 if rest == b"\r":
-                    return  # maybe the first half of "\r\n": wait for the next byte
+                    # Maybe the first half of "\r\n": wait for the next byte,
+                    # holding the name only (bounded like any unfinished name).
+                    self._check_length(i)
+                    self._buf, self._cr = self._buf[:i], True
+                    return
                 if rest[:2] == b"\r\n":
                     rest = rest[2:]
                 elif rest[:1] == b"\n":
                     rest = rest[1:]
                 self._take(self._buf[:i], rest)
                 return
-        if len(self._buf) > MAX_SERVICE_NAME_BYTES:
-            raise ProtocolError(f"no end of service name after {len(self._buf)} bytes")
+        self._check_length(len(self._buf))
         try:
             name = self._buf.decode()
         except UnicodeDecodeError:
@@ -69,11 +74,19 @@ class TcpdHandshake:
         if self._exists(name):
             self._take(self._buf, b"")
 
+    @staticmethod
+    def _check_length(size: int) -> None:
+        """An unfinished name is never held beyond the limit (with or without
+        a trailing ``\r``: both used to differ, see the fuzz tests)."""
+        if size > MAX_SERVICE_NAME_BYTES:
+            raise ProtocolError(f"no end of service name after {size} bytes")
+
     def settle(self) -> None:
-        """No more bytes came: take what we have as the name."""
-        if self.service is None and self._buf:
-            name = self._buf[:-1] if self._buf.endswith(b"\r") else self._buf
-            self._take(name, b"")
+        """No more bytes came: take what we have as the name (a held ``\r``
+        is dropped: it ended the name)."""
+        if self.service is None and (self._buf or self._cr):
+            self._cr = False
+            self._take(self._buf, b"")
 
     def _take(self, name: bytes, rest: bytes) -> None:
         if not name:

@@ -147,6 +147,11 @@ def test_crlf_terminator_split_between_segments() -> None:
         (b"x" * 2000 + b"\n", ("refused", None, b"")),
         (b"x" * 101 + b"\n", ("refused", None, b"")),
         (b"x" * 100, ("service", "x" * 100, b"")),
+        # A lone "\r" after an over-long name used to be held (issue 11, item 21).
+        (b"x" * 101 + b"\r", ("refused", None, b"")),
+        (b"x" * 100 + b"\r", ("service", "x" * 100, b"")),
+        (b"x" * 100 + b"\r\n", ("service", "x" * 100, b"")),
+        (b"\r", ("refused", None, b"")),
         (b"\xff\xfe", ("refused", None, b"")),
         (b"ipc", ("refused", None, b"")),  # protected
         (b"tcp.ctl\n", ("refused", None, b"")),
@@ -164,6 +169,13 @@ def test_2000_byte_name_fails_without_buffering_it() -> None:
         for _ in range(40):
             h.receive_data(b"y" * 50)
     assert len(h._buf) <= MAX_SERVICE_NAME_BYTES + 50
+
+
+def test_overlong_name_ending_in_cr_fails_at_once() -> None:
+    """The limit is checked before waiting for the "\n" of a "\r\n"."""
+    h = TcpdHandshake()
+    with pytest.raises(ProtocolError, match="no end of service name"):
+        h.receive_data(b"x" * 101 + b"\r")
 
 
 def test_existing_service_completes_the_name_without_a_terminator() -> None:

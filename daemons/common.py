@@ -32,16 +32,19 @@ import stat
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 import click
 
 from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE
+from ipc_core.rundir import is_local_only
 
 __all__ = [
     "DEFAULT_PORTS",
     "DEFAULT_PROTECTED",
     "MAX_SERVICE_NAME_BYTES",
+    "NEVER_REACHABLE",
     "CommonOptions",
     "ListenAddress",
     "ListenParamType",
@@ -49,7 +52,9 @@ __all__ = [
     "Uri",
     "bound_address",
     "common_options",
+    "escape_log_text",
     "listen_specs",
+    "network_refusal",
     "open_listener",
     "parse_connect_target",
     "parse_listen",
@@ -394,11 +399,16 @@ def parse_uri(uri: str, default_ports: Mapping[str, int] = DEFAULT_PORTS) -> Uri
 # Service access policy
 # --------------------------------------------------------------------------
 
-#: Services a network peer must never reach through a ``*``: the router and
-#: the protocol daemons themselves (otherwise a daemon is an open relay), and
-#: the daemons' local control services (``tcp.ctl``...: counters, for ``ipc
-#: status``). Entries may be globs.
-DEFAULT_PROTECTED: tuple[str, ...] = ("ipc", "tcp", "tls", "ws", "wss", "*.ctl")
+#: Services a network peer reaches only when ``--allow`` names them exactly
+#: (no glob unlocks them): the router and the protocol daemons under the
+#: reference's default names. Our own routers and outbound sides are also
+#: recognised under any name, by the ``local-only`` mark in their lock file
+#: (:func:`network_refusal`); these names cover the reference's daemons, which
+#: write no mark.
+DEFAULT_PROTECTED: tuple[str, ...] = ("ipc", "tcp", "tls", "ws", "wss")
+#: Names a network peer never reaches, whatever ``--allow`` says: the daemons'
+#: control services (counters, for ``ipc status``) and lock files.
+NEVER_REACHABLE: tuple[str, ...] = ("*.ctl", "*.lock")
 MAX_SERVICE_NAME_BYTES = 100
 
 
@@ -425,10 +435,6 @@ def service_name_error(name: str) -> str | None:
     return None
 
 
-def _is_catch_all(pattern: str) -> bool:
-    return bool(pattern) and set(pattern) == {"*"}
-
-
 @dataclass(frozen=True, init=False)
 class ServiceAccess:
     """Which local services a remote peer may ask for.
@@ -436,14 +442,18 @@ class ServiceAccess:
     Rules, in order:
 
     1. an invalid name is refused;
-    2. a name matching a ``deny`` glob is refused (deny wins);
-    3. a *protected* name (:data:`DEFAULT_PROTECTED`, globs included, plus whatever a daemon
+    2. a name matching :data:`NEVER_REACHABLE` (``*.ctl``, ``*.lock``) is refused;
+    3. a name matching a ``deny`` glob is refused (deny wins);
+    4. a *protected* name (:data:`DEFAULT_PROTECTED`, plus whatever a daemon
        adds with :meth:`protect`, e.g. its own ``--service-name``) is allowed
-       only if an ``allow`` pattern other than ``*`` matches it;
-    4. with an empty ``allow`` list everything else is allowed, otherwise the
+       only if ``allow`` holds that exact name: a glob never unlocks it
+       (``--allow 't*'`` does not expose ``tcp``);
+    5. with an empty ``allow`` list everything else is allowed, otherwise the
        name must match one ``allow`` glob.
 
     Globs are :func:`fnmatch.fnmatchcase` (case-sensitive, like file names).
+    This is the static part of the policy; :func:`network_refusal` adds what
+    the run directory says (services marked ``local-only``).
     """
 
     allow: tuple[str, ...]
@@ -465,21 +475,46 @@ class ServiceAccess:
         extra = tuple(n for n in names if n not in self.protected)
         return ServiceAccess(self.allow, self.deny, self.protected + extra)
 
+    def names_exactly(self, name: str) -> bool:
+        """True if ``--allow`` gives ``name`` itself (not a glob matching it)."""
+        return name in self.allow
+
     def check(self, name: str) -> str | None:
         """Return None if ``name`` may be reached, else the reason it may not."""
         reason = service_name_error(name)
         if reason:
             return reason
+        for pattern in NEVER_REACHABLE:
+            if fnmatch.fnmatchcase(name, pattern):
+                return f"service {name!r} is never reachable from the network ({pattern})"
         for pattern in self.deny:
             if fnmatch.fnmatchcase(name, pattern):
                 return f"service {name!r} is denied (--deny {pattern})"
-        if name in self.protected or any(fnmatch.fnmatchcase(name, p) for p in self.protected):
-            if any(not _is_catch_all(p) and fnmatch.fnmatchcase(name, p) for p in self.allow):
+        if name in self.protected:
+            if self.names_exactly(name):
                 return None
             return f"service {name!r} is protected; allow it explicitly (--allow {name})"
         if self.allow and not any(fnmatch.fnmatchcase(name, p) for p in self.allow):
             return f"service {name!r} is not in the allow list"
         return None
+
+
+def network_refusal(access: ServiceAccess, name: str, directory: Path) -> str | None:
+    """Why a network peer may not reach ``name`` in run directory ``directory``,
+    or None if it may.
+
+    :meth:`ServiceAccess.check`, then the run directory: a service whose lock
+    holds the ``local-only`` mark (a router or the outbound side of a protocol
+    daemon, under whatever name it was started) would make this daemon an open
+    relay, so only an exact ``--allow NAME`` lets a peer reach it.
+    """
+    reason = access.check(name)
+    if reason is None and not access.names_exactly(name) and is_local_only(name, directory):
+        reason = (
+            f"service {name!r} is local-only (a router or an outbound side); "
+            f"allow it explicitly (--allow {name})"
+        )
+    return reason
 
 
 # --------------------------------------------------------------------------
@@ -497,20 +532,43 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
 
 
+#: What a peer must not put into a log line: C0 and C1 controls (newlines
+#: would forge a line, ESC would drive the terminal, NUL truncates) and the
+#: Unicode line separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_log_text(text: str) -> str:
+    """``text`` with every control character written as ``\\xNN``: whatever a
+    peer sends (a certificate subject, a request path, a service name), the
+    log gets one line per record and no terminal escapes."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
 class _HumanFormatter(logging.Formatter):
-    """``[TIME ]LEVEL logger: message key=value ...``."""
+    """``[TIME ]LEVEL logger: message key=value ...``, one line per record
+    (tracebacks aside): the message and the extras are escaped."""
 
     def __init__(self, timestamps: bool, journal: bool) -> None:
         fmt = "%(levelname)s %(name)s: %(message)s"
         super().__init__(("%(asctime)s " if timestamps else "") + fmt)
         self.journal = journal
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_log_text(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         extras = _extras(record)
         if extras:
             head, nl, tail = text.partition("\n")
-            pairs = " ".join(f"{k}={v}" for k, v in extras.items())
+            pairs = " ".join(f"{k}={escape_log_text(str(v))}" for k, v in extras.items())
             text = f"{head} {pairs}{nl}{tail}"
         if self.journal:
             text = f"<{_SD_PRIORITY.get(record.levelname, 6)}>{text}"
@@ -532,7 +590,9 @@ class _JsonFormatter(logging.Formatter):
             obj.setdefault(key, value)
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
-        return json.dumps(obj, default=str, ensure_ascii=False)
+        text = json.dumps(obj, default=str, ensure_ascii=False)
+        # json escapes C0 controls itself; DEL, C1 and U+2028/9 it leaves raw.
+        return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _under_systemd(env: Mapping[str, str]) -> bool:

@@ -70,7 +70,7 @@ class Router:
         self.daemon = daemon
         self.ctx = daemon.ctx
         self.timeout = timeout
-        self.service_fd = self.ctx.service_init(service_name)
+        self.service_fd = self.ctx.service_init(service_name, local_only=True)
         self._clients: set[int] = set()
         self._by_client: dict[int, _Lookup] = {}
         self._by_daemon: dict[int, _Lookup] = {}

@@ -73,7 +73,7 @@ class Outbound:
         self.service_name = service_name
         self.connectors = connectors
         self.connect_timeout = connect_timeout
-        self.service_fd = self.ctx.service_init(service_name)
+        self.service_fd = self.ctx.service_init(service_name, local_only=True)
         self._clients: set[int] = set()  # local clients that have not asked yet
         self._by_client: dict[int, _Attempt] = {}
         self._by_remote: dict[int, _Attempt] = {}

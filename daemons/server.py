@@ -44,7 +44,14 @@ from ipc_core import Context, Event, EventType, IPCError, Layer, PeerClosed, Pro
 from ipc_core.rundir import socket_path
 
 from . import systemd
-from .common import CommonOptions, ServiceAccess, bound_address, open_listener, tune_tcp
+from .common import (
+    CommonOptions,
+    ServiceAccess,
+    bound_address,
+    network_refusal,
+    open_listener,
+    tune_tcp,
+)
 from .metrics import HttpResponder, Registry
 
 log = logging.getLogger("ipc.daemon")
@@ -157,6 +164,21 @@ class Daemon:
         self._control_peers: set[int] = set()
         ctx.switch_events = False
 
+    def reachable(self, service: str) -> bool:
+        """May a network peer reach ``service``, and does it run here?
+
+        Handshakes use it to end a name early (TCPd without a terminator, the
+        426 answer of ipc-websocketd). A refused name answers False like a
+        missing one, so a refusal takes the same path and time as "no such
+        service" and a peer cannot probe what runs here.
+        """
+        if network_refusal(self.access, service, self.ctx.rundir) is not None:
+            return False
+        try:
+            return socket_path(service, self.ctx.rundir).exists()
+        except IPCError:
+            return False
+
     # ----------------------------------------------------------- listeners
 
     def listen(self, sock: socket.socket, factory: HandshakeFactory) -> None:
@@ -182,7 +204,7 @@ class Daemon:
         the run directory's permissions as the access control. Network peers
         never reach it: ``*.ctl`` is protected in :class:`ServiceAccess`.
         """
-        self._control_fd = self.ctx.service_init(service)
+        self._control_fd = self.ctx.service_init(service, local_only=True)
         self.handlers.insert(0, self._on_control)
 
     def status(self) -> dict[str, Any]:
@@ -436,14 +458,17 @@ class Daemon:
             self._connect_local(p, p.handshake.service)
 
     def _connect_local(self, p: _Pending, service: str) -> None:
-        refusal = self.access.check(service)
+        # A refused name is answered exactly like a name that does not exist
+        # (same status, same path through the handshake): a peer learns
+        # nothing of what runs here. The log keeps the real reason.
+        refusal = network_refusal(self.access, service, self.ctx.rundir)
         if refusal is not None:
-            self._reject(p, "refused", refusal, FORBIDDEN)
+            self._reject(p, "refused", refusal, NOT_FOUND)
             return
         try:
             path = socket_path(service, self.ctx.rundir)
         except IPCError as exc:  # e.g. too long for a socket path here
-            self._reject(p, "refused", str(exc), FORBIDDEN)
+            self._reject(p, "refused", str(exc), NOT_FOUND)
             return
         try:
             local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

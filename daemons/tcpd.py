@@ -11,13 +11,11 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
 
 from ipc_core import Context, IPCError
-from ipc_core.rundir import socket_path
 
 from .common import CommonOptions, ServiceAccess, common_options, setup_logging
 from .outbound import ConnectorFactory, Outbound
@@ -27,25 +25,13 @@ from .tcp import TcpdClient, TcpdHandshake
 log = logging.getLogger("ipc.tcpd")
 
 
-def service_exists(rundir: Path) -> Callable[[str], bool]:
-    """For the TCPd handshake: is there a socket file for this name?"""
-
-    def exists(name: str) -> bool:
-        try:
-            return socket_path(name, rundir).exists()
-        except IPCError:
-            return False
-
-    return exists
-
-
 def start_daemon(
     name: str,
     common: CommonOptions,
     *,
     service_name: str,
     default_listen: str,
-    make_handshake: Callable[[Context], Callable[[str], Any]],
+    make_handshake: Callable[[Daemon], Callable[[str], Any]],
     connectors: dict[str, ConnectorFactory],
     connect_timeout: float,
     listen: bool = True,
@@ -67,7 +53,7 @@ def start_daemon(
     # Local services first: a double start fails before any port is opened.
     outbound = Outbound(daemon, service_name, connectors, connect_timeout)
     daemon.serve_control(f"{service_name}.ctl")
-    open_listeners(daemon, common, make_handshake(ctx), default_listen, listen=listen)
+    open_listeners(daemon, common, make_handshake(daemon), default_listen, listen=listen)
     return daemon, outbound
 
 
@@ -97,7 +83,7 @@ def main(common: CommonOptions, service_name: str, connect_timeout: float) -> No
             common,
             service_name=service_name,
             default_listen="127.0.0.1:9000",
-            make_handshake=lambda ctx: lambda _peer: TcpdHandshake(service_exists(ctx.rundir)),
+            make_handshake=lambda daemon: lambda _peer: TcpdHandshake(daemon.reachable),
             connectors={"tcp": lambda uri: TcpdClient(uri.service)},
             connect_timeout=connect_timeout,
         )

@@ -30,14 +30,14 @@ from pathlib import Path
 
 import click
 
-from ipc_core import Context, IPCError
+from ipc_core import IPCError
 
 from . import certs
 from .common import CommonOptions, Uri, common_options
 from .outbound import Connector
-from .server import Handshake
+from .server import Daemon, Handshake
 from .tcp import TcpdClient, TcpdHandshake
-from .tcpd import service_exists, start_daemon
+from .tcpd import start_daemon
 from .tls import client_context, server_context
 from .tlswrap import TLSConnector, TLSHandshake, describe_identity
 
@@ -136,9 +136,9 @@ def _cert_summary(path: Path | None) -> str:
 
 
 def _handshake_factory(
-    ctx: Context, contexts: Contexts, allow_client: Sequence[str], mtls: bool
+    daemon: Daemon, contexts: Contexts, allow_client: Sequence[str], mtls: bool
 ) -> Callable[[str], Handshake]:
-    exists = service_exists(ctx.rundir)
+    exists = daemon.reachable
 
     def make(peer: str) -> Handshake:
         if contexts.server is None:  # socket-activated with --no-listen
@@ -312,7 +312,7 @@ def main(
             common,
             service_name=service_name,
             default_listen=DEFAULT_LISTEN,
-            make_handshake=lambda ctx: _handshake_factory(ctx, contexts, allow_client, mtls),
+            make_handshake=lambda daemon: _handshake_factory(daemon, contexts, allow_client, mtls),
             connectors={"tls": _connector_factory(contexts, insecure_skip_verify)},
             connect_timeout=connect_timeout,
             listen=not no_listen,

@@ -57,12 +57,10 @@ from ipc_core import (
     StackedLayer,
 )
 from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE
-from ipc_core.rundir import socket_path
 
 from . import certs
 from .common import (
     CommonOptions,
-    ServiceAccess,
     common_options,
     service_name_error,
     setup_logging,
@@ -377,20 +375,6 @@ class WebSocketHandshake:
         )
 
 
-def service_known(rundir: Path, access: ServiceAccess) -> Callable[[str], bool]:
-    """Is ``name`` a local service a peer may reach? (for the 426 answer)"""
-
-    def known(name: str) -> bool:
-        if access.check(name) is not None:
-            return False
-        try:
-            return socket_path(name, rundir).exists()
-        except IPCError:
-            return False
-
-    return known
-
-
 # -- keepalive -------------------------------------------------------------------
 
 
@@ -569,11 +553,10 @@ def build_daemon(
         max_connections=common.max_connections,
         peer_timeout=common.peer_timeout,
     )
-    known = service_known(ctx.rundir, access)
     mtls = tls is not None and tls.client_ca is not None
 
     def factory(peer: str) -> Handshake:
-        handshake = WebSocketHandshake(peer, options, known)
+        handshake = WebSocketHandshake(peer, options, daemon.reachable)
         if tls is None:
             return handshake
         return _secure(handshake, tls.context, allow_client, mtls)

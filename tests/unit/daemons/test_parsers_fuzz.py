@@ -256,10 +256,17 @@ def test_service_access_never_raises_and_never_lets_a_bad_name_through(
     if service_name_error(name) is not None:
         assert refusal is not None
     if refusal is None and name in ("ipc", "tcp", "tls", "ws", "wss"):
-        assert any(p.strip("*") for p in allow)  # only an explicit allow opens them
+        assert name in allow  # only the exact name opens them, never a glob
+    if name.endswith((".ctl", ".lock")):
+        assert refusal is not None  # never, whatever the lists say
 
 
-@pytest.mark.parametrize("name", ["ipc", "tcp", "tls", "ws", "wss", "tcp.ctl", "x.ctl"])
+@pytest.mark.parametrize("name", ["ipc", "tcp", "tls", "ws", "wss"])
 def test_protected_names_are_not_opened_by_a_catch_all(name: str) -> None:
     assert ServiceAccess(allow=["*", "**"]).check(name) is not None
     assert ServiceAccess(allow=[name]).check(name) is None
+
+
+@pytest.mark.parametrize("name", ["tcp.ctl", "x.ctl", "pong.lock"])
+def test_control_services_and_locks_are_never_opened(name: str) -> None:
+    assert ServiceAccess(allow=[name]).check(name) is not None

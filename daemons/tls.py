@@ -35,31 +35,94 @@ driver can stack them (wss = TLS below WebSocket).
 
 from __future__ import annotations
 
+import datetime as _dt
+import functools
 import os
 import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ipc_core.errors import IPCError, PeerClosed, ProtocolError
 
-__all__ = ["TLSLayer", "client_context", "server_context"]
+__all__ = [
+    "INTERMEDIATE_CIPHERS",
+    "MIN_TLS_VERSIONS",
+    "ServerPolicy",
+    "TLSConfigError",
+    "TLSLayer",
+    "client_context",
+    "server_context",
+    "server_policy_options",
+]
 
 StrPath = str | os.PathLike[str]
+F = TypeVar("F", bound=Callable[..., Any])
 
 # One SSLObject.read() returns at most one record's worth (16 KiB); asking for
 # more costs nothing and keeps the loop short if OpenSSL ever returns more.
 _READ_SIZE = 65536
 
+# --------------------------------------------------------------------------
+# Contexts: what a server offers, and start-up errors that name the file
+# --------------------------------------------------------------------------
+
+#: The TLS 1.2 suites a server offers by default: the ECDHE suites of
+#: Mozilla's "intermediate" profile (AEAD only: AES-GCM and ChaCha20-Poly1305,
+#: forward secrecy, no CBC). Its DHE suites are left out: the ssl module sets
+#: no DH parameters, so OpenSSL could never pick them. TLS 1.3 suites are
+#: OpenSSL's (all AEAD) and not affected by ``--ciphers``.
+INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+#: ``--min-tls`` values.
+MIN_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class TLSConfigError(ValueError):
+    """A certificate, key, CA or CRL file, or a TLS setting, that cannot be used.
+
+    The message is one line naming the flag and the file (``--key k.pem does
+    not match --cert c.pem``): OpenSSL's own errors say neither, and an
+    operator reading a failed start or reload needs both.
+    """
+
 
 def server_context(
     cert: StrPath,
     key: StrPath | None,
-    *,
     client_ca: StrPath | None = None,
+    *,
     require_client_cert: bool = False,
+    min_tls: str = "1.2",
+    ciphers: str | None = None,
+    crl: StrPath | None = None,
 ) -> ssl.SSLContext:
-    """Build a server context: TLS >= 1.2, the ssl module's server defaults.
+    """Build a server context: TLS 1.2 (AEAD suites only) and TLS 1.3.
 
     ``client_ca`` makes the server ask for (and verify) a client certificate;
     ``require_client_cert`` turns the request into a requirement (mTLS).
+    ``min_tls`` (``"1.2"`` or ``"1.3"``) and ``ciphers`` (OpenSSL syntax, TLS
+    1.2 suites; default :data:`INTERMEDIATE_CIPHERS`) tighten what is offered.
+    ``crl`` (PEM, one CRL per CA of ``client_ca``) refuses revoked client
+    certificates during the handshake. Anything unusable raises
+    :class:`TLSConfigError` naming the flag and file.
+
     We start from ``SSLContext(PROTOCOL_TLS_SERVER)`` rather than
     ``create_default_context(CLIENT_AUTH)`` on purpose: the latter loads the
     system CA store as trust anchors for *client* certificates, so any
@@ -67,14 +130,21 @@ def server_context(
     """
     if require_client_cert and client_ca is None:
         raise ValueError("require_client_cert needs client_ca to verify against")
+    if crl is not None and client_ca is None:
+        raise TLSConfigError("--crl needs --client-ca (it revokes client certificates)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = _min_version(min_tls)
     # Client-initiated renegotiation (TLS 1.2) only serves CPU-exhaustion attacks.
     ctx.options |= ssl.OP_NO_RENEGOTIATION
-    ctx.load_cert_chain(cert, key)
+    _set_ciphers(ctx, ciphers)
+    _load_chain(ctx, cert, key, "--cert", "--key")
+    if ciphers is not None and ctx.minimum_version < ssl.TLSVersion.TLSv1_3:
+        _check_suites_fit_key(ctx, cert, ciphers)
     if client_ca is not None:
-        ctx.load_verify_locations(cafile=client_ca)
+        _load_ca(ctx, client_ca, "--client-ca")
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    if crl is not None and client_ca is not None:
+        _load_crl(ctx, crl, client_ca)
     return ctx
 
 
@@ -89,31 +159,294 @@ def client_context(
 
     ``ca`` replaces the system trust store (a private CA); ``insecure``
     disables every check (for tests against self-signed servers only);
-    ``cert``/``key`` present a client certificate for mTLS.
+    ``cert``/``key`` present a client certificate for mTLS. Files that do not
+    load raise :class:`TLSConfigError` naming ``--ca``, ``--client-cert`` or
+    ``--client-key``.
     """
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    if key is not None and cert is None:
+        raise ValueError("a client key needs a client certificate")
+    if ca is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # what create_default_context(cafile=) does
+        _load_ca(ctx, ca, "--ca")
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     if cert is not None:
-        ctx.load_cert_chain(cert, key)
-    elif key is not None:
-        raise ValueError("a client key needs a client certificate")
+        _load_chain(ctx, cert, key, "--client-cert", "--client-key")
     return ctx
 
 
+def _min_version(min_tls: str) -> ssl.TLSVersion:
+    try:
+        return MIN_TLS_VERSIONS[min_tls]
+    except KeyError:
+        choices = ", ".join(MIN_TLS_VERSIONS)
+        raise TLSConfigError(f"--min-tls {min_tls!r}: expected one of {choices}") from None
+
+
+def _set_ciphers(ctx: ssl.SSLContext, ciphers: str | None) -> None:
+    spec = INTERMEDIATE_CIPHERS if ciphers is None else ciphers
+    try:
+        ctx.set_ciphers(spec)
+    except ssl.SSLError:
+        raise TLSConfigError(
+            f"--ciphers {spec!r}: OpenSSL selects no TLS 1.2 cipher suite from it "
+            "(OpenSSL syntax, e.g. ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE+CHACHA20)"
+        ) from None
+
+
+def _check_suites_fit_key(ctx: ssl.SSLContext, cert: StrPath, ciphers: str) -> None:
+    """Refuse ``--ciphers`` whose TLS 1.2 suites all need another key type
+    (RSA suites with an EC certificate): no TLS 1.2 client could connect."""
+    public = _read_pem_certs(cert)[0].public_key()
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        kind = "ecdsa"
+    elif isinstance(public, rsa.RSAPublicKey):
+        kind = "rsa"
+    else:
+        return  # Ed25519 & co: leave it to OpenSSL
+    auths = {c.get("auth") for c in ctx.get_ciphers() if c.get("protocol") == "TLSv1.2"}
+    if f"auth-{kind}" not in auths and "auth-any" not in auths:
+        raise TLSConfigError(
+            f"--ciphers {ciphers!r}: none of its TLS 1.2 suites works with the "
+            f"{kind.upper()} key of --cert {cert}"
+        )
+
+
+def _readable(flag: str, path: StrPath) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise TLSConfigError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+def _load_chain(
+    ctx: ssl.SSLContext, cert: StrPath, key: StrPath | None, cert_flag: str, key_flag: str
+) -> None:
+    """``load_cert_chain``, with a reason that names the file at fault."""
+    _readable(cert_flag, cert)
+    if key is not None:
+        _readable(key_flag, key)
+    try:
+        # A password (empty) keeps OpenSSL from prompting on the terminal for
+        # an encrypted key; an unencrypted one ignores it.
+        ctx.load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as exc:
+        raise TLSConfigError(_chain_problem(cert, key, cert_flag, key_flag, exc)) from None
+
+
+def _chain_problem(
+    cert: StrPath, key: StrPath | None, cert_flag: str, key_flag: str, exc: ssl.SSLError
+) -> str:
+    """Why OpenSSL refused a certificate and key, in the operator's terms."""
+    try:
+        leaf = _read_pem_certs(cert)[0]
+    except ValueError:
+        return f"{cert_flag} {cert}: not a PEM certificate"
+    key_path, flag = (key, key_flag) if key is not None else (cert, cert_flag)
+    try:
+        private = serialization.load_pem_private_key(_readable(flag, key_path), password=None)
+    except TypeError:
+        return f"{flag} {key_path}: the private key is encrypted; an unencrypted key is needed"
+    except (ValueError, UnsupportedAlgorithm):
+        return f"{flag} {key_path}: not a PEM private key"
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(*spki) != private.public_key().public_bytes(*spki):
+        return (
+            f"{flag} {key_path} does not match {cert_flag} {cert} (the key of another certificate)"
+        )
+    return f"{cert_flag} {cert}, {flag} {key_path}: {_reason(exc)}"
+
+
+def _read_pem_certs(path: StrPath) -> list[x509.Certificate]:
+    """Every certificate of a PEM file; ValueError if there is none."""
+    data = _readable("--cert", path)
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ValueError(f"{path}: no PEM certificate") from None
+
+
+def _load_ca(ctx: ssl.SSLContext, path: StrPath, flag: str) -> None:
+    _readable(flag, path)
+    try:
+        ctx.load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"{flag} {path}: not PEM CA certificates ({_reason(exc)})") from None
+
+
+def _load_crl(ctx: ssl.SSLContext, path: StrPath, client_ca: StrPath) -> None:
+    """Load the CRLs and turn on revocation checks of client certificates.
+
+    Checked first, so the operator hears it at start (or reload) rather than
+    from every client: OpenSSL refuses *all* clients of a CA whose CRL is
+    missing, badly signed or past its next update.
+    """
+    crls = _read_pem_crls(path)
+    cas = x509.load_pem_x509_certificates(_readable("--client-ca", client_ca))
+    now = _dt.datetime.now(_dt.UTC)
+    for ca in cas:
+        crl = next((c for c in crls if c.issuer == ca.subject), None)
+        if crl is None:
+            raise TLSConfigError(
+                f"--crl {path} has no CRL of {ca.subject.rfc4514_string()} (a CA of "
+                f"--client-ca {client_ca}): every client it signed would be refused"
+            )
+        if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+            raise TLSConfigError(
+                f"--crl {path}: the CRL of {ca.subject.rfc4514_string()} is not signed by it"
+            )
+        if crl.next_update_utc is not None and crl.next_update_utc < now:
+            raise TLSConfigError(
+                f"--crl {path}: the CRL of {ca.subject.rfc4514_string()} expired on "
+                f"{crl.next_update_utc:%Y-%m-%d}; every client would be refused "
+                "(renew it: ipc cert crl)"
+            )
+    try:
+        ctx.load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"--crl {path}: {_reason(exc)}") from None
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+
+def _read_pem_crls(path: StrPath) -> list[x509.CertificateRevocationList]:
+    data = _readable("--crl", path)
+    marker = b"-----BEGIN X509 CRL-----"
+    blocks = [marker + part for part in data.split(marker)[1:]]
+    try:
+        crls = [x509.load_pem_x509_crl(block) for block in blocks]
+    except ValueError:
+        crls = []
+    if not crls:
+        raise TLSConfigError(
+            f"--crl {path}: not a PEM CRL (a DER one converts with "
+            "openssl crl -inform DER -in FILE -out FILE.pem)"
+        )
+    return crls
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    return (exc.reason or str(exc)).lower().replace("_", " ")
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    """What a TLS server offers and whom it refuses beyond its certificate:
+    ``--min-tls``, ``--ciphers``, ``--crl`` (see :func:`server_policy_options`)."""
+
+    min_tls: str = "1.2"
+    ciphers: str | None = None
+    crl: Path | None = None
+
+    def context(
+        self, cert: StrPath, key: StrPath | None, client_ca: StrPath | None = None
+    ) -> ssl.SSLContext:
+        """:func:`server_context` with this policy; mTLS required with a client CA."""
+        return server_context(
+            cert,
+            key,
+            client_ca,
+            require_client_cert=client_ca is not None,
+            min_tls=self.min_tls,
+            ciphers=self.ciphers,
+            crl=self.crl,
+        )
+
+    def usage_error(self, client_ca: StrPath | None) -> str | None:
+        """Why these flags contradict the others (for ``click.UsageError``), or None."""
+        if self.crl is not None and client_ca is None:
+            return "--crl needs --client-ca (it revokes client certificates)"
+        return None
+
+
+_POLICY_NAMES = ("min_tls", "ciphers", "crl")
+
+
+def server_policy_options(func: F) -> F:
+    """Add ``--min-tls``, ``--ciphers`` and ``--crl``; pass them as
+    ``tls_policy: ServerPolicy``. Files are loaded (and checked) by
+    :meth:`ServerPolicy.context`, so a reload re-reads the CRL."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in _POLICY_NAMES}
+        values["min_tls"] = values["min_tls"] or "1.2"
+        return func(*args, tls_policy=ServerPolicy(**values), **kwargs)
+
+    options = [
+        click.option(
+            "--min-tls",
+            type=click.Choice(list(MIN_TLS_VERSIONS)),
+            default=None,
+            help="Oldest TLS version served  [default: 1.2].",
+        ),
+        click.option(
+            "--ciphers",
+            default=None,
+            metavar="LIST",
+            help="TLS 1.2 cipher suites, OpenSSL syntax  [default: Mozilla "
+            "intermediate: ECDHE with AES-GCM or ChaCha20-Poly1305].",
+        ),
+        click.option(
+            "--crl",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            metavar="FILE",
+            help="Refuse client certificates revoked in this PEM CRL (needs "
+            "--client-ca; re-read on SIGHUP).",
+        ),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------
+# Errors a layer keeps
+# --------------------------------------------------------------------------
+
+
 def _protocol_error(exc: ssl.SSLError) -> ProtocolError:
-    """Turn OpenSSL's error into a readable, loggable reason."""
+    """Turn OpenSSL's error into a readable, loggable reason.
+
+    No ``__cause__`` here: an error the layer keeps must not hold a traceback
+    (see :func:`_fresh`); callers that raise at once add ``from exc``.
+    """
     if isinstance(exc, ssl.SSLCertVerificationError):
         reason = f"certificate verify failed: {exc.verify_message}"
     elif exc.reason:
         reason = exc.reason.lower().replace("_", " ")
     else:
         reason = str(exc)
-    err = ProtocolError(f"tls: {reason}")
-    err.__cause__ = exc
-    return err
+    return ProtocolError(f"tls: {reason}")
+
+
+def _fresh(err: IPCError) -> IPCError:
+    """A new exception like ``err``, with no traceback, cause or context.
+
+    Why: a raised exception's traceback holds the frames it passed through,
+    and those frames hold the layer. Keeping a raised exception on the layer
+    (to raise it again later) makes a cycle, so a closed layer, and its
+    buffers, would live until the cyclic GC runs. The layer keeps a copy that
+    is never raised and raises new copies of it.
+    """
+    return type(err)(*err.args)
+
+
+def _read_error(exc: ssl.SSLError | None) -> IPCError | None:
+    """What an ``SSLObject.read`` failure means; None: just wait for more.
+    ``exc`` None is a read that returned b"" (a clean close)."""
+    if exc is None or isinstance(exc, ssl.SSLZeroReturnError):
+        return PeerClosed("tls: peer sent close_notify")
+    if isinstance(exc, ssl.SSLWantReadError):
+        return None
+    if isinstance(exc, ssl.SSLEOFError):
+        return PeerClosed("tls: peer closed the connection without close_notify")
+    return _protocol_error(exc)
 
 
 class TLSLayer:
@@ -136,11 +469,13 @@ class TLSLayer:
         )
         self._handshake_complete = False
         self._pending: list[bytes] = []  # plaintext sent before the handshake completed
-        self._error: IPCError | None = None  # raised by the next receive_data
+        # Raised (as a fresh copy, see _fresh) by the next receive_data; never
+        # raised itself, so it holds no traceback and no frame holding us.
+        self._error: IPCError | None = None
         self._closing = False  # close() was called
         # fast_receive declined after feeding the BIO: what it read (bytes) or
-        # the error it hit, for the receive_data call that follows with the
-        # same bytes (see fast_receive).
+        # the error it hit (without its traceback), for the receive_data call
+        # that follows with the same bytes (see fast_receive).
         self._fed: bytes | ssl.SSLError | None = None
         if not server_side:
             # The client speaks first: put the ClientHello in the outgoing BIO.
@@ -183,7 +518,7 @@ class TLSLayer:
     def receive_data(self, data: bytes) -> bytes:
         """Feed ciphertext (b"" = EOF); return the plaintext it completed."""
         if self._error is not None:
-            raise self._error
+            raise _fresh(self._error)
         fed, self._fed = self._fed, None
         if fed is not None:
             pass  # fast_receive already put these bytes into the BIO
@@ -198,7 +533,7 @@ class TLSLayer:
                 return b""
             return self._read_all(fed)
         except IPCError as exc:
-            self._error = exc
+            self._error = _fresh(exc)
             raise
 
     def data_to_send(self) -> bytes:
@@ -225,7 +560,7 @@ class TLSLayer:
         try:
             chunk = self._ssl.read(_READ_SIZE)
         except ssl.SSLError as exc:  # incl. want-read (a partial record), close_notify
-            self._fed = exc
+            self._fed = exc.with_traceback(None)  # its frames hold us (see _fresh)
             return None
         if (
             chunk
@@ -306,40 +641,41 @@ class TLSLayer:
         """Decrypt everything available; defer a close/error behind the data.
         ``fed``: what fast_receive already read (or the error it hit)."""
         chunks: list[bytes] = []
+        if isinstance(fed, ssl.SSLError):
+            return self._stop_reading(chunks, fed)
         read = self._ssl.read
         incoming = self._incoming
         ssl_pending = self._ssl.pending
+        if fed:
+            chunks.append(fed)
+            if not incoming.pending and not ssl_pending():
+                return fed
         try:
-            if isinstance(fed, ssl.SSLError):
-                raise fed
-            if fed:
-                chunks.append(fed)
-                if not incoming.pending and not ssl_pending():
-                    return fed
             while True:
                 chunk = read(_READ_SIZE)
                 if not chunk:  # SSL_read reports a clean close this way too
-                    raise ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed")
+                    return self._stop_reading(chunks, None)
                 chunks.append(chunk)
                 if not incoming.pending and not ssl_pending():
                     # Everything received is decrypted: skip the read that
                     # would only raise SSLWantReadError (an exception per
                     # message is a measurable share of a small message's cost).
                     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        except ssl.SSLWantReadError:
-            return b"".join(chunks)
-        except ssl.SSLZeroReturnError as exc:
-            err: IPCError = PeerClosed("tls: peer sent close_notify")
-            err.__cause__ = exc
-        except ssl.SSLEOFError as exc:
-            err = PeerClosed("tls: peer closed the connection without close_notify")
-            err.__cause__ = exc
         except ssl.SSLError as exc:
-            err = _protocol_error(exc)
-        if not chunks:
-            raise err
+            return self._stop_reading(chunks, exc)
+
+    def _stop_reading(self, chunks: list[bytes], exc: ssl.SSLError | None) -> bytes:
+        """The plaintext read so far; a close or error is raised now if there
+        is none, else kept for the next call. Never raises a local variable:
+        the dead frame would hold the exception and the exception the frame."""
+        err = _read_error(exc)
+        data = b"".join(chunks)
+        if err is None:
+            return data
         self._error = err
-        return b"".join(chunks)
+        if data:
+            return data
+        raise _fresh(err)
 
     def _write(self, data: bytes) -> None:
         try:

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,14 +30,25 @@ def _rundir_option(f):  # type: ignore[no-untyped-def]
     return click.option(
         "--rundir",
         envvar="RUNDIR",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=click.Path(path_type=Path, readable=False),
         default=None,
         help="Run directory (default: $RUNDIR or /tmp/.libipc-run/).",
     )(f)
 
 
 class _Commands(click.Group):
-    """Loads ``ipc cert`` (and with it ``cryptography``, ~50 ms) only when used."""
+    """Loads ``ipc cert`` (and with it ``cryptography``, ~50 ms) only when used,
+    and turns any library or system error a command lets through into one
+    line and exit status 1: a user never sees a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except IPCError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), "cert"])
@@ -174,7 +186,10 @@ def _cat_loop(ctx: Context, fd: int, raw: bool, timeout: float) -> None:
 def ls_(rundir: Path | None) -> None:
     """List the services in the run directory and whether each is alive."""
     directory = rundir or default_rundir()
-    services = list_services(directory)
+    try:
+        services = list_services(directory)
+    except IPCError as exc:
+        raise click.ClickException(str(exc)) from None
     if not services:
         click.echo(f"no services in {directory}", err=True)
         return

@@ -95,7 +95,7 @@ def _control_services(directory: Path) -> list[str]:
 @click.option(
     "--rundir",
     envvar="RUNDIR",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     default=None,
     help="Run directory (default: $RUNDIR or /tmp/.libipc-run/).",
 )
@@ -109,7 +109,10 @@ def status(names: tuple[str, ...], rundir: Path | None, as_json: bool, timeout: 
     directory = rundir or default_rundir()
     services = [n if n.endswith(CONTROL_SUFFIX) else n + CONTROL_SUFFIX for n in names]
     if not services:
-        services = _control_services(directory)
+        try:
+            services = _control_services(directory)
+        except IPCError as exc:
+            raise click.ClickException(str(exc)) from None
         if not services:
             raise click.ClickException(f"no daemon control service (*.ctl) in {directory}")
     answers: dict[str, dict[str, Any]] = {}

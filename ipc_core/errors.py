@@ -4,6 +4,7 @@
     ├── UsageError                the caller did something wrong (bad name, unknown fd)
     │   └── InvalidServiceName
     ├── ServiceError              the local system refused (service busy, missing, rundir)
+    │   ├── RunDirectoryError     the run directory is unusable or unsafe (link, owner, mode)
     │   ├── ServiceBusy           another instance holds the service lock
     │   └── ServiceUnavailable    nothing listens under that name / route failed
     ├── ProtocolError             a peer broke the protocol (bad frame, oversize length)
@@ -33,6 +34,12 @@ class InvalidServiceName(UsageError, ValueError):
 
 class ServiceError(IPCError):
     """The local system could not provide or reach a service."""
+
+
+class RunDirectoryError(ServiceError):
+    """The run directory cannot be used: missing, unreadable, or unsafe (a
+    symbolic link, another user's, writable by others). The message says to
+    set ``RUNDIR``."""
 
 
 class ServiceBusy(ServiceError):

@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidServiceName, ServiceBusy, ServiceError
+from .errors import InvalidServiceName, RunDirectoryError, ServiceBusy, ServiceError
 
 DEFAULT_RUNDIR = "/tmp/.libipc-run/"
 RUNDIR_MODE = 0o770
@@ -38,15 +38,81 @@ def rundir(env: dict[str, str] | None = None) -> Path:
     return Path(value)
 
 
-def ensure_rundir(path: Path) -> Path:
-    """Create the run directory (0770) if needed and return it."""
+def _hint(uid: int) -> str:
+    return f"set RUNDIR=DIR to a directory of your own (e.g. RUNDIR=/run/user/{uid}/ipc)"
+
+
+def check_rundir(info: os.stat_result, path: Path, uid: int | None = None) -> None:
+    """Refuse a run directory in which someone else could plant a lock, a
+    link or a socket: not a directory, owned by another user than ``uid``
+    (default: ours) or root, or writable by others. Raises RunDirectoryError."""
+    uid = os.geteuid() if uid is None else uid
+    if not stat.S_ISDIR(info.st_mode):
+        raise RunDirectoryError(f"run directory {path} is not a directory; {_hint(uid)}")
+    if info.st_uid not in (uid, 0):
+        raise RunDirectoryError(
+            f"run directory {path} belongs to uid {info.st_uid}, not to you or root; {_hint(uid)}"
+        )
+    if info.st_mode & stat.S_IWOTH:
+        mode = stat.S_IMODE(info.st_mode)
+        raise RunDirectoryError(
+            f"run directory {path} is writable by others (mode {mode:04o}); {_hint(uid)}"
+        )
+
+
+def open_rundir(path: Path, *, create: bool = True) -> int:
+    """Create the run directory (exactly 0770) if needed, check it is safe
+    (see :func:`check_rundir`) and return an ``O_PATH`` descriptor of it.
+
+    The descriptor is opened with ``O_NOFOLLOW`` and checked with ``fstat``,
+    so what is checked is what is used (no symlink followed between the two);
+    callers create the lock and remove stale sockets relative to it.
+    """
+    created = False
+    if create:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(path, RUNDIR_MODE)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise RunDirectoryError(
+                f"cannot create run directory {path}: {exc.strerror}; {_hint(os.geteuid())}"
+            ) from None
+    flags = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        path.mkdir(mode=RUNDIR_MODE, parents=True)
-        os.chmod(path, RUNDIR_MODE)  # exactly 0770, whatever the umask
-    except FileExistsError:
-        pass
+        fd = os.open(path, flags | (os.O_RDONLY if created else os.O_PATH))
     except OSError as exc:
-        raise ServiceError(f"cannot create run directory {path}: {exc.strerror}") from exc
+        raise _open_error(path, exc) from None
+    try:
+        info = os.fstat(fd)
+        check_rundir(info, path)
+        if created and stat.S_IMODE(info.st_mode) != RUNDIR_MODE:
+            os.fchmod(fd, RUNDIR_MODE)  # exactly 0770, whatever the umask
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_error(path: Path, exc: OSError) -> RunDirectoryError:
+    hint = _hint(os.geteuid())
+    with contextlib.suppress(OSError):
+        if stat.S_ISLNK(os.lstat(path).st_mode):  # O_DIRECTORY|O_NOFOLLOW says ENOTDIR
+            return RunDirectoryError(f"run directory {path} is a symbolic link; {hint}")
+    if exc.errno == errno.ELOOP:
+        return RunDirectoryError(f"run directory {path} is a symbolic link; {hint}")
+    if exc.errno == errno.ENOTDIR:
+        return RunDirectoryError(f"run directory {path} is not a directory; {hint}")
+    if exc.errno == errno.ENOENT:
+        return RunDirectoryError(f"run directory {path} does not exist; {hint}")
+    return RunDirectoryError(f"cannot use run directory {path}: {exc.strerror}; {hint}")
+
+
+def ensure_rundir(path: Path) -> Path:
+    """Create the run directory (0770) if needed, check it is safe, return it."""
+    os.close(open_rundir(path))
     return path
 
 
@@ -88,20 +154,32 @@ class ServiceSocket:
 
     def close(self) -> None:
         """Remove the socket file, then release the lock (in that order, so a
-        new instance never sees our socket file with a free lock)."""
+        new instance never sees our socket file with a free lock). Only a
+        socket, and only our own lock file, is removed."""
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
         self.sock.close()
         if self.lock_fd >= 0:
+            lock_path = str(self.path) + LOCK_SUFFIX
             with contextlib.suppress(OSError):
-                os.unlink(str(self.path) + LOCK_SUFFIX)
+                if os.lstat(lock_path).st_ino == os.fstat(self.lock_fd).st_ino:
+                    os.unlink(lock_path)
             os.close(self.lock_fd)
             self.lock_fd = -1
 
 
-def _take_lock(lock_path: Path, name: str) -> int:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, LOCK_MODE)
+def _take_lock(dir_fd: int, lock_path: Path, name: str, retries: int = 3) -> int:
+    """Open (``O_NOFOLLOW``: a planted link is refused, not followed) and
+    flock ``lock_path`` relative to the checked run directory."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
+        fd = os.open(lock_path.name, flags, LOCK_MODE, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _lock_error(lock_path, exc) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ServiceError(f"lock {lock_path} is not a regular file; remove it")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
@@ -109,18 +187,51 @@ def _take_lock(lock_path: Path, name: str) -> int:
             raise ServiceBusy(
                 f"service {name!r} is already running (lock {lock_path} held)"
             ) from None
-        raise ServiceError(f"cannot lock {lock_path}: {exc.strerror}") from exc
-    # The file may have been unlinked by a closing instance between our open
-    # and our flock; then we hold a lock on a ghost. Check and retry once.
-    try:
-        if os.fstat(fd).st_ino != os.stat(lock_path).st_ino:
-            os.close(fd)
-            return _take_lock(lock_path, name)
-    except FileNotFoundError:
+        raise ServiceError(f"cannot lock {lock_path}: {exc.strerror}") from None
+    except ServiceError:
         os.close(fd)
-        return _take_lock(lock_path, name)
+        raise
+    # The file may have been unlinked by a closing instance between our open
+    # and our flock; then we hold a lock on a ghost. Check and retry.
+    try:
+        same = (
+            os.fstat(fd).st_ino
+            == os.stat(lock_path.name, dir_fd=dir_fd, follow_symlinks=False).st_ino
+        )
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        if retries <= 0:
+            raise ServiceError(f"cannot lock {lock_path}: it keeps being replaced")
+        return _take_lock(dir_fd, lock_path, name, retries - 1)
+    os.set_blocking(fd, True)
     _lock_mode(fd)
     return fd
+
+
+def _lock_error(lock_path: Path, exc: OSError) -> ServiceError:
+    if exc.errno == errno.ELOOP:
+        return ServiceError(f"lock {lock_path} is a symbolic link; refusing it (remove it)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return RunDirectoryError(
+            f"cannot open lock {lock_path}: {exc.strerror} (only the run directory's"
+            f" owner and group may start services there); {_hint(os.geteuid())}"
+        )
+    return ServiceError(f"cannot open lock {lock_path}: {exc.strerror}")
+
+
+def _remove_stale_socket(dir_fd: int, path: Path) -> None:
+    """With the lock held, a socket file left at ``path`` is stale: remove it.
+    Anything else (a file, a link, a directory) is not ours to delete."""
+    try:
+        info = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ServiceError(f"{path} exists and is not a socket; refusing to remove it")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path.name, dir_fd=dir_fd)
 
 
 def _lock_mode(fd: int) -> None:
@@ -152,17 +263,29 @@ def bind_service(
     ``local_only`` marks the service as never to be reached from the network
     (see :func:`is_local_only`).
     """
-    directory = ensure_rundir(rundir() if directory is None else directory)
+    directory = rundir() if directory is None else directory
     path = socket_path(name, directory)
-    lock_fd = _take_lock(Path(str(path) + LOCK_SUFFIX), name)
+    dir_fd = open_rundir(directory)
+    try:
+        return _bind_in(dir_fd, name, path, backlog, local_only)
+    finally:
+        os.close(dir_fd)
+
+
+def _bind_in(dir_fd: int, name: str, path: Path, backlog: int, local_only: bool) -> ServiceSocket:
+    lock_fd = _take_lock(dir_fd, Path(str(path) + LOCK_SUFFIX), name)
     try:
         _mark_lock(lock_fd, local_only)
+        _remove_stale_socket(dir_fd, path)
     except OSError as exc:
         os.close(lock_fd)
-        raise ServiceError(f"cannot write lock of {name!r}: {exc.strerror}") from exc
+        raise ServiceError(
+            f"cannot prepare service {name!r} in {path.parent}: {exc.strerror}"
+        ) from None
+    except ServiceError:
+        os.close(lock_fd)
+        raise
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # lock is ours: any socket file here is stale
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(SOCKET_UMASK)
         try:
@@ -172,6 +295,7 @@ def bind_service(
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
+        sock.close()
         os.close(lock_fd)
         raise ServiceError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
     return ServiceSocket(name, path, sock, lock_fd)
@@ -204,7 +328,7 @@ def service_alive(name: str, directory: Path | None = None) -> bool:
     directory = rundir() if directory is None else directory
     lock_path = directory / (validate_name(name, directory) + LOCK_SUFFIX)
     try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False
     try:
@@ -224,6 +348,8 @@ def list_services(directory: Path | None = None) -> list[tuple[str, bool]]:
         entries = sorted(directory.iterdir())
     except FileNotFoundError:
         return found
+    except OSError as exc:
+        raise _open_error(directory, exc) from None
     for entry in entries:
         try:
             if not stat.S_ISSOCK(entry.lstat().st_mode):

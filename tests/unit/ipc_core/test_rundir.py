@@ -7,12 +7,14 @@ import pytest
 from ipc_core import (
     Context,
     InvalidServiceName,
+    RunDirectoryError,
     ServiceBusy,
+    ServiceError,
     is_local_only,
     list_services,
     service_alive,
 )
-from ipc_core.rundir import bind_service, validate_name
+from ipc_core.rundir import bind_service, check_rundir, validate_name
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "nul\0", ".", "..", "x" * 200, "tab\tname"])
@@ -130,3 +132,129 @@ def test_lock_gets_the_sockets_mode_whatever_the_umask(rundir):
         assert stat.S_IMODE((rundir / "pong.lock").stat().st_mode) == 0o660
     finally:
         svc.close()
+
+
+# ---------------------------------------------------- run directory safety
+
+
+NOBODY = 65534
+
+
+def test_check_rundir_owner_rule(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir(mode=0o770)
+    os.chown(d, NOBODY, NOBODY)
+    info = os.stat(d)
+    check_rundir(info, d, uid=NOBODY)  # our own
+    with pytest.raises(RunDirectoryError, match=r"belongs to uid 65534.*RUNDIR="):
+        check_rundir(info, d, uid=1000)  # another non-root user's
+    os.chown(d, 0, 0)
+    check_rundir(os.stat(d), d, uid=NOBODY)  # root's is fine for anyone
+
+
+@pytest.mark.parametrize(
+    "mode,ok",
+    [(0o700, True), (0o770, True), (0o2770, True), (0o777, False), (0o1777, False), (0o772, False)],
+)
+def test_check_rundir_mode_rule(tmp_path, mode, ok):
+    d = tmp_path / "run"
+    d.mkdir()
+    os.chmod(d, mode)
+    if ok:
+        check_rundir(os.stat(d), d)
+    else:
+        with pytest.raises(RunDirectoryError, match=r"writable by others.*RUNDIR="):
+            check_rundir(os.stat(d), d)
+
+
+def test_service_refuses_a_rundir_owned_by_another_user(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir(mode=0o770)
+    os.chown(d, NOBODY, NOBODY)
+    with Context(rundir_path=d) as ctx, pytest.raises(RunDirectoryError, match="belongs to uid"):
+        ctx.service_init("pong")
+    assert not (d / "pong.lock").exists()
+
+
+def test_service_refuses_an_other_writable_rundir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    with pytest.raises(RunDirectoryError, match="writable by others"):
+        bind_service("pong", d)
+    assert list(d.iterdir()) == []
+
+
+def test_symlinked_rundir_refused_and_nothing_deleted_behind_it(tmp_path):
+    # The reproduction: a run directory that is a link made root's service
+    # delete a socket elsewhere. Now nothing behind the link is touched.
+    target = tmp_path / "victim"
+    target.mkdir()
+    victim = socket.socket(socket.AF_UNIX)
+    victim.bind(str(target / "pong"))
+    link = tmp_path / "run"
+    link.symlink_to(target)
+    try:
+        with pytest.raises(RunDirectoryError, match=r"symbolic link.*RUNDIR="):
+            bind_service("pong", link)
+        assert stat.S_ISSOCK((target / "pong").lstat().st_mode)
+        assert not (target / "pong.lock").exists()
+    finally:
+        victim.close()
+
+
+def test_created_rundir_is_exactly_0770_whatever_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        svc = bind_service("pong", tmp_path / "a" / "run")
+    finally:
+        os.umask(old)
+    svc.close()
+    assert stat.S_IMODE((tmp_path / "a" / "run").stat().st_mode) == 0o770
+
+
+def test_rundir_that_is_a_file_is_a_clear_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(RunDirectoryError, match="not a directory"):
+        bind_service("pong", f)
+
+
+def test_planted_lock_symlink_is_refused_not_followed(rundir, tmp_path):
+    # The reproduction: a planted pong.lock link made root create a file elsewhere.
+    elsewhere = tmp_path / "created-elsewhere"
+    (rundir / "pong.lock").symlink_to(elsewhere)
+    with pytest.raises(ServiceError, match="symbolic link"):
+        bind_service("pong", rundir)
+    assert not elsewhere.exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "dir"])
+def test_only_a_stale_socket_is_unlinked(rundir, tmp_path, kind):
+    path = rundir / "pong"
+    keep = tmp_path / "keep"
+    keep.write_text("data")
+    if kind == "file":
+        path.write_text("not a socket")
+    elif kind == "symlink":
+        path.symlink_to(keep)
+    else:
+        path.mkdir()
+    with pytest.raises(ServiceError, match="not a socket"):
+        bind_service("pong", rundir)
+    assert os.path.lexists(path) and keep.read_text() == "data"
+
+
+def test_close_leaves_a_replaced_socket_path_alone(rundir):
+    svc = bind_service("pong", rundir)
+    os.unlink(rundir / "pong")
+    (rundir / "pong").write_text("someone else's")
+    svc.close()
+    assert (rundir / "pong").read_text() == "someone else's"
+
+
+def test_list_services_unreadable_rundir_is_a_clear_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(RunDirectoryError, match="not a directory"):
+        list_services(f)

@@ -6,27 +6,35 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all setup run test lint bench bench-tools install clean
+.PHONY: all setup setup-test run test lint bench bench-tools install clean
 
 all: test
 
+# The venv with what the programs need; the test tools come on top of it,
+# only for the targets that use them (the demo does not need them).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cbor]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,cbor]'
 	touch $@
 
 setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
 
 # The main job: the demo stack with the embedded pong service.
+# DEMO_ARGS: e.g. make run DEMO_ARGS="--tcp-port 9100 --ws-port 8180"
 run: setup
-	$(PY) -m daemons.demo
+	$(PY) -m daemons.demo $(DEMO_ARGS)
 
-test: setup
+test: setup-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
@@ -34,7 +42,7 @@ bench-tools:
 	$(MAKE) -C bench/c
 
 # BENCH_ARGS: e.g. make bench BENCH_ARGS="--quick --only core"
-bench: setup bench-tools
+bench: setup-test bench-tools
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]' \
 		|| echo "matplotlib could not be installed: the report will have no chart"
 	$(PY) -m bench.run $(BENCH_ARGS)

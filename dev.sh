@@ -2,18 +2,29 @@
 # One entry point for a fresh Debian machine: installs what is missing (Debian
 # packages, a virtual environment in .venv), then runs the make target.
 #
-#   ./dev.sh run     the demo: pong, ipcd, ipc-tcpd, ipc-websocketd
-#   ./dev.sh test    the whole test suite (what CI runs)
-#   ./dev.sh bench   the benchmarks against socat, stunnel, websockify, websocketd
+#   ./dev.sh run [DEMO OPTIONS]   the demo: pong, ipcd, ipc-tcpd, ipc-websocketd
+#                                 (e.g. ./dev.sh run --tcp-port 9100 --ws-port 8180;
+#                                 ./dev.sh run --help lists them)
+#   ./dev.sh test                 the whole test suite (what CI runs)
+#   ./dev.sh bench                the benchmarks against socat, stunnel, websockify, websocketd
+#
+# Each target installs only what it needs: the demo needs no browser and no
+# test tools.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 target="${1:-test}"
+[ "$#" -gt 0 ] && shift
 case "$target" in
-    run|test|lint) debs=(python3 python3-venv make gcc socat openssl systemd iproute2 chromium) ;;
-    bench) debs=(python3 python3-venv make gcc libssl-dev socat stunnel4 websocketd python3-websockify openssl) ;;
-    *) echo "usage: $0 run|test|bench|lint" >&2; exit 2 ;;
+    run) debs=(python3 python3-venv make) ;;
+    test|lint) debs=(python3 python3-venv make gcc socat openssl systemd iproute2 chromium) ;;
+    bench) debs=(python3 python3-venv make gcc libssl-dev socat stunnel4 hitch websocketd python3-websockify openssl) ;;
+    *) echo "usage: $0 run [DEMO OPTIONS] | test | bench | lint" >&2; exit 2 ;;
 esac
+if [ "$target" != run ] && [ "$#" -gt 0 ]; then
+    echo "$0 $target takes no options (got: $*)" >&2
+    exit 2
+fi
 
 missing=()
 for pkg in "${debs[@]}"; do
@@ -28,4 +39,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+if [ "$target" = run ] && [ "$#" -gt 0 ]; then
+    # Options go to the demo as they are (printf %q keeps each word whole).
+    exec make run DEMO_ARGS="$(printf '%q ' "$@")"
+fi
 exec make "$target"

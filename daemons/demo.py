@@ -18,6 +18,7 @@ systemd notify protocol; the daemons do, and ``tests/integration`` checks it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import importlib.util
 import os
@@ -166,8 +167,14 @@ class Stack:
     def start(self, child: Child) -> None:
         # Own process group: Ctrl-C in the terminal reaches only the demo, which
         # then stops the children in order (not mid-import, with a traceback).
+        # And a parent-death signal: should the demo itself die (kill -9, a
+        # crash), the kernel sends each child SIGTERM, so nothing is orphaned.
         child.proc = subprocess.Popen(
-            child.argv, env=self.env, stdin=subprocess.DEVNULL, process_group=0
+            child.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            process_group=0,
+            preexec_fn=_die_with_parent,
         )
         self.children.append(child)
         deadline = time.monotonic() + START_TIMEOUT
@@ -208,6 +215,35 @@ class Stack:
         for child in self.children:
             for name in child.services:
                 _remove_stale(self.rundir, name)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the demo process goes away."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def say(text: str, *, err: bool = False) -> None:
+    """Print for the user, if anyone still reads: with ``| tee`` stopped by the
+    same Ctrl-C, stdout is a broken pipe, and a stop must not depend on it."""
+    try:
+        click.echo(text, err=err)
+        (sys.stderr if err else sys.stdout).flush()
+    except OSError:  # EPIPE (BrokenPipeError), EIO from a closed terminal
+        _silence(sys.stderr if err else sys.stdout)
+
+
+def _silence(stream: object) -> None:
+    """Point a dead stream at /dev/null so that the interpreter's last flush
+    at exit does not print 'Exception ignored ... BrokenPipeError'."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())  # type: ignore[attr-defined]
+        os.close(devnull)
 
 
 def _remove_stale(directory: Path, name: str) -> None:
@@ -264,27 +300,53 @@ def _websocketd_available() -> bool:
     return importlib.util.find_spec("daemons.websocketd") is not None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="""\b
+Examples:
+  ./dev.sh run                                 ports 9000 and 8080
+  ./dev.sh run --tcp-port 9100 --ws-port 8180  when those are taken
+  make run DEMO_ARGS="--no-websocket"          the same through make
+""",
+)
 @click.option(
     "--rundir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Run directory shared by the stack (default: $RUNDIR or /tmp/.libipc-run).",
+    metavar="DIR",
+    help="Run directory shared by the stack.  [env RUNDIR; default: /tmp/.libipc-run]",
 )
 @click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Address the network daemons listen on."
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    metavar="ADDRESS",
+    help="Address the network daemons listen on.",
 )
-@click.option("--tcp-port", type=click.IntRange(1, 65535), default=9000, show_default=True)
-@click.option("--ws-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option(
+    "--tcp-port",
+    type=click.IntRange(1, 65535),
+    default=9000,
+    show_default=True,
+    metavar="PORT",
+    help="ipc-tcpd's port.",
+)
+@click.option(
+    "--ws-port",
+    type=click.IntRange(1, 65535),
+    default=8080,
+    show_default=True,
+    metavar="PORT",
+    help="ipc-websocketd's port (the demo page).",
+)
 @click.option("--no-websocket", is_flag=True, help="Do not start ipc-websocketd.")
 def main(rundir: Path | None, host: str, tcp_port: int, ws_port: int, no_websocket: bool) -> None:
-    """Run the demo stack: pong, ipcd, ipc-tcpd and ipc-websocketd, until Ctrl-C."""
+    """Run the demo stack until Ctrl-C: the echo service pong, the router
+    ipcd, ipc-tcpd and ipc-websocketd with its demo page, all on this host."""
     rundir = rundir or default_rundir()
     with_ws = not no_websocket and _websocketd_available()
     if not no_websocket and not with_ws:
-        click.echo(
-            "note: ipc-websocketd is not installed yet; skipping the WebSocket part", err=True
-        )
+        say("note: ipc-websocketd is not installed yet; skipping the WebSocket part", err=True)
     try:
         _preflight(rundir, host, tcp_port, ws_port if with_ws else None)
     except DemoError as exc:
@@ -314,16 +376,19 @@ def main(rundir: Path | None, host: str, tcp_port: int, ws_port: int, no_websock
     except DemoError as exc:
         failed = str(exc)
     finally:
-        click.echo("stopping the demo...", err=True)
-        stack.stop()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        if created:
-            with contextlib.suppress(OSError):
-                rundir.rmdir()  # only if empty
+        # The stop comes first and never depends on printing (see say()).
+        try:
+            say("stopping the demo...", err=True)
+        finally:
+            stack.stop()
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            if created:
+                with contextlib.suppress(OSError):
+                    rundir.rmdir()  # only if empty
     if failed:
         raise click.ClickException(failed)
-    click.echo("demo stopped", err=True)
+    say("demo stopped", err=True)
 
 
 def _preflight(rundir: Path, host: str, tcp_port: int, ws_port: int | None) -> None:
@@ -333,7 +398,8 @@ def _preflight(rundir: Path, host: str, tcp_port: int, ws_port: int | None) -> N
             problem = port_busy(host, port)
             if problem:
                 raise DemoError(
-                    f"{problem}; stop what uses it, or pick another port (--tcp-port / --ws-port)"
+                    f"{problem}; stop what uses it, or pick other ports: "
+                    "./dev.sh run --tcp-port 9100 --ws-port 8180"
                 )
     for name in ("pong", "ipc", "tcp"):
         with contextlib.suppress(OSError, ValueError):
@@ -381,8 +447,7 @@ def _run(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> None:
         if stack.stop_requested:
             return
     _self_check(stack, host, tcp_port, ws_port)
-    click.echo(instructions(rundir, host, tcp_port, ws_port))
-    sys.stdout.flush()
+    say(instructions(rundir, host, tcp_port, ws_port))
     stack.wait()
 
 
@@ -421,11 +486,11 @@ def _self_check(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> 
             raise DemoError(f"self-check {label} failed: {exc!r}") from None
         if reply != expected:
             raise DemoError(f"self-check {label}: sent {expected!r}, got {reply!r}")
-        click.echo(
+        say(
             f"self-check: {label}: pong answered {reply.decode()!r} "
             f"({(time.monotonic() - started) * 1000:.0f} ms)"
         )
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="./dev.sh run")

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +215,68 @@ def test_demo_refuses_a_second_stack_in_the_same_rundir(rundir: Path, procs: Pro
     assert result.returncode == 1
     assert "a service 'pong' is already running" in result.stderr.decode()
     assert sorted(p.name for p in rundir.iterdir()) == ["pong", "pong.lock"]
+
+
+def _start_demo_on_pipe(rundir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The demo with stdout and stderr on a pipe the test reads up to the
+    ready line, as ``./dev.sh run | tee demo.log`` does; returns the read end."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "daemons.demo",
+            "--rundir",
+            str(rundir),
+            "--tcp-port",
+            str(free_port()),
+            "--no-websocket",
+        ],
+        stdout=write_end,
+        stderr=write_end,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(write_end)
+    seen = b""
+    with os.fdopen(os.dup(read_end), "rb", buffering=0) as reader:
+        while READY_LINE.encode() not in seen:
+            chunk = reader.read(4096)
+            assert chunk, seen.decode(errors="replace")
+            seen += chunk
+    return proc, read_end
+
+
+def test_demo_stops_everything_when_its_output_pipe_is_gone(demo_dir: Path) -> None:
+    """Ctrl-C on ``./dev.sh run | tee``: tee dies first, so every later print
+    meets a broken pipe. The stop must still run (it used not to)."""
+    proc, read_end = _start_demo_on_pipe(demo_dir)
+    try:
+        kids = children(proc.pid)
+        assert len(kids) == 3
+        os.close(read_end)  # "tee" is gone
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+        assert all(gone(pid) for pid in kids)
+        assert not demo_dir.exists(), list(demo_dir.iterdir())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def test_demo_children_do_not_outlive_a_killed_demo(demo_dir: Path) -> None:
+    """kill -9 of the demo itself: the kernel's parent-death signal stops the
+    children, which remove their own sockets."""
+    proc, read_end = _start_demo_on_pipe(demo_dir)
+    try:
+        kids = children(proc.pid)
+        proc.kill()
+        proc.wait(timeout=5)
+        deadline = time.monotonic() + 15
+        while not all(gone(pid) for pid in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(gone(pid) for pid in kids)
+    finally:
+        os.close(read_end)
+        for pid in children(proc.pid) if proc.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)

@@ -12,7 +12,14 @@ command makes each, with sane defaults:
 * nothing is overwritten unless asked (``force`` / ``--force``).
 
 Peers are then named by :class:`CertIdentity` and matched against
-``--allow-client`` patterns with :func:`matches_allow`.
+``--allow-client`` patterns with :func:`matches_allow`; a certificate is
+revoked by adding it to the CA's CRL (:func:`make_crl`, ``cert crl``), which
+the daemons load with ``--crl``.
+
+A file that is not what it should be (a key where a certificate is
+expected, an encrypted CA key, DER garbage) is a ValueError with one
+readable line, so the CLI prints ``Error: FILE: reason`` and never a
+traceback or the ASN.1 parser's message.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any, Literal, TypeVar
 
 import click
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -38,18 +46,22 @@ __all__ = [
     "allow_pattern_error",
     "cert",
     "describe",
+    "describe_crl",
     "fingerprint",
     "generate_key",
     "identity",
     "is_expired",
     "load_ca",
     "load_cert",
+    "load_crl",
     "load_key",
     "make_ca",
     "make_cert",
+    "make_crl",
     "matches_allow",
     "normalize_fingerprint",
     "write_cert",
+    "write_crl",
     "write_key",
 ]
 
@@ -61,6 +73,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
+CRL_DAYS = 365
 #: Backdating of notBefore, so peers with a slightly slow clock accept new certs.
 _SKEW = _dt.timedelta(minutes=5)
 
@@ -81,7 +94,10 @@ def _validity(
     give a certificate that expired ``-days`` days ago (for tests)."""
     now = _dt.datetime.now(_dt.UTC)
     if not_after is None:
-        not_after = now + _dt.timedelta(days=days)
+        try:
+            not_after = now + _dt.timedelta(days=days)
+        except OverflowError:
+            raise ValueError(f"{days} days is out of range") from None
     if not_before is None:
         not_before = min(now - _SKEW, not_after - _dt.timedelta(days=1))
     if not_before >= not_after:
@@ -262,20 +278,46 @@ def _write_pair(
     return cert_path, key_path
 
 
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
 def load_cert(source: CertSource) -> x509.Certificate:
     """A certificate from an object, PEM or DER bytes, or a PEM/DER file
-    (the first certificate of a bundle)."""
+    (the first certificate of a bundle).
+
+    Anything else is a ValueError with one readable line (what the file
+    holds instead, if it is PEM), never the ASN.1 parser's own message.
+    """
     if isinstance(source, x509.Certificate):
         return source
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    if b"-----BEGIN" in data:
-        return x509.load_pem_x509_certificate(data)
-    return x509.load_der_x509_certificate(data)
+    where = "" if isinstance(source, bytes) else f"{source}: "
+    labels = _PEM_LABEL.findall(data)
+    if not labels:
+        try:
+            return x509.load_der_x509_certificate(data)
+        except ValueError:
+            raise ValueError(f"{where}not a certificate (neither PEM nor DER)") from None
+    if b"CERTIFICATE" not in labels:
+        found = ", ".join(dict.fromkeys(label.decode() for label in labels))
+        raise ValueError(f"{where}no certificate in it (it holds: {found})")
+    try:
+        return x509.load_pem_x509_certificates(data)[0]
+    except ValueError:
+        raise ValueError(f"{where}a damaged PEM certificate") from None
 
 
 def load_key(path: StrPath) -> PrivateKey:
-    """An unencrypted PEM EC private key."""
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    """An unencrypted PEM EC private key (ValueError with a readable line if not)."""
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except TypeError:
+        raise ValueError(
+            f"{path}: the private key is encrypted; decrypt it first "
+            f"(openssl pkey -in {path} -out plain.key)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError(f"{path}: not a PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{path}: not an EC private key")
     return key
@@ -284,6 +326,90 @@ def load_key(path: StrPath) -> PrivateKey:
 def load_ca(ca_dir: StrPath) -> tuple[x509.Certificate, PrivateKey]:
     """The CA written by ``cert ca``: ``ca.pem`` and ``ca.key`` in ``ca_dir``."""
     return load_cert(Path(ca_dir) / "ca.pem"), load_key(Path(ca_dir) / "ca.key")
+
+
+# --------------------------------------------------------------------------
+# Revocation
+# --------------------------------------------------------------------------
+
+
+def make_crl(
+    ca_cert: x509.Certificate,
+    ca_key: PrivateKey,
+    revoked: Iterable[int] = (),
+    *,
+    previous: x509.CertificateRevocationList | None = None,
+    days: int = CRL_DAYS,
+) -> x509.CertificateRevocationList:
+    """A CRL signed by the CA: ``previous``'s entries (dates kept) plus the
+    ``revoked`` serial numbers, valid ``days`` from now, numbered one more.
+
+    Past its next update OpenSSL refuses *every* client of the CA, so the
+    CRL must be re-made before then (with no new serial, it is just renewed).
+    """
+    if days <= 0:
+        raise ValueError("a CRL needs a next update in the future (--days >= 1)")
+    last_update, next_update = _validity(days, None, None)
+    entries: dict[int, _dt.datetime] = {}
+    number = 1
+    if previous is not None:
+        if previous.issuer != ca_cert.subject:
+            raise ValueError("the existing CRL was issued by another CA")
+        entries = {r.serial_number: r.revocation_date_utc for r in previous}
+        with contextlib.suppress(x509.ExtensionNotFound):
+            number = previous.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            number += 1
+    for serial in revoked:
+        entries.setdefault(serial, last_update + _SKEW)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(last_update)
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    for serial, date in sorted(entries.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(date).build()
+        )
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def load_crl(path: StrPath) -> x509.CertificateRevocationList:
+    """A CRL from a PEM or DER file (ValueError with a readable line if not)."""
+    data = Path(path).read_bytes()
+    try:
+        if b"-----BEGIN X509 CRL-----" in data:
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError:
+        raise ValueError(f"{path}: not a certificate revocation list") from None
+
+
+def write_crl(path: StrPath, crl: x509.CertificateRevocationList) -> None:
+    """Write ``crl`` as PEM (what ``--crl`` loads), mode 0644, atomically."""
+    _write(Path(path), crl.public_bytes(serialization.Encoding.PEM), 0o644, True)
+
+
+def describe_crl(crl: x509.CertificateRevocationList) -> str:
+    """``2 revoked, next update 2027-05-01`` for logs and ``cert crl``."""
+    when = crl.next_update_utc
+    return f"{len(crl)} revoked, next update {when:%Y-%m-%d}" if when else f"{len(crl)} revoked"
+
+
+def _serial(text: str) -> int:
+    """A serial number as ``cert inspect`` (hex) or openssl (hex with colons) prints it."""
+    digits = text.strip().lower().removeprefix("0x").replace(":", "")
+    try:
+        return int(digits, 16)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a certificate file nor a hex serial number"
+        ) from None
 
 
 # --------------------------------------------------------------------------
@@ -347,49 +473,73 @@ def identity(source: CertSource) -> CertIdentity:
     )
 
 
+#: ``--allow-client`` kinds; ``KIND:value`` or ``KIND=value`` (the form the logs print).
+_ALLOW_KINDS = ("CN", "DNS", "IP", "SHA256")
+_KIND_PREFIX = re.compile(r"([A-Za-z0-9]+)[:=](.*)", re.DOTALL)
+
+
+def _parse_pattern(pattern: str) -> tuple[str, str]:
+    """``(kind, value)`` of an ``--allow-client`` pattern; ValueError if malformed.
+
+    A SHA-256 fingerprint in any usual spelling is ``SHA256``; a bare name
+    (no ``:`` or ``=``) is a ``CN``. Any other ``PREFIX:``/``PREFIX=`` is
+    refused rather than taken as a CN that no certificate will ever have.
+    """
+    if not pattern.strip():
+        raise ValueError("empty pattern")
+    wanted = normalize_fingerprint(pattern)
+    if wanted is not None:
+        return "SHA256", wanted
+    match = _KIND_PREFIX.fullmatch(pattern)
+    kind = match.group(1).upper() if match else ""
+    if kind not in _ALLOW_KINDS:
+        if ":" in pattern or "=" in pattern:
+            raise ValueError(
+                f"unknown prefix in {pattern!r}: use CN:, DNS:, IP: or SHA256: "
+                "(or CN:NAME for a name holding ':' or '=')"
+            )
+        return "CN", pattern
+    value = match.group(2) if match else ""
+    if not value:
+        raise ValueError(f"empty value in {pattern!r}")
+    if kind == "IP":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"bad IP address in {pattern!r}") from None
+    if kind == "SHA256":
+        raise ValueError(f"bad SHA-256 fingerprint {pattern!r} (expected 64 hex digits)")
+    return kind, value
+
+
 def allow_pattern_error(pattern: str) -> str | None:
     """Why an ``--allow-client`` pattern is malformed, or None (check at start-up)."""
-    upper = pattern.upper()
-    if not pattern.strip():
-        return "empty pattern"
-    if upper.startswith("IP:"):
-        try:
-            ipaddress.ip_address(pattern[3:])
-        except ValueError:
-            return f"bad IP address in {pattern!r}"
-    elif upper.startswith(("DNS:", "CN:")):
-        if not pattern.partition(":")[2]:
-            return f"empty name in {pattern!r}"
-    elif upper.startswith(("SHA256:", "SHA256=")) and normalize_fingerprint(pattern) is None:
-        return f"bad SHA-256 fingerprint {pattern!r} (expected 64 hex digits)"
+    try:
+        _parse_pattern(pattern)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
 def _matches(ident: CertIdentity, pattern: str) -> bool:
-    kind, sep, value = pattern.partition(":")
-    kind = kind.upper() if sep else ""
+    try:
+        kind, value = _parse_pattern(pattern)
+    except ValueError:
+        return False  # refused at start; never a fallback to a CN
     if kind == "DNS":
         want = value.rstrip(".").lower()
         return any(s.startswith("DNS:") and s[4:].rstrip(".").lower() == want for s in ident.sans)
     if kind == "IP":
-        try:
-            want_ip = ipaddress.ip_address(value)
-        except ValueError:
-            return False
+        want_ip = ipaddress.ip_address(value)
         for s in ident.sans:
             if s.startswith("IP:"):
                 with contextlib.suppress(ValueError):
                     if ipaddress.ip_address(s[3:]) == want_ip:
                         return True
         return False
-    if kind == "CN":
-        return ident.cn == value
-    wanted = normalize_fingerprint(pattern)
-    if wanted is not None:
-        return wanted == normalize_fingerprint(ident.fingerprint)
     if kind == "SHA256":
-        return False  # a malformed fingerprint never falls back to a CN
-    return ident.cn == pattern
+        return value == normalize_fingerprint(ident.fingerprint)
+    return ident.cn == value
 
 
 def matches_allow(ident: CertIdentity, patterns: Iterable[str]) -> bool:
@@ -397,9 +547,10 @@ def matches_allow(ident: CertIdentity, patterns: Iterable[str]) -> bool:
 
     A pattern is ``DNS:name`` (case-insensitive) or ``IP:addr`` (any
     spelling) matched against the SANs; a SHA-256 fingerprint (``SHA256:``
-    prefix optional, colons optional, any case); ``CN:name`` or a bare
-    ``name``, matched exactly against the CN. Exact matches only, no globs:
-    this is authentication.
+    prefix optional, colons optional, any case); ``CN:name``, ``CN=name``
+    (as the logs print it) or a bare ``name``, matched exactly against the
+    CN. ``=`` may replace ``:`` after any kind. Exact matches only, no globs:
+    this is authentication. A malformed pattern matches nothing.
     """
     return any(_matches(ident, p) for p in patterns)
 
@@ -542,8 +693,8 @@ def client_command(
 def _load_for_cli(path: Path) -> x509.Certificate:
     try:
         return load_cert(path)
-    except (ValueError, OSError) as exc:
-        raise click.ClickException(f"{path}: {exc}") from exc
+    except (ValueError, OSError) as exc:  # both name the file
+        raise click.ClickException(str(exc)) from exc
 
 
 @cert.command(name="fingerprint")
@@ -558,3 +709,57 @@ def fingerprint_command(file: Path) -> None:
 def inspect_command(file: Path) -> None:
     """Show subject, issuer, SANs, validity, serial and fingerprint."""
     click.echo(describe(_load_for_cli(file)))
+
+
+def _to_revoke(ca_cert: x509.Certificate, item: str) -> tuple[int, str]:
+    """(serial, how to name it) of a certificate file or a hex serial."""
+    if not os.path.exists(item):
+        serial = _serial(item)
+        return serial, f"serial {serial:x}"
+    certificate = load_cert(item)
+    try:
+        certificate.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ValueError(f"{item}: not issued by this CA") from None
+    ident = identity(certificate)
+    return certificate.serial_number, f"serial {certificate.serial_number:x} (CN={ident.cn})"
+
+
+@cert.command(name="crl")
+@_ca_dir_option
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The CRL file to make or extend  [default: CA-DIR/crl.pem].",
+)
+@click.option(
+    "--days",
+    type=int,
+    default=CRL_DAYS,
+    show_default=True,
+    help="Days until its next update; past that date every client of the CA is refused.",
+)
+@click.argument("revoke", nargs=-1, metavar="[CERT|SERIAL]...")
+def crl_command(ca_dir: Path, out: Path | None, days: int, revoke: Sequence[str]) -> None:
+    """Make or extend the CA's revocation list (for ipc-tlsd --crl).
+
+    Each CERT file (or hex SERIAL, as `cert inspect` prints it) is revoked;
+    entries already in the CRL stay. With none, the CRL is just renewed:
+    re-run it before its next update. Then `kill -HUP` the daemons.
+    """
+    out = out or ca_dir / "crl.pem"
+    try:
+        ca_cert, ca_key = load_ca(ca_dir)
+        previous = load_crl(out) if out.exists() else None
+        if previous is not None and not previous.is_signature_valid(ca_key.public_key()):
+            raise ValueError(f"{out}: a CRL of another CA (or damaged)")
+        known = {r.serial_number for r in previous} if previous is not None else set()
+        targets = [_to_revoke(ca_cert, item) for item in revoke]
+        crl = make_crl(ca_cert, ca_key, [s for s, _ in targets], previous=previous, days=days)
+        write_crl(out, crl)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for serial, name in targets:
+        click.echo(f"{'already revoked' if serial in known else 'revoked'} {name}")
+    click.echo(f"wrote {out}: {describe_crl(crl)}")

@@ -311,6 +311,12 @@ IDENT = CertIdentity(
         ("SHA256:" + "0f" * 31, False),
         ("1f" * 32, False),
         ("DNS:192.0.2.1", False),
+        ("CN=alice", True),  # the form the daemon logs
+        ("cn=alice", True),
+        ("CN=bob", False),
+        ("DNS=alice.example", True),
+        ("URI:alice", False),
+        ("foo:alice", False),
     ],
 )
 def test_matches_allow(pattern: str, expected: bool) -> None:
@@ -337,10 +343,164 @@ def test_matches_allow_lists() -> None:
         ("SHA256:abc", False),
         ("SHA256:" + "ab" * 32, True),
         ("ab" * 32, True),
+        ("CN=host-a", True),
+        ("CN:a:b", True),
+        ("CN=", False),
+        ("XYZ:foo", False),
+        ("URI:https://x", False),
+        ("host=a", False),
+        ("email:a@example.org", False),
     ],
 )
 def test_allow_pattern_error(pattern: str, ok: bool) -> None:
     assert (allow_pattern_error(pattern) is None) is ok
+
+
+def test_unknown_prefix_is_named() -> None:
+    reason = allow_pattern_error("XYZ:foo")
+    assert reason is not None and "unknown prefix" in reason and "CN:" in reason
+
+
+# --------------------------------------------------------------------------
+# No traceback from the CLI: one line, exit status 1 (issue 11, item 13)
+# --------------------------------------------------------------------------
+
+
+def _fails_cleanly(*args: str) -> str:
+    """Run ``ipc cert ARGS`` through click; it must exit 1 with one ``Error:`` line."""
+    result = CliRunner().invoke(certs.cert, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_encrypted_ca_key_is_one_line(tmp_path: Path) -> None:
+    _run("ca", "--out", str(tmp_path))
+    key = certs.load_key(tmp_path / "ca.key")
+    (tmp_path / "ca.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    out = str(tmp_path / "o")
+    for command in (["client", "--out", out, "bob"], ["server", "--out", out, "host"], ["crl"]):
+        line = _fails_cleanly(command[0], "--ca-dir", str(tmp_path), *command[1:])
+        assert "ca.key: the private key is encrypted" in line
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (os.urandom(64) + b"\x00", "not a certificate (neither PEM nor DER)"),
+        (b"hello\n", "not a certificate (neither PEM nor DER)"),
+        (
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            "it holds: PRIVATE KEY",
+        ),
+        (
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            "damaged PEM certificate",
+        ),
+    ],
+    ids=["random", "text", "key", "damaged"],
+)
+def test_inspect_and_fingerprint_of_a_non_certificate(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    path = tmp_path / "file.pem"
+    path.write_bytes(content)
+    for command in ("inspect", "fingerprint"):
+        line = _fails_cleanly(command, str(path))
+        assert line == f"Error: {path}: {reason}" or (reason in line and str(path) in line)
+        assert "ParseError" not in line and "asn1" not in line.lower()
+
+
+def test_days_out_of_range_is_one_line(tmp_path: Path) -> None:
+    _run("ca", "--out", str(tmp_path))
+    line = _fails_cleanly(
+        "client", "--ca-dir", str(tmp_path), "--out", str(tmp_path), "--days", "99999999", "x"
+    )
+    assert "out of range" in line
+
+
+def test_ipc_cert_subprocess_prints_no_traceback(tmp_path: Path) -> None:
+    """The installed ``ipc`` command, as a user runs it."""
+    ipc = shutil.which("ipc", path=str(Path(__file__).parents[3] / ".venv" / "bin"))
+    if ipc is None:
+        pytest.skip("ipc is not installed in .venv")
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x30\x03\x02\x01")  # DER-looking garbage
+    out = subprocess.run([ipc, "cert", "inspect", str(junk)], capture_output=True, timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.decode().strip() == f"Error: {junk}: not a certificate (neither PEM nor DER)"
+
+
+# --------------------------------------------------------------------------
+# Revocation lists: ipc cert crl
+# --------------------------------------------------------------------------
+
+
+def test_crl_make_extend_and_renew(tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    _run("ca", "--out", str(ca))
+    _run("client", "--ca-dir", str(ca), "--out", str(tmp_path), "alice")
+    _run("client", "--ca-dir", str(ca), "--out", str(tmp_path), "bob")
+    alice = load_cert(tmp_path / "alice.pem")
+    bob = load_cert(tmp_path / "bob.pem")
+    ca_cert, ca_key = load_ca(ca)
+
+    out = _run("crl", "--ca-dir", str(ca))
+    assert "0 revoked" in out and _mode(ca / "crl.pem") == 0o644
+    out = _run("crl", "--ca-dir", str(ca), str(tmp_path / "alice.pem"))
+    assert f"revoked serial {alice.serial_number:x} (CN=alice)" in out
+    first = certs.load_crl(ca / "crl.pem")
+    assert [r.serial_number for r in first] == [alice.serial_number]
+    out = _run(
+        "crl",
+        "--ca-dir",
+        str(ca),
+        "--days",
+        "7",
+        f"{bob.serial_number:x}",
+        str(tmp_path / "alice.pem"),
+    )
+    assert "already revoked" in out and "2 revoked" in out
+    crl = certs.load_crl(ca / "crl.pem")
+    assert {r.serial_number for r in crl} == {alice.serial_number, bob.serial_number}
+    assert crl.is_signature_valid(ca_key.public_key())
+    assert crl.issuer == ca_cert.subject
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert number == 3
+    assert first.get_revoked_certificate_by_serial_number(
+        alice.serial_number
+    ).revocation_date_utc == (
+        crl.get_revoked_certificate_by_serial_number(alice.serial_number).revocation_date_utc
+    )
+    assert crl.next_update_utc is not None
+    left = crl.next_update_utc - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(days=6) < left <= dt.timedelta(days=7)
+
+
+def test_crl_refuses_a_certificate_of_another_ca(tmp_path: Path) -> None:
+    _run("ca", "--out", str(tmp_path / "ca"))
+    _run("ca", "--out", str(tmp_path / "other"))
+    _run("client", "--ca-dir", str(tmp_path / "other"), "--out", str(tmp_path), "eve")
+    line = _fails_cleanly("crl", "--ca-dir", str(tmp_path / "ca"), str(tmp_path / "eve.pem"))
+    assert "eve.pem: not issued by this CA" in line
+    _run("crl", "--ca-dir", str(tmp_path / "other"), "--out", str(tmp_path / "other.crl"))
+    line = _fails_cleanly(
+        "crl", "--ca-dir", str(tmp_path / "ca"), "--out", str(tmp_path / "other.crl")
+    )
+    assert "another CA" in line
+    assert "neither a certificate file nor a hex serial" in _fails_cleanly(
+        "crl", "--ca-dir", str(tmp_path / "ca"), "missing.pem"
+    )
+    assert "--days >= 1" in _fails_cleanly("crl", "--ca-dir", str(tmp_path / "ca"), "--days", "0")
 
 
 # --------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Inbound: ``--listen :9443 --cert server.pem --key server.key``; a peer does a
 TLS handshake, then exactly what a TCPd peer does (service name, ``ok``,
 LibIPC frames), with the same ``--allow``/``--deny`` rules and deadline.
-``--client-ca`` turns on mutual TLS and ``--allow-client`` narrows it to
-named certificates. Outbound: the daemon is the local service ``tls``
+``--client-ca`` turns on mutual TLS, ``--allow-client`` narrows it to
+named certificates and ``--crl`` refuses revoked ones. What is offered is
+Mozilla's "intermediate" profile (TLS 1.2 with AEAD suites, TLS 1.3),
+tightened with ``--min-tls``/``--ciphers``. Outbound: the daemon is the local service ``tls``
 (``--service-name``); a client's message ``tls://HOST:PORT/SERVICE`` makes it
 dial with TLS (SNI, verification against the system store or ``--ca``),
 handshake, answer ``ok`` and switch.
@@ -13,7 +15,11 @@ Everything network-facing is the shared engine (:mod:`daemons.server`,
 :mod:`daemons.outbound`) with TLS wrapped around the TCPd handshake
 (:mod:`daemons.tlswrap`); this module is flags, SSL contexts and reload.
 
-Reload (SIGHUP) builds *new* contexts from the files; connections already
+Every file is loaded before anything is bound, and a file that does not
+load stops the start with one line naming the flag and the file (``--key
+k.pem does not match --cert c.pem``), leaving no socket or lock behind.
+
+Reload (SIGHUP) builds *new* contexts from the files (the CRL too); connections already
 open keep the context they were made with, new ones get the new context. A
 new file that does not load is logged and the old contexts stay in use, so a
 botched certificate renewal never takes the daemon down.
@@ -25,7 +31,7 @@ import logging
 import ssl
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -37,8 +43,8 @@ from .common import CommonOptions, Uri, common_options
 from .outbound import Connector
 from .server import Daemon, Handshake
 from .tcp import TcpdClient, TcpdHandshake
-from .tcpd import start_daemon
-from .tls import client_context, server_context
+from .tcpd import idle_timeout_option, start_daemon
+from .tls import ServerPolicy, TLSConfigError, client_context, server_policy_options
 from .tlswrap import TLSConnector, TLSHandshake, describe_identity
 
 log = logging.getLogger("ipc.tlsd")
@@ -58,22 +64,16 @@ class TLSFiles:
     client_cert: Path | None = None
     client_key: Path | None = None
     insecure: bool = False
+    policy: ServerPolicy = field(default_factory=ServerPolicy)
 
     def server_context(self) -> ssl.SSLContext | None:
         """The inbound context (None when not listening); mTLS with a client CA."""
         if self.cert is None:
             return None
-        _check_readable(self.cert, self.key, self.client_ca)
-        return server_context(
-            self.cert,
-            self.key,
-            client_ca=self.client_ca,
-            require_client_cert=self.client_ca is not None,
-        )
+        return self.policy.context(self.cert, self.key, self.client_ca)
 
     def client_context(self) -> ssl.SSLContext:
         """The outbound context: verify (system store or --ca), maybe a client cert."""
-        _check_readable(self.ca, self.client_cert, self.client_key)
         return client_context(
             ca=self.ca, insecure=self.insecure, cert=self.client_cert, key=self.client_key
         )
@@ -97,20 +97,17 @@ class Contexts:
             return False
         self.server, self.client = server, client
         log.info(
-            "%s: reloaded certificates for new connections%s", NAME, _cert_summary(self.files.cert)
+            "%s: reloaded certificates for new connections%s%s",
+            NAME,
+            _cert_summary(self.files.cert),
+            _crl_summary(self.files.policy.crl),
         )
         return True
 
 
-def _check_readable(*paths: Path | None) -> None:
-    """Raise OSError naming the file: OpenSSL's own errors do not say which one."""
-    for path in paths:
-        if path is not None:
-            with open(path, "rb"):
-                pass
-
-
 def _file_error(exc: BaseException) -> str:
+    if isinstance(exc, TLSConfigError):
+        return str(exc)  # names the flag and the file
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.filename}: {exc.strerror or exc}"
     if isinstance(exc, ssl.SSLError):
@@ -133,6 +130,16 @@ def _cert_summary(path: Path | None) -> str:
         f" (server certificate {describe_identity(ident)}, valid until "
         f"{cert.not_valid_after_utc:%Y-%m-%d}{expired})"
     )
+
+
+def _crl_summary(path: Path | None) -> str:
+    """``; CRL crl.pem: 2 revoked, next update 2027-05-01`` for log lines."""
+    if path is None:
+        return ""
+    try:
+        return f"; CRL {path}: {certs.describe_crl(certs.load_crl(path))}"
+    except (OSError, ValueError):
+        return ""
 
 
 def _handshake_factory(
@@ -182,11 +189,16 @@ def _check_flags(files: TLSFiles, listen: bool, allow_client: Sequence[str]) -> 
     """Refuse contradictory or incomplete flags before binding anything."""
     if listen and (files.cert is None or files.key is None):
         raise click.UsageError("--cert and --key are required to listen (or use --no-listen)")
-    if not listen and (files.cert or files.key or files.client_ca or allow_client):
+    if not listen and (
+        files.cert or files.key or files.client_ca or allow_client or files.policy != ServerPolicy()
+    ):
         raise click.UsageError(
-            "--cert, --key, --client-ca and --allow-client are for "
-            "listening; they make no sense with --no-listen"
+            "--cert, --key, --client-ca, --allow-client, --crl, --min-tls and --ciphers "
+            "are for listening; they make no sense with --no-listen"
         )
+    problem = files.policy.usage_error(files.client_ca)
+    if problem:
+        raise click.UsageError(problem)
     if allow_client and files.client_ca is None:
         raise click.UsageError(
             "--allow-client needs --client-ca (client certificates "
@@ -241,9 +253,10 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
     "--allow-client",
     multiple=True,
     metavar="PATTERN",
-    help="Only these client certificates (CN, CN:name, DNS:name, IP:addr or a "
-    "SHA-256 fingerprint). Repeatable; needs --client-ca.",
+    help="Only these client certificates (name, CN:name or CN=name, DNS:name, "
+    "IP:addr or a SHA-256 fingerprint). Repeatable; needs --client-ca.",
 )
+@server_policy_options
 @click.option(
     "--no-listen",
     is_flag=True,
@@ -283,6 +296,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
     metavar="SECONDS",
     help="Seconds for an outbound connect, TLS and TCPd handshake.",
 )
+@idle_timeout_option
 def main(
     common: CommonOptions,
     service_name: str,
@@ -290,15 +304,19 @@ def main(
     key: Path | None,
     client_ca: Path | None,
     allow_client: tuple[str, ...],
+    tls_policy: ServerPolicy,
     no_listen: bool,
     ca: Path | None,
     insecure_skip_verify: bool,
     client_cert: Path | None,
     client_key: Path | None,
     connect_timeout: float,
+    idle_timeout: float,
 ) -> None:
     """Put local LibIPC services on TLS, and reach remote ones over TLS (TLSd)."""
-    files = TLSFiles(cert, key, client_ca, ca, client_cert, client_key, insecure_skip_verify)
+    files = TLSFiles(
+        cert, key, client_ca, ca, client_cert, client_key, insecure_skip_verify, tls_policy
+    )
     _check_flags(files, not no_listen, allow_client)
     try:
         contexts = Contexts(files)
@@ -316,16 +334,19 @@ def main(
             connectors={"tls": _connector_factory(contexts, insecure_skip_verify)},
             connect_timeout=connect_timeout,
             listen=not no_listen,
+            idle_timeout=idle_timeout,
         )
     except (IPCError, OSError, ValueError) as exc:
         click.echo(f"{NAME}: {exc}", err=True)
         sys.exit(1)
     if cert is not None:
         log.info(
-            "%s: serving TLS%s%s",
+            "%s: serving TLS %s%s%s%s",
             NAME,
+            "1.3" if tls_policy.min_tls == "1.3" else "1.2 and 1.3",
             _cert_summary(cert),
             ", client certificates required" if mtls else "",
+            _crl_summary(tls_policy.crl),
         )
     if insecure_skip_verify:
         log.warning(

@@ -366,6 +366,119 @@ def test_mtls_refusals_are_logged(mtls_b, pki: PKI, cert: str | None, reason: st
         echo(s)
 
 
+def test_allow_client_in_the_form_the_log_prints(rundir: Path, procs, pki: PKI) -> None:
+    """``--allow-client CN=alice``: what the daemon logs for alice lets alice in."""
+    procs.pongd(rundir)
+    cert, key = pki.pair("ca/localhost")
+    _, logs, port = start_tlsd(
+        procs, rundir, "--cert", cert, "--key", key, "--client-ca", pki.ca,
+        "--allow-client", "CN=alice",
+    )  # fmt: skip
+    with tls_client(port, client_ctx(pki, "ca/alice")) as s:
+        echo(s)
+    assert "client CN=alice SHA256:" in logs.wait_for("client CN=alice")
+    assert refused(port, client_ctx(pki, "ca/carol"))
+    logs.wait_for("client CN=carol SHA256:")
+
+
+# -- what is offered: Mozilla intermediate (item 19) ------------------------------
+
+
+def tls12_only(pki: PKI, suite: str) -> ssl.SSLContext:
+    ctx = client_ctx(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
+    ctx.set_ciphers(suite)
+    return ctx
+
+
+def handshake_fails(port: int, ctx: ssl.SSLContext) -> bool:
+    try:
+        with tls_connect(port, ctx):
+            return False
+    except ssl.SSLError:
+        return True
+
+
+def test_tls12_offers_aead_suites_only(host_b, pki: PKI) -> None:
+    _, logs, port = host_b
+    for cbc in ("ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA"):
+        assert handshake_fails(port, tls12_only(pki, cbc)), cbc
+    for aead in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+        with tls_client(port, tls12_only(pki, aead)) as s:
+            assert s.version() == "TLSv1.2" and s.cipher()[0] == aead
+            echo(s)
+    logs.wait_for("no shared cipher")
+
+
+def test_min_tls_1_3_and_ciphers(rundir: Path, procs, pki: PKI) -> None:
+    procs.pongd(rundir)
+    cert, key = pki.pair("ca/localhost")
+    _, _, port = start_tlsd(procs, rundir, "--cert", cert, "--key", key, "--min-tls", "1.3")
+    assert handshake_fails(port, tls12_only(pki, "ECDHE-ECDSA-AES128-GCM-SHA256"))
+    with tls_client(port, client_ctx(pki)) as s:
+        assert s.version() == "TLSv1.3"
+        echo(s)
+    _, _, port = start_tlsd(
+        procs, rundir, "--cert", cert, "--key", key, "--service-name", "tls2",
+        "--ciphers", "ECDHE-ECDSA-CHACHA20-POLY1305",
+    )  # fmt: skip
+    assert handshake_fails(port, tls12_only(pki, "ECDHE-ECDSA-AES128-GCM-SHA256"))
+    with tls_client(port, tls12_only(pki, "ECDHE-ECDSA-CHACHA20-POLY1305")) as s:
+        echo(s)
+
+
+# -- revocation (item 20) -----------------------------------------------------------
+
+
+def revoked_alert(port: int, ctx: ssl.SSLContext) -> str:
+    """Connect, name pong, read: the TLS alert the server answered with, or what it sent."""
+    try:
+        with tls_connect(port, ctx) as s:
+            s.sendall(b"pong")
+            return repr(s.recv(100))
+    except ssl.SSLError as exc:
+        return str(exc.reason)
+
+
+def test_crl_refuses_revoked_clients_and_is_reloaded_on_sighup(
+    rundir: Path, procs, tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca"
+    _ipc_cert("ca", "--out", ca)
+    _ipc_cert("server", "--ca-dir", ca, "--out", ca, "localhost", "127.0.0.1")
+    _ipc_cert("client", "--ca-dir", ca, "--out", ca, "alice")
+    _ipc_cert("client", "--ca-dir", ca, "--out", ca, "bob")
+    _ipc_cert("crl", "--ca-dir", ca, ca / "alice.pem")
+    crl = ca / "crl.pem"
+    procs.pongd(rundir)
+    proc, logs, port = start_tlsd(
+        procs, rundir, "--cert", ca / "localhost.pem", "--key", ca / "localhost.key",
+        "--client-ca", ca / "ca.pem", "--crl", crl,
+    )  # fmt: skip
+    logs.wait_for("1 revoked, next update")
+    pki = PKI(tmp_path)  # pki.ca is tmp_path/ca/ca.pem
+
+    assert revoked_alert(port, client_ctx(pki, "ca/alice")) == "SSLV3_ALERT_CERTIFICATE_REVOKED"
+    line = logs.wait_for("certificate verify failed: certificate revoked")
+    assert "127.0.0.1:" in line
+    bob_before = tls_client(port, client_ctx(pki, "ca/bob"))
+    echo(bob_before)
+
+    _ipc_cert("crl", "--ca-dir", ca, ca / "bob.pem")
+    proc.send_signal(signal.SIGHUP)
+    logs.wait_for("2 revoked, next update")
+    assert revoked_alert(port, client_ctx(pki, "ca/bob")) == "SSLV3_ALERT_CERTIFICATE_REVOKED"
+    echo(bob_before, b"verified at its handshake: an open connection stays")
+    bob_before.close()
+
+    crl.write_text("not a CRL\n")  # a botched update: the old CRL stays in force
+    proc.send_signal(signal.SIGHUP)
+    line = logs.wait_for("reload failed, keeping the previous certificates")
+    assert f"--crl {crl}: not a PEM CRL" in line
+    assert revoked_alert(port, client_ctx(pki, "ca/bob")) == "SSLV3_ALERT_CERTIFICATE_REVOKED"
+    assert revoked_alert(port, client_ctx(pki, "ca/alice")) == "SSLV3_ALERT_CERTIFICATE_REVOKED"
+    assert proc.poll() is None
+
+
 # -- reload ------------------------------------------------------------------------
 
 
@@ -521,6 +634,13 @@ def test_insecure_skip_verify_is_loud(rundir: Path, rundir_a: Path, procs, pki: 
         ),
         (["--no-listen", "--ca", "ca", "--insecure-skip-verify"], "contradict"),
         (["--no-listen", "--client-cert", "c"], "go together"),
+        (
+            ["--cert", "c", "--key", "k", "--client-ca", "ca", "--allow-client", "XYZ:host-a"],
+            "unknown prefix in 'XYZ:host-a'",
+        ),
+        (["--cert", "c", "--key", "k", "--crl", "crl.pem"], "--crl needs --client-ca"),
+        (["--no-listen", "--min-tls", "1.3"], "make no sense with --no-listen"),
+        (["--cert", "c", "--key", "k", "--min-tls", "1.0"], "'1.0' is not one of"),
     ],
 )
 def test_bad_flags_are_refused_before_starting(args: list[str], message: str) -> None:
@@ -532,11 +652,54 @@ def test_bad_flags_are_refused_before_starting(args: list[str], message: str) ->
 def test_unreadable_files_are_reported(tmp_path: Path, pki: PKI) -> None:
     cert, _key = pki.pair("ca/localhost")
     _, wrong_key = pki.pair("ca/alice")
-    result = CliRunner().invoke(
-        tlsd_main, ["--cert", str(cert), "--key", str(tmp_path / "missing.key")]
-    )
+    missing = tmp_path / "missing.key"
+    result = CliRunner().invoke(tlsd_main, ["--cert", str(cert), "--key", str(missing)])
     assert result.exit_code == 1
-    assert "missing.key" in result.output
+    assert f"--key {missing}: No such file or directory" in result.output
     result = CliRunner().invoke(tlsd_main, ["--cert", str(cert), "--key", str(wrong_key)])
     assert result.exit_code == 1
-    assert "key values mismatch" in result.output
+    assert f"--key {wrong_key} does not match --cert {cert}" in result.output
+
+
+# -- a failed start names the file and leaves nothing behind (item 14) ---------------
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("key-of-another-cert", "--key {alice_key} does not match --cert {cert}"),
+        ("cert-is-a-key", "--cert {key}: not a PEM certificate"),
+        ("key-is-a-cert", "--key {cert}: not a PEM private key"),
+        ("client-ca-is-a-key", "--client-ca {key}: not PEM CA certificates"),
+        ("crl-is-a-cert", "--crl {cert}: not a PEM CRL"),
+        ("bad-ciphers", "--ciphers 'NOPE': OpenSSL selects no TLS 1.2 cipher suite"),
+    ],
+    ids=lambda value: value if " " not in value else "",
+)
+def test_failed_start_is_one_line_and_leaves_no_socket_or_lock(
+    tmp_path: Path, pki: PKI, case: str, expected: str
+) -> None:
+    cert, key = map(str, pki.pair("ca/localhost"))
+    alice_key = str(pki.pair("ca/alice")[1])
+    ca = str(pki.ca)
+    args = {
+        "key-of-another-cert": ["--cert", cert, "--key", alice_key],
+        "cert-is-a-key": ["--cert", key, "--key", key],
+        "key-is-a-cert": ["--cert", cert, "--key", cert],
+        "client-ca-is-a-key": ["--cert", cert, "--key", key, "--client-ca", key],
+        "crl-is-a-cert": ["--cert", cert, "--key", key, "--client-ca", ca, "--crl", cert],
+        "bad-ciphers": ["--cert", cert, "--key", key, "--ciphers", "NOPE"],
+    }[case]
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o770)
+    out = subprocess.run(
+        [BIN / "ipc-tlsd", "--listen", "127.0.0.1:0", *args],
+        env=dict(os.environ, RUNDIR=str(rundir)),
+        capture_output=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    message = expected.format(cert=cert, key=key, alice_key=alice_key)
+    lines = out.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ipc-tlsd: {message}"), lines
+    assert list(rundir.iterdir()) == []  # no tls socket, no tls.lock

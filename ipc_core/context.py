@@ -158,6 +158,7 @@ class _Conn:
     __slots__ = (
         "closing",
         "decoder",
+        "eof",
         "fast_in",
         "fast_out",
         "fd",
@@ -177,6 +178,7 @@ class _Conn:
         "plain",
         "scanner",
         "service",
+        "shut_pending",
         "sock",
         "stats",
     )
@@ -204,6 +206,8 @@ class _Conn:
         self.service: ServiceSocket | None = None
         self.origin = -1
         self.closing = False  # close once the send queue is flushed
+        self.eof = False  # a switched end whose peer half-closed: read no more
+        self.shut_pending = False  # shut our write side once the queue is flushed
         self.linger: TimerHandle | None = None
         self.stats: list[int] = _NO_STATS
 
@@ -681,6 +685,11 @@ class Context:
             self._close_conn(conn, f"read failed: {exc.strerror or exc}")
             return
         if n == 0:
+            if conn.out and not conn.closing:
+                # The peer half-closed: it may still read the replies queued
+                # for it, so write them before closing (bounded by the linger).
+                self._linger(conn)
+                return
             self._close_conn(conn, None)
             return
         try:
@@ -703,7 +712,8 @@ class Context:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept on %s: %s; pausing 100 ms", conn.fd, exc.strerror)
+                    if _accept_log_due():  # retried every 100 ms: log every 5 s at most
+                        log.error("cannot accept on %s: %s; pausing 100 ms", conn.fd, exc.strerror)
                     self._pause_listener(conn)
                 return
             sock.setblocking(False)
@@ -738,10 +748,7 @@ class Context:
             self._close_pair(conn, f"read failed: {exc.strerror or exc}")
             return
         if n == 0:
-            if conn.layer is not None:
-                with contextlib.suppress(PeerClosed, ProtocolError):
-                    conn.layer.receive_data(b"")
-            self._close_pair(conn, None)
+            self._switch_eof(conn)
             return
         partner: _Conn = conn.partner  # type: ignore[assignment]
         data: Any = self._buf[:n] if n <= _COPY_READS else self._view[:n]
@@ -811,6 +818,48 @@ class Context:
         if self.switch_events:
             self._events.append(Event(EventType.SWITCH_RX, conn.fd))
             self._events.append(Event(EventType.SWITCH_TX, partner.fd))
+
+    def _switch_eof(self, conn: _Conn) -> None:
+        """End ``conn`` of a pair read EOF: honour a half-close.
+
+        Between two plain socket ends (the TCPd relay), the partner's write
+        side is shut down once what is queued for it is written, and the other
+        direction keeps flowing until its reader sees EOF (or an error) too;
+        only then are both closed. A peer that sends its requests then
+        ``shutdown(SHUT_WR)`` so gets every reply. Layered or callback ends
+        (TLS, WebSocket: the protocol has its own close, and its layer speaks
+        for the socket), a peer that is wholly gone (POLLHUP: a Unix peer that
+        closed, not just shut its write side) and a second EOF close the pair
+        as before.
+        """
+        partner = conn.partner
+        if conn.layer is not None:
+            with contextlib.suppress(PeerClosed, ProtocolError):
+                conn.layer.receive_data(b"")
+            self._close_pair(conn, None)
+            return
+        if (
+            conn.eof
+            or partner is None
+            or partner.eof
+            or not _can_shut_write(partner)
+            or _hung_up(conn.sock)
+        ):
+            self._close_pair(conn, None)
+            return
+        conn.eof = True
+        self._update_mask(conn)  # no more EPOLLIN: a half-closed socket stays readable
+        if partner.out:
+            partner.shut_pending = True
+        else:
+            self._shut_write(partner)
+
+    def _shut_write(self, conn: _Conn) -> None:
+        conn.shut_pending = False
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._lost(conn, exc)
 
     def _relay_data(self, conn: _Conn, data: bytes | memoryview, decoded: bool = False) -> None:
         """Forward bytes read from ``conn`` to its partner: the general path
@@ -1048,6 +1097,10 @@ class Context:
             if conn.closing:
                 self._close_conn(conn, None)
                 return
+            if conn.shut_pending:
+                self._shut_write(conn)
+                if conn.fd not in self._conns:
+                    return
             self._update_mask(conn)
 
     def _lost(self, conn: _Conn, exc: OSError) -> None:
@@ -1192,7 +1245,7 @@ class Context:
                 self._ep.unregister(conn.fd)
 
     def _update_mask(self, conn: _Conn) -> None:
-        mask = 0 if conn.paused else _EPOLLIN
+        mask = 0 if conn.paused or conn.eof else _EPOLLIN
         if conn.out:
             mask |= _EPOLLOUT
         if mask != conn.mask and conn.fd in self._conns:
@@ -1299,6 +1352,33 @@ class Context:
         self._signal_sock.close()
         self._signal_wsock.close()
         self._signal_sock = None
+
+
+def _can_shut_write(conn: _Conn) -> bool:
+    """Whether a switched end can be half-closed by shutting its socket's
+    write side: a plain socket (no layer or out-callback speaking for it)."""
+    return conn.layer is None and conn.out_cb is None and isinstance(conn.sock, socket.socket)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """True when both directions of ``sock`` are shut (POLLHUP): a Unix peer
+    that closed, as opposed to one that only shut its write side. One poll,
+    made once per connection (at its EOF)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+_accept_logged = [-float("inf")]
+
+
+def _accept_log_due(every: float = 5.0) -> bool:
+    """Rate limit for the accept-error line (a descriptor limit lasts)."""
+    now = time.monotonic()
+    if now - _accept_logged[0] < every:
+        return False
+    _accept_logged[0] = now
+    return True
 
 
 def _noop_signal_handler(signum: int, frame: object) -> None:

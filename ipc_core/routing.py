@@ -5,7 +5,9 @@ around ``;`` tolerated). When it names a route for the service, the client
 asks the router ``ipc`` with one LibIPC message ``SERVICE;IPC_NETWORK`` and
 receives the connected descriptor over SCM_RIGHTS with the raw bytes ``ok``.
 Unlike the reference, a client whose variable names no route for the service,
-or whose router is not running, falls back to the direct local connection.
+or whose router is not running, falls back to the direct local connection;
+when that fails too, the error names the route and the missing router. A
+malformed directive is skipped with a warning; the others still count.
 """
 
 from __future__ import annotations
@@ -28,17 +30,26 @@ ROUTER_SERVICE = "ipc"
 def parse_network(value: str) -> dict[str, str]:
     """Parse ``IPC_NETWORK`` into ``{service: target}`` (first directive wins).
 
-    Raises ProtocolError for a directive that is not ``NAME TARGET``.
+    A directive that is not ``NAME TARGET`` is skipped with a logged warning:
+    one typo must not silently drop every other route. Raises ProtocolError
+    only when the variable has bad directives and no good one (nothing
+    usable, and something to say about it).
     """
     routes: dict[str, str] = {}
+    bad: list[str] = []
     for raw in value.split(";"):
         directive = raw.strip()
         if not directive:
             continue
         parts = directive.split()
         if len(parts) != 2:
-            raise ProtocolError(f"bad IPC_NETWORK directive {directive!r}: expected 'NAME URI'")
+            bad.append(directive)
+            continue
         routes.setdefault(parts[0], parts[1])
+    if bad and not routes:
+        raise ProtocolError(f"bad IPC_NETWORK directive {bad[0]!r}: expected 'NAME URI'")
+    for directive in bad:
+        log.warning("IPC_NETWORK: ignoring bad directive %r (expected 'NAME URI')", directive[:80])
     return routes
 
 
@@ -104,6 +115,8 @@ def ask_router(
         return sock
     if fd is not None:
         os.close(fd)
+    if len(data) >= 4 and int.from_bytes(data[:4], "big") == len(data) - 4:
+        data = data[4:]  # ipcd frames its failure answers as a LibIPC message
     reason = data.decode(errors="replace").strip() or "router closed the connection"
     raise ServiceUnavailable(f"router cannot reach {name!r}: {reason}")
 
@@ -117,13 +130,25 @@ def connect(name: str, directory: Path, timeout: float = 5.0) -> socket.socket:
         except ProtocolError as exc:
             log.warning("ignoring IPC_NETWORK: %s", exc)
             routes = {}
-        if name in routes:
+        target = routes.get(name)
+        if target is not None:
             try:
                 router = connect_direct(ROUTER_SERVICE, directory, timeout)
             except ServiceUnavailable as exc:
                 log.debug("router not running (%s); connecting to %r directly", exc, name)
-            else:
-                return ask_router(router, name, network, timeout)
-        else:
-            log.debug("IPC_NETWORK has no route for %r; connecting directly", name)
+                return _direct_or_no_router(name, target, directory, timeout)
+            return ask_router(router, name, network, timeout)
+        log.debug("IPC_NETWORK has no route for %r; connecting directly", name)
     return connect_direct(name, directory, timeout)
+
+
+def _direct_or_no_router(name: str, target: str, directory: Path, timeout: float) -> socket.socket:
+    """The fallback when a route exists but ipcd does not run: the local
+    service if there is one, else an error that says what is missing."""
+    try:
+        return connect_direct(name, directory, timeout)
+    except ServiceUnavailable:
+        raise ServiceUnavailable(
+            f"route for {name!r} via {target} but no router at"
+            f" {directory / ROUTER_SERVICE}: start ipcd"
+        ) from None

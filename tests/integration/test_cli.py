@@ -74,3 +74,19 @@ def test_pongd_survives_clients_that_leave_with_messages_in_flight(rundir, procs
         s.close()
     assert run("send", "pong", "still here", rundir=rundir).stdout == b"still here\n"
     assert pongd.poll() is None
+
+
+def test_route_without_router_is_one_clear_line(rundir):
+    env = dict(os.environ, RUNDIR=str(rundir), IPC_NETWORK="typo; pong tcp://127.0.0.1:1/pong")
+    out = subprocess.run(
+        [BIN / "ipc", "send", "pong", "x"], env=env, capture_output=True, timeout=20
+    )
+    assert out.returncode == 1
+    err = out.stderr.decode()
+    assert "Traceback" not in err
+    assert "ignoring bad directive 'typo'" in err  # the warning, one line
+    last = err.strip().splitlines()[-1]
+    assert last == (
+        f"Error: route for 'pong' via tcp://127.0.0.1:1/pong but no router at {rundir}/ipc:"
+        " start ipcd"
+    )

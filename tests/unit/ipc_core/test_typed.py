@@ -64,7 +64,8 @@ def test_parse_network_tolerates_spaces_and_keeps_first():
     }
     assert parse_network("") == {}
     with pytest.raises(ProtocolError):
-        parse_network("just-a-name")
+        parse_network("just-a-name")  # bad, and nothing usable besides
+    assert parse_network("just-a-name; pong x") == {"pong": "x"}
 
 
 def test_lookup_message_round_trip():

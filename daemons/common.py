@@ -710,6 +710,7 @@ class CommonOptions:
     max_message_size: int
     metrics: ListenAddress | None
     peer_timeout: float = 30.0
+    max_connections_per_ip: int = 256
 
     @property
     def verbosity(self) -> int:
@@ -830,6 +831,15 @@ def common_options(func: F) -> F:
             metavar="SECONDS",
             help="Close a TCP peer whose data stays unacknowledged this long, or that "
             "stops answering keepalive probes (a dead link, a vanished host).",
+        ),
+        click.option(
+            "--max-connections-per-ip",
+            type=click.IntRange(min=0),
+            default=256,
+            show_default=True,
+            metavar="N",
+            help="Refuse a source address (an IPv6 /64) more than N connections "
+            "at once, handshaking or relayed. 0 = no limit.",
         ),
     ]
     for option in reversed(options):

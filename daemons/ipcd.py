@@ -10,9 +10,14 @@ the directive for S and resolves its target:
   message ``ok``; its connection is then the connection to the remote service.
 
 On success ipcd hands the connected descriptor to the client with SCM_RIGHTS
-and the raw bytes ``ok``; on failure it sends ``error: <reason>`` (no
-descriptor) and closes. Every look-up has a deadline; a missing daemon, a bad
-route or a silent remote never blocks other look-ups.
+and the raw bytes ``ok`` (the reference's bytes); on failure it sends the
+LibIPC message ``error: <reason>`` (framed like any message, no descriptor)
+and closes: a framed reader (another ipcd through ``ipc://``, a LibIPC
+client) reads it as one message, and :func:`ipc_core.routing.ask_router`
+takes anything but ``ok`` with a descriptor as a failure. Every look-up has a
+deadline; a missing daemon, a bad route or a silent remote never blocks other
+look-ups, and a client that sends no look-up is closed after
+``--handshake-timeout``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from ipc_core.routing import ROUTER_SERVICE, parse_lookup, parse_network
 from ipc_core.rundir import socket_path
 
 from .common import ServiceAccess, setup_logging
-from .server import Daemon
+from .server import Daemon, RequestDeadlines
 
 log = logging.getLogger("ipc.ipcd")
 
@@ -70,8 +75,8 @@ class Router:
         self.daemon = daemon
         self.ctx = daemon.ctx
         self.timeout = timeout
-        self.service_fd = self.ctx.service_init(service_name, local_only=True)
-        self._clients: set[int] = set()
+        self.service_fd = daemon.service_init(service_name, "--service-name")
+        self._clients = RequestDeadlines(daemon, service_name)  # no look-up yet
         self._by_client: dict[int, _Lookup] = {}
         self._by_daemon: dict[int, _Lookup] = {}
         r = daemon.metrics.registry
@@ -81,10 +86,10 @@ class Router:
     def handle(self, event: Event) -> bool:
         fd = event.fd
         if event.type == EventType.CONNECTION and event.origin == self.service_fd:
-            self._clients.add(fd)
+            self._clients.start(fd)
             return True
         if event.type == EventType.MESSAGE_RX and fd in self._clients:
-            self._clients.discard(fd)
+            self._clients.done(fd)
             assert event.message is not None
             self._lookup(fd, event.message)
             return True
@@ -92,7 +97,7 @@ class Router:
             self._on_daemon(self._by_daemon[fd])
             return True
         if event.type == EventType.DISCONNECTION:
-            self._clients.discard(fd)
+            self._clients.done(fd)
             lookup = self._by_daemon.get(fd)
             if lookup is not None:
                 lookup.daemon_fd = -1
@@ -221,7 +226,9 @@ class Router:
         log.warning("ipcd: %s", reason)
         self.lookups.inc(result=kind)
         if client_fd in self.ctx:
-            self.ctx.send_raw(client_fd, f"error: {reason}".encode())
+            # Framed: a LibIPC reader (another ipcd reached by ipc://) would
+            # take raw "erro" for a length.
+            self.ctx.write(client_fd, f"error: {reason}".encode())
             self.ctx.close(client_fd, flush=True)
 
 
@@ -248,20 +255,39 @@ class Router:
     show_default=True,
     help="Seconds a look-up may take before the client gets an error.",
 )
+@click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Close a client that has not sent its look-up by then.",
+)
 @click.option("--log-format", type=click.Choice(["auto", "human", "json"]), default="auto")
 @click.option("-v", "--verbose", count=True)
 @click.option("-q", "--quiet", count=True)
 def main(
-    rundir: str | None, service_name: str, timeout: float, log_format: str, verbose: int, quiet: int
+    rundir: str | None,
+    service_name: str,
+    timeout: float,
+    handshake_timeout: float,
+    log_format: str,
+    verbose: int,
+    quiet: int,
 ) -> None:
     """The LibIPC router: hands clients connections to local or remote services."""
     setup_logging(verbose - quiet, log_format)
     try:
         ctx = Context(rundir_path=rundir)
-        daemon = Daemon("ipcd", ctx, ServiceAccess())
+        daemon = Daemon("ipcd", ctx, ServiceAccess(), handshake_timeout=handshake_timeout)
+    except (IPCError, OSError) as exc:
+        click.echo(f"ipcd: {exc}", err=True)
+        sys.exit(1)
+    try:
         Router(daemon, service_name, timeout)
         daemon.serve_control(f"{service_name}.ctl")
     except (IPCError, OSError) as exc:
+        daemon.close()  # no socket or lock left behind
         click.echo(f"ipcd: {exc}", err=True)
         sys.exit(1)
     log.info("ipcd: serving %r in %s", service_name, ctx.rundir)

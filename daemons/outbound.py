@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from ipc_core import Event, EventType, Layer, PeerClosed, ProtocolError
 
 from .common import Uri, parse_uri, tune_tcp
-from .server import Daemon
+from .server import Daemon, RequestDeadlines
 
 log = logging.getLogger("ipc.daemon.outbound")
 
@@ -73,8 +73,9 @@ class Outbound:
         self.service_name = service_name
         self.connectors = connectors
         self.connect_timeout = connect_timeout
-        self.service_fd = self.ctx.service_init(service_name, local_only=True)
-        self._clients: set[int] = set()  # local clients that have not asked yet
+        self.service_fd = daemon.service_init(service_name, "--service-name")
+        # Local clients that have not asked yet: closed after the handshake timeout.
+        self._clients = RequestDeadlines(daemon, service_name)
         self._by_client: dict[int, _Attempt] = {}
         self._by_remote: dict[int, _Attempt] = {}
         self._resolver = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="resolve")
@@ -88,10 +89,10 @@ class Outbound:
     def handle(self, event: Event) -> bool:
         fd = event.fd
         if event.type == EventType.CONNECTION and event.origin == self.service_fd:
-            self._clients.add(fd)
+            self._clients.start(fd)
             return True
         if event.type == EventType.MESSAGE_RX and fd in self._clients:
-            self._clients.discard(fd)
+            self._clients.done(fd)
             assert event.message is not None
             self._request(fd, event.message)
             return True
@@ -102,7 +103,7 @@ class Outbound:
             self._on_remote(self._by_remote[fd])
             return True
         if event.type == EventType.DISCONNECTION:
-            self._clients.discard(fd)
+            self._clients.done(fd)
             attempt = self._by_remote.get(fd)
             if attempt is not None:
                 attempt.remote_fd = -1
@@ -214,6 +215,7 @@ class Outbound:
         if early:
             ctx.feed_switch(attempt.remote_fd, early)
         self.outbound_total.inc(result="ok")
+        self.daemon.watch_idle(attempt.remote_fd, str(attempt.uri))
         log.info(
             "%s: connected to %s (%.1f ms)",
             self.daemon.name,

@@ -6,8 +6,10 @@ A daemon listens on network sockets. Each accepted peer goes through a
 protocol-specific, Sans-I/O :class:`Handshake` (TCPd's service name, TLS then
 the name, or a WebSocket upgrade) while the engine does the I/O:
 
-1. accept (over ``--max-connections``: closed at once, logged); the socket
-   joins the Context as an EXTERNAL descriptor and a handshake deadline starts;
+1. accept (over ``--max-connections``, or ``--max-connections-per-ip`` from
+   one source address: closed at once, counted, logged at most every few
+   seconds); the socket joins the Context as an EXTERNAL descriptor and a
+   handshake deadline starts;
 2. every EXTERNAL event: one ``recv``, ``handshake.receive_data``, its
    ``data_to_send`` written through the Context (queued, never blocking);
 3. once the peer names a service: the allow/deny policy, then a connection to
@@ -16,7 +18,15 @@ the name, or a WebSocket upgrade) while the engine does the I/O:
    switches the pair and from then on relays without the engine;
 4. any failure (bad input, refused or unknown service, deadline) -> the
    handshake's refusal bytes are flushed, the socket closed, the reason logged
-   and counted. Nothing else is affected.
+   and counted. Nothing else is affected;
+5. a switched TCP connection with no byte either way for ``--idle-timeout``
+   seconds is closed (a sweep reads the kernel's TCP_INFO: nothing on the
+   relay's hot path).
+
+Local clients of the daemon's own services (the outbound side, ``NAME.ctl``,
+ipcd's ``ipc``) must send their request within the handshake timeout too
+(:class:`RequestDeadlines`). A failed start raises :class:`StartupError`
+naming the flag at fault and leaves no socket or lock behind.
 
 The engine also serves ``--metrics`` (Prometheus text and /healthz), the
 local control service ``NAME.ctl`` (:meth:`Daemon.serve_control`: the same
@@ -29,18 +39,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
+import math
 import os
 import resource
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ipc_core import Context, Event, EventType, IPCError, Layer, PeerClosed, ProtocolError
+from ipc_core import (
+    Context,
+    Event,
+    EventType,
+    IPCError,
+    Layer,
+    PeerClosed,
+    ProtocolError,
+    ServiceBusy,
+)
 from ipc_core.rundir import socket_path
 
 from . import systemd
@@ -57,6 +79,38 @@ from .metrics import HttpResponder, Registry
 log = logging.getLogger("ipc.daemon")
 
 _RECV_SIZE = 65536
+#: Open /metrics connections at most (a scrape takes one, briefly).
+MAX_HTTP_CONNECTIONS = 32
+#: Seconds between two log lines about the same recurring refusal or error.
+LOG_EVERY = 5.0
+
+
+class StartupError(IPCError):
+    """A daemon could not start; the message names the flag and value at fault."""
+
+
+class LogThrottle:
+    """At most one log line per ``interval`` seconds for a recurring condition.
+
+    Why: a peer can repeat a refusal (a flood from one address, a descriptor
+    limit retried every 100 ms) faster than anyone reads logs. :meth:`due`
+    says whether to log now, and how many lines were held back since.
+    """
+
+    def __init__(self, interval: float = LOG_EVERY) -> None:
+        self.interval = interval
+        self._last = -math.inf
+        self._held = 0
+
+    def due(self) -> str | None:
+        """None: stay quiet; else a suffix for the line ("" or " (N more ...)")."""
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._held += 1
+            return None
+        more = f" ({self._held} more since the last report)" if self._held else ""
+        self._last, self._held = now, 0
+        return more
 
 
 class Handshake(Protocol):
@@ -120,6 +174,14 @@ class DaemonMetrics:
             "ipc_messages_total", "LibIPC messages relayed, by direction.", ["direction"]
         )
         self.bytes = r.counter("ipc_bytes_total", "Bytes relayed, by direction.", ["direction"])
+        self.idle_closed = r.counter(
+            "ipc_idle_closed_total", "Relayed connections closed by --idle-timeout."
+        )
+        self.local_timeouts = r.counter(
+            "ipc_local_timeouts_total",
+            "Local clients closed for sending no request in time, by service.",
+            ["service"],
+        )
 
 
 class Daemon:
@@ -134,16 +196,21 @@ class Daemon:
         handshake_timeout: float = 5.0,
         max_connections: int = 10000,
         peer_timeout: float = 30.0,
+        max_connections_per_ip: int = 256,
+        idle_timeout: float = 0.0,
     ) -> None:
         self.name = name
         self.ctx = ctx
         self.access = access
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
+        #: Network connections one source may hold (IPv4 address, IPv6 /64); 0 = no cap.
+        self.max_connections_per_ip = max_connections_per_ip
         self.peer_timeout = peer_timeout  # TCP keepalive / user timeout (tune_tcp)
+        #: Close a switched TCP connection with no byte either way this long; 0 = off.
+        self.idle_timeout = idle_timeout
         raise_fd_limit(2 * max_connections + 64)
-        self._accept_error_logged = -1e9
-        self._accept_errors_quiet = 0
+        self._throttles: dict[str, LogThrottle] = {}
         self.metrics = DaemonMetrics()
         self.on_reload: Callable[[], None] | None = None
         #: Extra event handlers (e.g. the outbound side): return True if handled.
@@ -156,13 +223,20 @@ class Daemon:
         self._pending: dict[int, _Pending] = {}
         self._http: dict[int, HttpResponder] = {}
         self._network_fds: set[int] = set()
+        self._sources: dict[str, int] = {}  # open network connections per source
+        self._source_of: dict[int, str] = {}
+        self._idle: dict[int, tuple[Any, str]] = {}  # switched fd -> (socket, peer)
         self._last_stats = {"network": [0, 0], "local": [0, 0]}
         self._stopping = False
         self._watchdog: float | None = None
         self._started = time.monotonic()
         self._control_fd = -1
         self._control_peers: set[int] = set()
+        self._control_wait: RequestDeadlines | None = None
         ctx.switch_events = False
+        if idle_timeout > 0:
+            self._idle_period = min(max(idle_timeout / 4, 0.05), 5.0)
+            ctx.call_later(self._idle_period, self._sweep_idle)
 
     def reachable(self, service: str) -> bool:
         """May a network peer reach ``service``, and does it run here?
@@ -195,17 +269,28 @@ class Daemon:
         self._metric_listeners.add(fd)
         log.info("%s: metrics on http://%s/metrics", self.name, bound_address(sock))
 
-    def serve_control(self, service: str) -> None:
+    def serve_control(self, service: str, *, flag: str = "--service-name") -> None:
         """Serve the local LibIPC service ``service`` (e.g. ``tcp.ctl``): the
-        message ``status`` is answered with JSON of the counters.
+        message ``status`` is answered with JSON of the counters. A client
+        silent for the handshake timeout is closed. ``flag`` is what a user
+        changes to run a second instance (named when the name is taken).
 
         Why a LibIPC service and not only HTTP: the counters stay readable
         (``ipc status``) on a host where no ``--metrics`` port is open, with
         the run directory's permissions as the access control. Network peers
         never reach it: ``*.ctl`` is protected in :class:`ServiceAccess`.
         """
-        self._control_fd = self.ctx.service_init(service, local_only=True)
+        self._control_fd = self.service_init(service, flag)
+        self._control_wait = RequestDeadlines(self, service)
         self.handlers.insert(0, self._on_control)
+
+    def service_init(self, service: str, flag: str) -> int:
+        """A local-only service of ours (``ctx.service_init(local_only=True)``);
+        "already running" names ``flag``, the way to run another instance."""
+        try:
+            return self.ctx.service_init(service, local_only=True)
+        except ServiceBusy as exc:
+            raise ServiceBusy(f"{exc} (use {flag} to run another)") from None
 
     def status(self) -> dict[str, Any]:
         """What the control service answers: who we are and the counters."""
@@ -219,12 +304,16 @@ class Daemon:
 
     def _on_control(self, event: Event) -> bool:
         fd = event.fd
+        wait = self._control_wait
+        assert wait is not None
         if event.type == EventType.CONNECTION and event.origin == self._control_fd:
             self._control_peers.add(fd)
+            wait.start(fd)
             return True
         if fd not in self._control_peers:
             return False
         if event.type == EventType.MESSAGE_RX:
+            wait.start(fd)  # each request re-arms the deadline: silence closes
             if (event.message or b"").strip() == b"status":
                 answer = json.dumps(self.status(), separators=(",", ":")).encode()
             else:
@@ -232,6 +321,7 @@ class Daemon:
             self.ctx.schedule(fd, answer)
         elif event.type == EventType.DISCONNECTION:
             self._control_peers.discard(fd)
+            wait.done(fd)
         return True
 
     # ----------------------------------------------------------------- run
@@ -278,9 +368,7 @@ class Daemon:
             self._cancel(pending)
         if event.fd >= 0 and event.fd not in self._listeners and event.fd in self.ctx:
             self.ctx.close(event.fd, flush=False)
-            if event.fd in self._network_fds:
-                self._network_fds.discard(event.fd)
-                self.metrics.connections_open.dec()
+            self._network_closed(event.fd)
 
     def stop(self) -> None:
         if not self._stopping:
@@ -288,6 +376,10 @@ class Daemon:
             log.info("%s: stopping", self.name)
             systemd.stopping()
             self.ctx.stop()
+
+    def close(self) -> None:
+        """Close every descriptor; remove our services' sockets and locks."""
+        self.ctx.close_all()
 
     def reload(self) -> None:
         if self.on_reload is None:
@@ -319,11 +411,9 @@ class Daemon:
             else:
                 self._dispatch_extra(event)
         elif event.type == EventType.DISCONNECTION:
-            if fd in self._network_fds:
-                self._network_fds.discard(fd)
-                self.metrics.connections_open.dec()
-                if event.reason:
-                    self.metrics.errors.inc(kind=_error_kind(event.reason))
+            self._idle.pop(fd, None)
+            if self._network_closed(fd) and event.reason:
+                self.metrics.errors.inc(kind=_error_kind(event.reason))
             pending = self._pending.pop(fd, None)
             if pending is not None:
                 self._cancel(pending)
@@ -349,32 +439,28 @@ class Daemon:
                 return
             except OSError as exc:
                 self._accept_failed(exc)
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     self._pause_accept(lfd)
                 return
             peer = _peer_name(addr)
-            if len(self._network_fds) >= self.max_connections:
-                log.warning(
-                    "%s: refusing %s: %d connections open (--max-connections)",
-                    self.name,
-                    peer,
-                    len(self._network_fds),
-                )
-                self.metrics.handshake_failures.inc(reason="too many connections")
+            source = source_key(addr)
+            refusal = self._over_limit(source)
+            if refusal is not None:
+                self._refuse(peer, *refusal)
+                sock.close()
+                continue
+            try:
+                handshake = factory(peer)
+            except Exception as exc:  # a bug or a configuration problem: not the peer's
+                self._refuse(peer, "internal", f"cannot start a handshake: {exc}")
+                log.debug("%s: handshake factory failed", self.name, exc_info=True)
+                self.metrics.errors.inc(kind="internal")
                 sock.close()
                 continue
             sock.setblocking(False)
             tune_tcp(sock, self.peer_timeout)
             fd = self.ctx.add_external(sock)
-            self._network_fds.add(fd)
-            self.metrics.connections_total.inc()
-            self.metrics.connections_open.inc()
-            try:
-                handshake = factory(peer)
-            except Exception:
-                log.exception("%s: cannot start a handshake for %s", self.name, peer)
-                self.ctx.close(fd)
-                continue
+            self._network_opened(fd, source)
             pending = _Pending(fd, peer, handshake, time.monotonic())
             pending.deadline = self.ctx.call_later(
                 self.handshake_timeout, lambda p=pending: self._timeout(p)
@@ -382,31 +468,86 @@ class Daemon:
             self._pending[fd] = pending
             log.debug("%s: connection from %s (fd %d)", self.name, peer, fd)
 
+    def _over_limit(self, source: str | None) -> tuple[str, str] | None:
+        """``(kind, reason)`` if a new connection from ``source`` is one too many."""
+        if len(self._network_fds) >= self.max_connections:
+            return (
+                "too many connections",
+                f"{len(self._network_fds)} connections open (--max-connections)",
+            )
+        cap = self.max_connections_per_ip
+        if source is not None and cap and self._sources.get(source, 0) >= cap:
+            return (
+                "too many from one address",
+                f"{cap} connections open from {source} (--max-connections-per-ip)",
+            )
+        return None
+
+    def _refuse(self, peer: str, kind: str, reason: str) -> None:
+        """Count a connection closed at accept; log it, at most every few seconds
+        per kind (one flooding peer must not flood the log too)."""
+        self.metrics.handshake_failures.inc(reason=kind)
+        more = self._throttle(kind).due()
+        if more is not None:
+            log.warning("%s: refusing %s: %s%s", self.name, peer, reason, more)
+
+    def _throttle(self, kind: str) -> LogThrottle:
+        throttle = self._throttles.get(kind)
+        if throttle is None:
+            throttle = self._throttles[kind] = LogThrottle()
+        return throttle
+
+    def _network_opened(self, fd: int, source: str | None) -> None:
+        self._network_fds.add(fd)
+        self.metrics.connections_total.inc()
+        self.metrics.connections_open.inc()
+        if source is not None:
+            self._sources[source] = self._sources.get(source, 0) + 1
+            self._source_of[fd] = source
+
+    def _network_closed(self, fd: int) -> bool:
+        """Forget a closed network connection (once); False if it was not one."""
+        if fd not in self._network_fds:
+            return False
+        self._network_fds.discard(fd)
+        self.metrics.connections_open.dec()
+        source = self._source_of.pop(fd, None)
+        if source is not None:
+            left = self._sources[source] - 1
+            if left:
+                self._sources[source] = left
+            else:
+                del self._sources[source]
+        return True
+
     def _accept_failed(self, exc: OSError) -> None:
-        """Log accept errors at most every 10 s: at the descriptor limit the
-        listener is retried every 100 ms and would flood the log."""
+        """Log accept errors at most every few seconds: at the descriptor limit
+        the listener is retried every 100 ms and would flood the log."""
         self.metrics.errors.inc(kind="accept")
-        now = time.monotonic()
-        if now - self._accept_error_logged < 10:
-            self._accept_errors_quiet += 1
-            return
-        more = (
-            f" ({self._accept_errors_quiet} more since the last report)"
-            if self._accept_errors_quiet
-            else ""
-        )
-        log.error("%s: accept failed: %s%s", self.name, exc.strerror or exc, more)
-        self._accept_error_logged = now
-        self._accept_errors_quiet = 0
+        more = self._throttle("accept").due()
+        if more is not None:
+            log.error("%s: accept failed: %s%s", self.name, exc.strerror or exc, more)
 
     def _pause_accept(self, lfd: int) -> None:
-        sock, factory = self._listeners.pop(lfd)
-        self.ctx.remove_external(lfd)
+        """Stop accepting for 100 ms (EMFILE: the backlog stays readable, and
+        retrying at once would spin)."""
+        if lfd in self._listeners:
+            sock, factory = self._listeners.pop(lfd)
+            self.ctx.remove_external(lfd)
 
-        def resume() -> None:
-            if not self._stopping:
-                fd = self.ctx.add_external(sock)
-                self._listeners[fd] = (sock, factory)
+            def resume() -> None:
+                if not self._stopping:
+                    fd = self.ctx.add_external(sock)
+                    self._listeners[fd] = (sock, factory)
+
+        else:
+            sock = self.ctx.socket(lfd)
+            self._metric_listeners.discard(lfd)
+            self.ctx.remove_external(lfd)
+
+            def resume() -> None:
+                if not self._stopping:
+                    self._metric_listeners.add(self.ctx.add_external(sock))
 
         self.ctx.call_later(0.1, resume)
 
@@ -515,6 +656,7 @@ class Daemon:
         if early:
             ctx.feed_switch(p.fd, early)
         self.metrics.switched_total.inc()
+        self.watch_idle(p.fd, _peer(p))
         log.info(
             "%s: %s -> %r (%.1f ms)",
             self.name,
@@ -541,13 +683,16 @@ class Daemon:
         if flush:
             self._flush(p)
         self.ctx.close(p.fd, flush=flush)
-        if not flush:
-            self._network_fds.discard(p.fd)
-            self.metrics.connections_open.dec()
+        if not flush:  # closed without a DISCONNECTION event
+            self._network_closed(p.fd)
 
     def _finish(self, p: _Pending) -> None:
         self._pending.pop(p.fd, None)
         self._cancel(p)
+        # An answer may come in pieces (ipc-websocketd: a static file's shared
+        # body, queued as its own buffer after the head, never copied).
+        while p.fd in self.ctx and (data := p.handshake.data_to_send()):
+            self.ctx.send_raw(p.fd, data)
         self.ctx.close(p.fd, flush=True)
 
     def _count_failure(self, kind: str, p: _Pending, reason: str) -> None:
@@ -581,13 +726,36 @@ class Daemon:
         lsock = self.ctx.socket(lfd)
         for _ in range(16):
             try:
-                sock, _addr = lsock.accept()
-            except OSError:
+                sock, addr = lsock.accept()
+            except BlockingIOError:
                 return
+            except OSError as exc:
+                self._accept_failed(exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accept(lfd)
+                return
+            if len(self._http) >= MAX_HTTP_CONNECTIONS:
+                self.metrics.errors.inc(kind="metrics busy")
+                more = self._throttle("metrics").due()
+                if more is not None:
+                    log.warning(
+                        "%s: refusing metrics client %s: %d open already%s",
+                        self.name,
+                        _peer_name(addr),
+                        MAX_HTTP_CONNECTIONS,
+                        more,
+                    )
+                sock.close()
+                continue
             sock.setblocking(False)
             fd = self.ctx.add_external(sock)
-            self._http[fd] = HttpResponder(self.metrics.registry, health=self._health)
-            self.ctx.call_later(self.handshake_timeout, lambda fd=fd: self._http_timeout(fd))
+            responder = HttpResponder(self.metrics.registry, health=self._health)
+            self._http[fd] = responder
+            # The timer knows its responder: it must not close a newer
+            # connection that got the same descriptor number.
+            self.ctx.call_later(
+                self.handshake_timeout, lambda fd=fd, r=responder: self._http_timeout(fd, r)
+            )
 
     def _on_http(self, fd: int) -> None:
         try:
@@ -605,8 +773,43 @@ class Daemon:
             self._http.pop(fd, None)
             self.ctx.close(fd, flush=True)
 
-    def _http_timeout(self, fd: int) -> None:
-        if self._http.pop(fd, None) is not None:
+    def _http_timeout(self, fd: int, responder: HttpResponder) -> None:
+        if self._http.get(fd) is responder:
+            del self._http[fd]
+            self.ctx.close(fd)
+
+    # ---------------------------------------------------------------- idle
+
+    def watch_idle(self, fd: int, peer: str) -> None:
+        """Close switched TCP connection ``fd`` after ``idle_timeout`` seconds
+        with no byte either way (inbound ones are watched by the engine; the
+        outbound side calls this for its own)."""
+        if self.idle_timeout <= 0 or fd not in self.ctx:
+            return
+        sock = self.ctx.socket(fd)
+        if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+            self._idle[fd] = (sock, peer)
+
+    def _sweep_idle(self) -> None:
+        """Every T/4 (at most 5 s): O(switched) TCP_INFO reads, no per-message
+        cost; a connection closes between T and T + one period of silence."""
+        self.ctx.call_later(self._idle_period, self._sweep_idle)
+        for fd, (sock, peer) in list(self._idle.items()):
+            if fd not in self.ctx or self.ctx.socket(fd) is not sock:
+                self._idle.pop(fd, None)
+                continue
+            idle = tcp_idle_seconds(sock)
+            if idle is None or idle < self.idle_timeout:
+                continue
+            del self._idle[fd]
+            self.metrics.idle_closed.inc()
+            log.info(
+                "%s: %s: idle for %.1f s (--idle-timeout %g); closing",
+                self.name,
+                peer,
+                idle,
+                self.idle_timeout,
+            )
             self.ctx.close(fd)
 
     def _health(self) -> str | None:
@@ -657,6 +860,42 @@ def _peer_name(addr: Any) -> str:
     return str(addr) or "unix-peer"
 
 
+def source_key(addr: Any) -> str | None:
+    """What ``--max-connections-per-ip`` counts by: an IPv4 address (also when
+    IPv4-mapped), the /64 of an IPv6 address (one host or site usually owns a
+    whole /64), None for Unix peers (not limited)."""
+    if not (isinstance(addr, tuple) and len(addr) >= 2 and isinstance(addr[0], str)):
+        return None
+    try:
+        ip = ipaddress.ip_address(addr[0].partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+# struct tcp_info (linux/tcp.h): tcpi_last_data_sent at byte 44, tcpi_last_data_recv
+# at byte 52 (milliseconds since the last data segment each way).
+_TCP_INFO_LAST = struct.Struct("=I4xI")
+_TCP_INFO_SIZE = 104
+
+
+def tcp_idle_seconds(sock: socket.socket) -> float | None:
+    """Seconds since the last data byte either way on a TCP socket, from the
+    kernel (keepalive probes and bare ACKs do not count); None if unknown."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    except OSError:
+        return None
+    if len(info) < 56:
+        return None
+    sent, received = _TCP_INFO_LAST.unpack_from(info, 44)
+    return min(sent, received) / 1000
+
+
 def _error_kind(reason: str) -> str:
     if "too large" in reason or "limit is" in reason:
         return "oversize"
@@ -665,6 +904,73 @@ def _error_kind(reason: str) -> str:
     if "tls" in reason or "websocket" in reason:
         return "protocol"
     return "io"
+
+
+class RequestDeadlines:
+    """Local clients of one of our services that owe us a request.
+
+    Why: a Unix client that connects and never sends its look-up (ipcd), its
+    URI (the outbound side) or its command (``NAME.ctl``) would hold a
+    descriptor forever. Each client gets the daemon's handshake timeout; the
+    timer carries a token, so it never closes a newer client that reused the
+    descriptor number.
+    """
+
+    def __init__(self, daemon: Daemon, service: str) -> None:
+        self.daemon = daemon
+        self.service = service
+        self._timers: dict[int, tuple[object, Any]] = {}
+
+    def start(self, fd: int) -> None:
+        """(Re)start ``fd``'s deadline."""
+        self.done(fd)
+        token = object()
+        handle = self.daemon.ctx.call_later(
+            self.daemon.handshake_timeout, lambda: self._expire(fd, token)
+        )
+        self._timers[fd] = (token, handle)
+
+    def done(self, fd: int) -> bool:
+        """The request came (or the client left); True if ``fd`` was waiting."""
+        entry = self._timers.pop(fd, None)
+        if entry is None:
+            return False
+        entry[1].cancel()
+        return True
+
+    def __contains__(self, fd: object) -> bool:
+        return fd in self._timers
+
+    def _expire(self, fd: int, token: object) -> None:
+        entry = self._timers.get(fd)
+        if entry is None or entry[0] is not token:
+            return
+        del self._timers[fd]
+        daemon = self.daemon
+        daemon.metrics.local_timeouts.inc(service=self.service)
+        more = daemon._throttle(f"local {self.service}").due()
+        if more is not None:
+            log.warning(
+                "%s: a local client of %r sent nothing within %g s; closing it%s",
+                daemon.name,
+                self.service,
+                daemon.handshake_timeout,
+                more,
+            )
+        daemon.ctx.close(fd)
+
+
+def bind_error(flag: str, address: object, exc: OSError) -> StartupError:
+    """``--listen 0.0.0.0:9000: address in use``: the flag, the value, the cause."""
+    known = {
+        errno.EADDRINUSE: "address in use",
+        errno.EACCES: "permission denied (ports below 1024 need privileges)",
+        errno.EADDRNOTAVAIL: "address not available on this host",
+    }
+    why = known.get(exc.errno or 0) or exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror):
+        why = f"cannot resolve the host ({exc.strerror})"
+    return StartupError(f"{flag} {address}: {why}")
 
 
 def open_listeners(
@@ -677,7 +983,24 @@ def open_listeners(
 ) -> None:
     """Listeners for a daemon: systemd's sockets when socket-activated (one
     named ``metrics`` serves /metrics), else ``--listen`` / ``$ADDRESS`` /
-    ``default_listen`` (none with ``listen=False``); plus ``--metrics``."""
+    ``default_listen`` (none with ``listen=False``); plus ``--metrics``.
+
+    On failure the daemon is closed (its services' sockets and locks are
+    removed) and :class:`StartupError` names the flag and address."""
+    try:
+        _open_listeners(daemon, common, factory, default_listen, listen)
+    except BaseException:
+        daemon.close()
+        raise
+
+
+def _open_listeners(
+    daemon: Daemon,
+    common: CommonOptions,
+    factory: HandshakeFactory,
+    default_listen: str,
+    listen: bool,
+) -> None:
     activated = systemd.listen_fds()
     for sock, fdname in activated:
         if fdname == "metrics":
@@ -686,6 +1009,13 @@ def open_listeners(
             daemon.listen(sock, factory)
     if not activated and listen:
         for address in common.listen_addresses(default_listen):
-            daemon.listen(open_listener(address), factory)
+            daemon.listen(_bind("--listen", address), factory)
     if common.metrics is not None and not any(n == "metrics" for _, n in activated):
-        daemon.serve_metrics(open_listener(common.metrics))
+        daemon.serve_metrics(_bind("--metrics", common.metrics))
+
+
+def _bind(flag: str, address: Any) -> socket.socket:
+    try:
+        return open_listener(address)
+    except OSError as exc:
+        raise bind_error(flag, address, exc) from None

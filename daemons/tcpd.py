@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -24,6 +24,27 @@ from .tcp import TcpdClient, TcpdHandshake
 
 log = logging.getLogger("ipc.tcpd")
 
+#: Seconds a relayed TCP/TLS connection may carry no byte either way.
+DEFAULT_IDLE_TIMEOUT = 300.0
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def idle_timeout_option(func: F) -> F:
+    """``--idle-timeout`` for the TCP-relaying daemons (ipc-tcpd, ipc-tlsd).
+
+    Not a common option: ipc-websocketd has its own ``--idle-timeout``
+    (WebSocket messages, a close frame), which a byte-level timeout would
+    contradict (its pings are bytes)."""
+    option = click.option(
+        "--idle-timeout",
+        type=click.FloatRange(min=0),
+        default=DEFAULT_IDLE_TIMEOUT,
+        show_default=True,
+        metavar="SECONDS",
+        help="Close a relayed connection with no byte either way for this long. 0 = off.",
+    )
+    return option(func)  # type: ignore[no-any-return]
+
 
 def start_daemon(
     name: str,
@@ -35,10 +56,14 @@ def start_daemon(
     connectors: dict[str, ConnectorFactory],
     connect_timeout: float,
     listen: bool = True,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
 ) -> tuple[Daemon, Outbound]:
     """Build a daemon: context, listeners (socket activation first), outbound
     service, metrics. Shared by ipc-tcpd and ipc-tlsd. ``listen=False``: no
-    listeners of our own (outbound only); socket-activated ones are still used."""
+    listeners of our own (outbound only); socket-activated ones are still used.
+
+    On failure nothing is left behind (no socket, no lock) and the error
+    names the flag at fault (:class:`daemons.server.StartupError`)."""
     setup_logging(common.verbosity, common.log_format)
     ctx = Context(rundir_path=common.rundir, max_message_size=common.max_message_size)
     access: ServiceAccess = common.access(service_name)
@@ -49,11 +74,17 @@ def start_daemon(
         handshake_timeout=common.handshake_timeout,
         max_connections=common.max_connections,
         peer_timeout=common.peer_timeout,
+        max_connections_per_ip=common.max_connections_per_ip,
+        idle_timeout=idle_timeout,
     )
-    # Local services first: a double start fails before any port is opened.
-    outbound = Outbound(daemon, service_name, connectors, connect_timeout)
-    daemon.serve_control(f"{service_name}.ctl")
-    open_listeners(daemon, common, make_handshake(daemon), default_listen, listen=listen)
+    try:
+        # Local services first: a double start fails before any port is opened.
+        outbound = Outbound(daemon, service_name, connectors, connect_timeout)
+        daemon.serve_control(f"{service_name}.ctl")
+        open_listeners(daemon, common, make_handshake(daemon), default_listen, listen=listen)
+    except BaseException:
+        daemon.close()
+        raise
     return daemon, outbound
 
 
@@ -75,7 +106,10 @@ def start_daemon(
     show_default=True,
     help="Seconds for an outbound connect and handshake.",
 )
-def main(common: CommonOptions, service_name: str, connect_timeout: float) -> None:
+@idle_timeout_option
+def main(
+    common: CommonOptions, service_name: str, connect_timeout: float, idle_timeout: float
+) -> None:
     """Put local LibIPC services on TCP, and reach remote ones (TCPd)."""
     try:
         daemon, outbound = start_daemon(
@@ -86,6 +120,7 @@ def main(common: CommonOptions, service_name: str, connect_timeout: float) -> No
             make_handshake=lambda daemon: lambda _peer: TcpdHandshake(daemon.reachable),
             connectors={"tcp": lambda uri: TcpdClient(uri.service)},
             connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
         )
     except (IPCError, OSError, ValueError) as exc:
         click.echo(f"ipc-tcpd: {exc}", err=True)

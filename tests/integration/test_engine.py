@@ -65,3 +65,56 @@ def test_daemon_raises_its_soft_descriptor_limit(rundir):
         assert raise_fd_limit(10) >= 10
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def pump_for(ctx: Context, daemon: Daemon, seconds: float) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        event = ctx.wait_event(timeout=0.02)
+        if event.type != EventType.TIMER:
+            daemon.serve_event(event)
+
+
+def test_a_failing_handshake_factory_leaves_the_counters_true(rundir, caplog):
+    """ipc_connections_open read 5 with nothing open after 5 such failures."""
+
+    def broken(_peer: str) -> TcpdHandshake:
+        raise ValueError("no --cert/--key to serve TLS with")
+
+    with Context() as ctx:
+        daemon = Daemon("test", ctx, ServiceAccess())
+        listener = open_listener(parse_listen("127.0.0.1:0"))
+        daemon.listen(listener, broken)
+        port = listener.getsockname()[1]
+        peers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+        pump(ctx, daemon)
+        for s in peers:
+            assert s.recv(10) == b""
+        m = daemon.metrics
+        assert m.connections_open.value() == 0
+        assert m.handshake_failures.value(reason="internal") == 5
+        assert m.errors.value(kind="internal") == 5
+        assert "no --cert/--key" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_a_metrics_timer_never_closes_a_newer_connection_on_the_same_descriptor(rundir):
+    with Context() as ctx:
+        daemon = Daemon("test", ctx, ServiceAccess(), handshake_timeout=1.0)
+        listener = open_listener(parse_listen("127.0.0.1:0"))
+        daemon.serve_metrics(listener)
+        port = listener.getsockname()[1]
+        first = socket.create_connection(("127.0.0.1", port), timeout=5)
+        pump_for(ctx, daemon, 0.1)
+        (old_fd,) = daemon._http
+        first.close()  # EOF: the daemon closes its end; the timer stays armed
+        pump_for(ctx, daemon, 0.4)
+        assert not daemon._http
+        second = socket.create_connection(("127.0.0.1", port), timeout=5)
+        pump_for(ctx, daemon, 0.1)
+        assert list(daemon._http) == [old_fd]  # the number was reused
+        pump_for(ctx, daemon, 0.7)  # the first connection's deadline passes
+        second.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        pump_for(ctx, daemon, 0.1)
+        assert second.recv(4096).startswith(b"HTTP/1.1 200 OK")

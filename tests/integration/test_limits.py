@@ -8,6 +8,7 @@ metrics listener has a connection cap.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
 import select
@@ -208,3 +209,57 @@ def test_metrics_listener_caps_its_connections(rundir, procs):
     text = wait_for(scrape, timeout=5, what="a scrape")
     assert f'ipc_errors_total{{kind="metrics busy"}} {extra}' in text, text
     logs.wait_for("refusing metrics client")
+
+
+def test_idle_timeout_applies_to_tls_relays_too(rundir, procs, pki):
+    import ssl
+
+    procs.pongd(rundir)
+    _, logs, port = start(
+        procs,
+        "ipc-tlsd",
+        "--listen",
+        "127.0.0.1:0",
+        "--cert",
+        str(pki.cert),
+        "--key",
+        str(pki.key),
+        "--idle-timeout",
+        "1",
+        env={"RUNDIR": str(rundir)},
+    )
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    s.sendall(b"pong\n")
+    assert recv_exact(s, 2) == b"ok"
+    echo(s)
+    t0 = time.monotonic()
+    s.settimeout(4)
+    with contextlib.suppress(ssl.SSLError, ConnectionResetError):  # EOF or a reset
+        assert s.recv(100) == b""
+    assert 0.9 <= time.monotonic() - t0 <= 2.5
+    logs.wait_for("(--idle-timeout 1); closing")
+    s.close()
+
+
+def test_source_key_groups_ipv6_per_64_and_maps_ipv4() -> None:
+    from daemons.server import source_key
+
+    assert source_key(("192.0.2.7", 4000)) == "192.0.2.7"
+    assert source_key(("::ffff:192.0.2.7", 4000, 0, 0)) == "192.0.2.7"
+    assert source_key(("2001:db8:1:2::5", 1, 0, 0)) == source_key(("2001:db8:1:2:ffff::1", 2, 0, 0))
+    assert source_key(("2001:db8:1:2::5", 1, 0, 0)) == "2001:db8:1:2::/64"
+    assert source_key(("2001:db8:1:3::5", 1, 0, 0)) != "2001:db8:1:2::/64"
+    assert source_key(("fe80::1%lo", 1, 0, 1)) == "fe80::/64"
+    assert source_key("") is None  # a Unix peer: not limited
+
+
+def test_log_throttle_counts_what_it_held_back() -> None:
+    from daemons.server import LogThrottle
+
+    throttle = LogThrottle(interval=60)
+    assert throttle.due() == ""
+    assert [throttle.due() for _ in range(3)] == [None, None, None]
+    throttle._last -= 61
+    assert throttle.due() == " (3 more since the last report)"

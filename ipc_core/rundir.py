@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import socket
 import stat
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ LOCK_MODE = 0o660  # like the sockets: a group member can take over a stale lock
 # lock files empty): "never reach me from the network".
 LOCAL_ONLY_MARK = b"local-only"
 _MARK_READ = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # sun_path is 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
 
@@ -126,11 +128,12 @@ def validate_name(name: str, directory: Path | None = None) -> str:
         raise InvalidServiceName(f"service name {name!r} contains '/' or NUL")
     if name in (".", ".."):
         raise InvalidServiceName(f"service name {name!r} is not allowed")
-    if any(ord(c) < 0x20 or c == "\x7f" for c in name):
+    if _CONTROL.search(name):
         raise InvalidServiceName(f"service name {name!r} contains control characters")
     directory = rundir() if directory is None else directory
-    path = os.fsencode(directory / (name + LOCK_SUFFIX))
-    if len(path) > _SUN_PATH_MAX:
+    # len(os.fsencode(directory / (name + ".lock"))), without building a Path
+    size = len(os.fsencode(directory)) + 1 + len(os.fsencode(name)) + len(LOCK_SUFFIX)
+    if size > _SUN_PATH_MAX:
         raise InvalidServiceName(
             f"service name {name[:40]!r}... is too long for a socket path in {directory}"
         )
@@ -309,7 +312,7 @@ def is_local_only(name: str, directory: Path | None = None) -> bool:
     """
     directory = rundir() if directory is None else directory
     try:
-        lock_path = directory / (validate_name(name, directory) + LOCK_SUFFIX)
+        lock_path = os.path.join(directory, validate_name(name, directory) + LOCK_SUFFIX)
         fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except (OSError, InvalidServiceName):
         return False

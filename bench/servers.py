@@ -18,6 +18,9 @@ from pathlib import Path
 from .harness import BIN, ECHO_SERVER, LOADGEN, BenchError, Harness, Proc, free_port, tool
 
 WANT_NOFILE = 65536  # RLIMIT_NOFILE for every server (10k relayed connections = 20k fds)
+#: Every load generator connects from 127.0.0.1: lift the daemons' per-source
+#: cap (--max-connections-per-ip, meant for remote hosts).
+UNCAPPED = ("--max-connections-per-ip", "0")
 
 
 @functools.cache
@@ -144,7 +147,7 @@ def ipc_tcpd(
     port = free_port()
     proc = h.start(
         "ipc-tcpd",
-        [BIN / "ipc-tcpd", "-q", "--rundir", rundir, "--listen", f"127.0.0.1:{port}"],
+        [BIN / "ipc-tcpd", "-q", *UNCAPPED, "--rundir", rundir, "--listen", f"127.0.0.1:{port}"],
         pinned=pinned,
         nofile=nofile_limit or nofile(),
         ready=("tcp", port),
@@ -228,6 +231,7 @@ def ipc_tlsd(h: Harness, rundir: Path, certs: Certs, pinned: bool = True) -> Tar
         [
             BIN / "ipc-tlsd",
             "-q",
+            *UNCAPPED,
             "--rundir",
             rundir,
             "--listen",
@@ -292,6 +296,7 @@ def ipc_websocketd(
         [
             BIN / "ipc-websocketd",
             "-q",
+            *UNCAPPED,
             "--rundir",
             rundir,
             "--listen",

@@ -46,6 +46,8 @@ __all__ = [
     "MAX_SERVICE_NAME_BYTES",
     "NEVER_REACHABLE",
     "CommonOptions",
+    "LibipcCommand",
+    "LibipcGroup",
     "ListenAddress",
     "ListenParamType",
     "ServiceAccess",
@@ -660,6 +662,45 @@ def setup_logging(
 # --------------------------------------------------------------------------
 
 
+def _env_source(ctx: click.Context, param: click.Parameter) -> str | None:
+    """The environment variable ``param`` took its value from, if it did."""
+    if param.name is None:
+        return None
+    if ctx.get_parameter_source(param.name) is not click.core.ParameterSource.ENVIRONMENT:
+        return None
+    names: list[str] = []
+    if isinstance(param.envvar, str):
+        names.append(param.envvar)
+    elif param.envvar:
+        names.extend(param.envvar)
+    if ctx.auto_envvar_prefix and isinstance(param, click.Option):
+        names.append(f"{ctx.auto_envvar_prefix}_{param.name.upper()}")
+    return next((n for n in names if os.environ.get(n)), None)
+
+
+class LibipcCommand(click.Command):
+    """A click command whose errors name what the user actually typed: a bad
+    value that came from the environment names that variable
+    (``IPC_TCPD_HANDSHAKE_TIMEOUT``), not a flag they never used."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.BadParameter as exc:
+            variable = (
+                exc.param is not None and exc.ctx is not None and _env_source(exc.ctx, exc.param)
+            )
+            if variable:
+                exc.param_hint = f"environment variable {variable}"
+            raise
+
+
+class LibipcGroup(click.Group):
+    """A group whose subcommands are all :class:`LibipcCommand`."""
+
+    command_class = LibipcCommand
+
+
 class ListenParamType(click.ParamType):
     """click type turning a ``--listen``-style string into a :class:`ListenAddress`."""
 
@@ -710,7 +751,7 @@ class CommonOptions:
     max_message_size: int
     metrics: ListenAddress | None
     peer_timeout: float = 30.0
-    max_connections_per_ip: int = 256
+    max_connections_per_ip: int = 64
 
     @property
     def verbosity(self) -> int:
@@ -835,7 +876,7 @@ def common_options(func: F) -> F:
         click.option(
             "--max-connections-per-ip",
             type=click.IntRange(min=0),
-            default=256,
+            default=64,
             show_default=True,
             metavar="N",
             help="Refuse a source address (an IPv6 /64) more than N connections "

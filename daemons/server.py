@@ -196,7 +196,7 @@ class Daemon:
         handshake_timeout: float = 5.0,
         max_connections: int = 10000,
         peer_timeout: float = 30.0,
-        max_connections_per_ip: int = 256,
+        max_connections_per_ip: int = 64,
         idle_timeout: float = 0.0,
     ) -> None:
         self.name = name

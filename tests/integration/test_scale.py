@@ -136,7 +136,8 @@ class Daemon:
 
 def start(procs: Processes, kind: str, rundir: Path, pki: Pki, *extra: str) -> Daemon:
     command = {"tcpd": "ipc-tcpd", "tlsd": "ipc-tlsd", "websocketd": "ipc-websocketd"}[kind]
-    flags = ["--listen", "127.0.0.1:0", "-q"]
+    # One load generator on one address: the per-source cap is for remote hosts.
+    flags = ["--listen", "127.0.0.1:0", "-q", "--max-connections-per-ip", "0"]
     if kind == "tlsd":
         flags += ["--cert", str(pki.cert), "--key", str(pki.key)]
     if kind == "websocketd":

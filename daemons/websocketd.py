@@ -32,14 +32,18 @@ daemon engine (:mod:`daemons.server`); there is no asyncio and no thread:
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import mimetypes
+import os
+import socket
 import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +71,10 @@ from .common import (
 )
 from .server import Daemon, Handshake, open_listeners
 from .tls import server_context
-from .ws import HandshakeRequest, Phase, WebSocketServerLayer, origin_allowed
+from .ws import HandshakeRequest, HoldPool, Phase, WebSocketServerLayer, origin_allowed
 
 __all__ = [
+    "HostPolicy",
     "Keepalive",
     "StaticFiles",
     "WebSocketHandshake",
@@ -90,6 +95,15 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 DEMO_DIR = Path(__file__).resolve().with_name("static")
 #: Static files are read inside the loop: keep them small.
 MAX_STATIC_FILE = 4 * 1024 * 1024
+#: Bodies from this size on are shared between the requests that fetch the
+#: same version of a file, and queued as they are rather than copied into
+#: each response: 60 clients that never read a 4 MiB file hold it once.
+SHARED_BODY = 64 * 1024
+#: Default --hold-pool: bytes of unfinished (fragmented) messages all the
+#: connections may hold together beyond their 256 KiB each. Browsers never
+#: fragment, and a message in one frame is streamed, not held; so this only
+#: caps what fragmenting clients can pin (10 of them: under 10 MiB of RSS).
+DEFAULT_HOLD_POOL = 2 * 1024 * 1024
 #: Seconds a peer has to answer our close frame before the socket is cut.
 CLOSE_TIMEOUT = 5.0
 
@@ -98,6 +112,7 @@ _REFUSALS = {
     403: "Forbidden.\n",
     404: "Unknown service.\n",
     408: "Request timeout: the HTTP request did not arrive in time.\n",
+    421: "Misdirected request: this server does not answer to that host name.\n",
     503: "Service unavailable.\n",
 }
 _CONTENT_TYPES = {
@@ -135,14 +150,22 @@ class StaticFiles:
     resolved file (symlinks followed) must still be inside the root. A
     directory means its ``index.html``. Files are read on each request (edits
     show at once) and inside the loop, hence :data:`MAX_STATIC_FILE`.
+
+    Memory: a body of :data:`SHARED_BODY` bytes or more is one object for
+    every request of the same version of the file (device, inode, size,
+    mtime) while any of them is still being sent, so clients that never read
+    cost a reference each, not a copy each.
     """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve(strict=True)
         if not self.root.is_dir():
             raise NotADirectoryError(f"{root}: not a directory")
+        self._shared: weakref.WeakValueDictionary[tuple[int, ...], _Body] = (
+            weakref.WeakValueDictionary()
+        )
 
-    def find(self, url_path: str) -> tuple[bytes, str] | None:
+    def find(self, url_path: str) -> tuple[bytes | bytearray, str] | None:
         """The body and Content-Type for a decoded URL path, or None (404)."""
         parts = [p for p in url_path.split("/") if p]
         if any(p.startswith(".") or "\\" in p or "\0" in p for p in parts):
@@ -154,23 +177,44 @@ class StaticFiles:
             real = target.resolve(strict=True)
             if not real.is_relative_to(self.root) or not real.is_file():
                 return None
-            if real.stat().st_size > MAX_STATIC_FILE:
+            st = real.stat()
+            if st.st_size > MAX_STATIC_FILE:
                 log.warning("%s: not serving %s: over %d bytes", NAME, real, MAX_STATIC_FILE)
                 return None
-            return real.read_bytes(), content_type(real.name)
+            return self._body(real, st), content_type(real.name)
         except (OSError, RuntimeError, ValueError):
             return None
+
+    def _body(self, real: Path, st: os.stat_result) -> bytes | bytearray:
+        if st.st_size < SHARED_BODY:
+            return real.read_bytes()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        body = self._shared.get(key)
+        if body is None:
+            body = _Body(real.read_bytes())
+            if len(body) == st.st_size:  # not changed while we read it
+                self._shared[key] = body
+        return body
+
+
+class _Body(bytearray):
+    """A file body that requests share (a weak reference can point at it)."""
+
+    __slots__ = ("__weakref__",)
 
 
 # -- origin and proxy headers ------------------------------------------------------
 
 
-def same_origin(origin: str, host: str | None) -> bool:
+def same_origin(origin: str, host: str | None, scheme: str = "http") -> bool:
     """True if a page from ``origin`` was served by the host it now connects to.
 
-    Compares the origin's ``host[:port]`` with the request's Host header,
-    ignoring the scheme's default port. ``null`` (file:// pages, sandboxed
-    frames) is never the same origin.
+    An origin is scheme, host and port: the origin's scheme must be the one
+    the page used to reach us (``http`` for ws://, ``https`` for wss:// or
+    behind a TLS proxy), and its ``host[:port]`` the request's Host header,
+    the scheme's default port being implied. ``null`` (file:// pages,
+    sandboxed frames) is never the same origin. Without the scheme, an
+    http:// page on port 443 would count as the https:// site's own.
     """
     if not host or origin == "null":
         return False
@@ -178,7 +222,7 @@ def same_origin(origin: str, host: str | None) -> bool:
         parts = urllib.parse.urlsplit(origin)
     except ValueError:  # "http://[zz": whatever it is, it is not us
         return False
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if parts.scheme != scheme or scheme not in ("http", "https") or not parts.netloc:
         return False
     default = ":80" if parts.scheme == "http" else ":443"
 
@@ -187,6 +231,139 @@ def same_origin(origin: str, host: str | None) -> bool:
         return netloc[: -len(default)] if netloc.endswith(default) else netloc
 
     return norm(parts.netloc) == norm(host)
+
+
+def shown(value: str | None, limit: int = 200) -> str:
+    """A peer's text (path, Host, Origin) for a log line: quoted and escaped
+    like repr() (no newline, ESC or NUL gets through to forge or garble a
+    line), and cut at ``limit`` characters."""
+    if value is None:
+        return "(none)"
+    cut = value[:limit]
+    return repr(cut) + ("..." if len(value) > limit else "")
+
+
+# -- Host check (DNS rebinding) ------------------------------------------------------
+
+
+_LOCALHOST = "localhost"
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """``name[:port]`` of a Host header, normalised (lower case, no final dot,
+    IPv6 in brackets and compressed), or None if it is not a host."""
+    value = value.strip().lower()
+    port_text = ""
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        try:
+            name = f"[{ipaddress.IPv6Address(name).compressed}]"
+        except ValueError:
+            return None
+        port_text = rest[1:] if rest else ""
+        if rest and not port_text:
+            return None
+    else:
+        name, sep, port_text = value.partition(":")
+        if sep and not port_text:
+            return None
+        name = name[:-1] if name.endswith(".") else name
+        if not name or not all(c.isalnum() or c in "-._" for c in name) or not name.isascii():
+            return None
+    if not port_text:
+        return name, None
+    if not port_text.isdigit() or len(port_text) > 5 or not 0 < int(port_text) < 65536:
+        return None
+    return name, int(port_text)
+
+
+def _is_loopback(name: str) -> bool:
+    if name == _LOCALHOST or name.endswith("." + _LOCALHOST):
+        return True  # RFC 6761: browsers resolve these to loopback themselves
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class HostPolicy:
+    """Which ``Host`` headers name this daemon: the defence against DNS rebinding.
+
+    A page on ``evil.example`` whose name the attacker re-points at 127.0.0.1
+    is, for the browser, still the origin ``http://evil.example:8080``: its
+    requests carry ``Host: evil.example:8080`` and a matching ``Origin``, so
+    a same-origin check alone lets it in, and through us every local
+    service. The one thing such a request cannot fake is the Host, so only
+    names of this daemon are answered: loopback addresses and ``localhost``
+    forms, the addresses it listens on, this machine's host name and FQDN,
+    and the names given with ``--host`` (a public name, the name a reverse
+    proxy passes on). Built-in names must come with a port we listen on (or
+    none, when we listen on the scheme's default port); ``--host NAME`` is
+    also accepted without a port, ``--host NAME:PORT`` with exactly that port.
+    """
+
+    def __init__(
+        self,
+        names: Iterable[str] = (),
+        ports: Iterable[int] = (),
+        *,
+        extra: Iterable[str] = (),
+        default_port: bool = False,
+    ) -> None:
+        self.names = {n[0] for n in (split_host(x) for x in names) if n is not None}
+        self.ports = set(ports)
+        self.default_port = default_port
+        self.bare: set[str] = set()  # --host NAME: no port, or a listening port
+        self.exact: set[tuple[str, int | None]] = set()  # --host NAME:PORT
+        for value in extra:
+            parsed = split_host(value)
+            if parsed is None:
+                raise ValueError(f"--host {value!r}: not a host name or address[:port]")
+            name, port = parsed
+            if port is None:
+                self.bare.add(name)
+            else:
+                self.exact.add((name, port))
+                if port in (80, 443):
+                    self.exact.add((name, None))
+
+    @classmethod
+    def for_sockets(
+        cls, sockets: Iterable[socket.socket], extra: Iterable[str] = (), *, secure: bool = False
+    ) -> HostPolicy:
+        """The policy of a daemon listening on ``sockets``. A wildcard
+        address (0.0.0.0, ::) cannot know the names it is reached by: then
+        only the built-in names and ``--host`` ones."""
+        names = [socket.gethostname(), socket.getfqdn()]
+        ports = []
+        for sock in sockets:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            address, port = sock.getsockname()[:2]
+            ports.append(port)
+            ip = ipaddress.ip_address(address.partition("%")[0])
+            if not ip.is_unspecified:
+                names.append(f"[{ip.compressed}]" if ip.version == 6 else ip.compressed)
+        default = 443 if secure else 80
+        return cls([n for n in names if n], ports, extra=extra, default_port=default in ports)
+
+    def allows(self, value: str) -> bool:
+        """Does the Host header ``value`` name this daemon?"""
+        parsed = split_host(value)
+        if parsed is None:
+            return False
+        name, port = parsed
+        if parsed in self.exact:
+            return True
+        if port is None:
+            return name in self.bare or (
+                self.default_port and (name in self.names or _is_loopback(name))
+            )
+        if port not in self.ports:
+            return False
+        return name in self.bare or name in self.names or _is_loopback(name)
 
 
 def forwarded_client(request: HandshakeRequest) -> str | None:
@@ -242,6 +419,8 @@ class WebSocketOptions:
     origins: tuple[str, ...] | None = None
     trust_proxy: bool = False
     static: StaticFiles | None = None
+    #: ``--host`` names (see :class:`HostPolicy`).
+    hosts: tuple[str, ...] = ()
 
 
 class WebSocketHandshake:
@@ -260,6 +439,11 @@ class WebSocketHandshake:
         peer: str,
         options: WebSocketOptions,
         service_known: Callable[[str], bool] = lambda _name: False,
+        *,
+        hosts: HostPolicy | None = None,
+        secure: bool = False,
+        pool: HoldPool | None = None,
+        pieces: bool = False,
     ) -> None:
         self.peer = peer
         self.service: str | None = None
@@ -267,10 +451,19 @@ class WebSocketHandshake:
         self.options = options
         self._transport_peer = peer
         self._known = service_known
+        #: None: every Host is accepted (a unit test, a caller of its own).
+        self.hosts = hosts
+        self.secure = secure
+        # True when the driver calls data_to_send() until it returns b"" (the
+        # engine's _finish does), so a shared body can follow the head as its
+        # own buffer; under TLS everything is encrypted in one piece.
+        self._pieces = pieces
+        self._body: memoryview | None = None
         self.ws = WebSocketServerLayer(
             max_message_size=options.max_message_size,
             text_replies=options.text_replies,
             logger=frame_log,
+            pool=pool,
         )
 
     def receive_data(self, data: bytes) -> None:
@@ -281,7 +474,11 @@ class WebSocketHandshake:
             self._decide(ws.request)
 
     def data_to_send(self) -> bytes:
-        return self.ws.data_to_send()
+        out = self.ws.data_to_send()
+        if out or self._body is None:
+            return out
+        body, self._body = self._body, None
+        return body  # type: ignore[return-value]  # a buffer; the Context takes any
 
     def accept(self) -> tuple[Layer | None, bytes]:
         """101 Switching Protocols; the layer, and messages sent ahead of it."""
@@ -305,6 +502,7 @@ class WebSocketHandshake:
             client = forwarded_client(request)
             if client is not None:
                 self.peer = f"{client} (via {self._transport_peer})"
+        self._check_host(request)
         path = _url_path(request.path)
         if not request.is_upgrade:
             self._answer_http(request, path)
@@ -312,13 +510,39 @@ class WebSocketHandshake:
         if not self._origin_ok(request):
             self.ws.reject(403, "Forbidden: this page's origin may not open WebSockets here.\n")
             rule = "--origin" if self.options.origins is not None else "same origin only"
-            raise ProtocolError(f"websocket: origin {request.origin!r} not allowed ({rule})")
+            raise ProtocolError(f"websocket: origin {shown(request.origin)} not allowed ({rule})")
         name = path[1:] if path is not None else ""
         reason = service_name_error(name) if path is not None else "bad request path"
         if reason:
             self.ws.reject(404, _REFUSALS[404])
-            raise ProtocolError(f"websocket: no service in path {request.path!r}: {reason}")
+            raise ProtocolError(f"websocket: no service in path {shown(request.path)}: {reason}")
         self.service = name
+
+    def _check_host(self, request: HandshakeRequest) -> None:
+        """Exactly one Host, naming this daemon (see :class:`HostPolicy`);
+        behind a trusted proxy, X-Forwarded-Host too. Before anything else:
+        a rebound name gets neither a WebSocket nor a static file."""
+        hosts = [v for k, v in request.headers if k.lower() == "host"]
+        if len(hosts) != 1:
+            self.finished = True
+            self.ws.reject(400, "Bad request: exactly one Host header is required.\n")
+            raise ProtocolError(f"websocket: {len(hosts)} Host headers (exactly one is required)")
+        if self.hosts is None:
+            return
+        names = [("Host", hosts[0])]
+        if self.options.trust_proxy:
+            forwarded = request.header("x-forwarded-host")
+            if forwarded is not None:
+                names.append(("X-Forwarded-Host", forwarded.split(",")[0]))
+        for header, value in names:
+            if not self.hosts.allows(value):
+                self.finished = True
+                self.ws.reject(421, _REFUSALS[421])
+                raise ProtocolError(
+                    f"websocket: {header} {shown(value)} is not a name of this daemon"
+                    f" (DNS rebinding?); --host NAME adds one; request {request.method}"
+                    f" {shown(request.path)}"
+                )
 
     def _origin_ok(self, request: HandshakeRequest) -> bool:
         if self.options.origins is not None:
@@ -326,10 +550,13 @@ class WebSocketHandshake:
         if request.origin is None:
             return True  # not a browser
         host = None
+        scheme = "https" if self.secure else "http"
         if self.options.trust_proxy:
             forwarded = request.header("x-forwarded-host")
             host = forwarded.split(",")[0] if forwarded else None
-        return same_origin(request.origin, host or request.header("host"))
+            proto = (request.header("x-forwarded-proto") or "").split(",")[0].strip().lower()
+            scheme = proto if proto in ("http", "https") else scheme
+        return same_origin(request.origin, host or request.header("host"), scheme)
 
     def _answer_http(self, request: HandshakeRequest, path: str | None) -> None:
         """A plain HTTP request: a static file, 426 on a service path, or 404."""
@@ -344,15 +571,18 @@ class WebSocketHandshake:
         elif found is not None:
             status = 200
             body, ctype = found
-            ws.respond(
-                200,
-                [
-                    ("Content-Type", ctype),
-                    ("Cache-Control", "no-cache"),
-                    ("X-Content-Type-Options", "nosniff"),
-                ],
-                body,
-            )
+            headers = [
+                ("Content-Type", ctype),
+                ("Cache-Control", "no-cache"),
+                ("X-Content-Type-Options", "nosniff"),
+            ]
+            if self._pieces and isinstance(body, _Body):
+                # The head now, the shared body as a buffer of its own next.
+                ws.respond(200, headers, b"", content_length=len(body))
+                if request.method != "HEAD":
+                    self._body = memoryview(body)
+            else:
+                ws.respond(200, headers, bytes(body))
         elif not service_name_error(name) and self._known(name):
             status = 426
             ws.respond(
@@ -370,12 +600,19 @@ class WebSocketHandshake:
             NAME,
             self.peer,
             request.method,
-            request.path[:200],
+            shown(request.path),
             status,
         )
 
 
 # -- keepalive -------------------------------------------------------------------
+
+
+def _pending_bytes(ctx: Context, fd: int) -> int:
+    try:
+        return ctx.pending_bytes(fd)
+    except IPCError:
+        return 0
 
 
 @dataclass
@@ -419,11 +656,17 @@ class Keepalive:
         if isinstance(ws, WebSocketServerLayer) and fd in self.ctx:
             peer = getattr(handshake, "peer", None) or f"fd {fd}"
             self.conns[fd] = _Open(ws, peer, time.monotonic(), ws.activity)
+            # What the Context still holds for this client counts against the
+            # layer's control-frame budget (a ping flood from a non-reader).
+            ws.backlog = functools.partial(_pending_bytes, self.ctx, fd)
 
     def on_event(self, event: Event) -> bool:
         """A ``daemon.handlers`` entry: forget closed connections."""
         if event.type is EventType.DISCONNECTION:
-            self.conns.pop(event.fd, None)
+            conn = self.conns.pop(event.fd, None)
+            if conn is not None:
+                conn.layer.release()  # its buffers and pool share, now
+                conn.layer.data_to_send()  # and what it had for a client now gone
         return False
 
     def _ping_all(self) -> None:
@@ -537,6 +780,7 @@ def build_daemon(
     tls: ServerCertificates | None = None,
     allow_client: Sequence[str] = (),
     control_name: str = "ws",
+    hold_pool: int = DEFAULT_HOLD_POOL,
 ) -> Daemon:
     """Context, engine, listeners (systemd sockets first), metrics, keepalive.
 
@@ -552,11 +796,22 @@ def build_daemon(
         handshake_timeout=common.handshake_timeout,
         max_connections=common.max_connections,
         peer_timeout=common.peer_timeout,
+        max_connections_per_ip=common.max_connections_per_ip,
     )
     mtls = tls is not None and tls.client_ca is not None
+    pool = HoldPool(hold_pool)
+    hosts = HostPolicy(extra=options.hosts)  # replaced once the listeners are open
 
     def factory(peer: str) -> Handshake:
-        handshake = WebSocketHandshake(peer, options, daemon.reachable)
+        handshake = WebSocketHandshake(
+            peer,
+            options,
+            daemon.reachable,
+            hosts=hosts,
+            secure=tls is not None,
+            pool=pool,
+            pieces=tls is None,
+        )
         if tls is None:
             return handshake
         return _secure(handshake, tls.context, allow_client, mtls)
@@ -573,8 +828,11 @@ def build_daemon(
     daemon.stop = stop  # type: ignore[method-assign]
     if tls is not None:
         daemon.on_reload = tls.reload
-    daemon.serve_control(f"{control_name}.ctl")  # fails first on a double start
+    daemon.serve_control(f"{control_name}.ctl", flag="--control-name")  # fails first
     open_listeners(daemon, common, factory, DEFAULT_LISTEN)
+    # The accepted Host names depend on the bound sockets (port 0, systemd's).
+    sockets = [sock for sock, _factory in daemon._listeners.values()]
+    hosts = HostPolicy.for_sockets(sockets, options.hosts, secure=tls is not None)
     return daemon
 
 
@@ -636,7 +894,28 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
     "--trust-proxy",
     is_flag=True,
     help="Behind a reverse proxy: log the client address from X-Forwarded-For "
-    "(and check same-origin against X-Forwarded-Host).",
+    "(and check same-origin against X-Forwarded-Host and X-Forwarded-Proto).",
+)
+@click.option(
+    "--hold-pool",
+    type=click.IntRange(min=0),
+    default=DEFAULT_HOLD_POOL,
+    show_default=True,
+    metavar="BYTES",
+    help="Bytes of unfinished fragmented messages all clients together may hold "
+    "beyond 256 KiB each (a message in one frame is streamed, never held). A "
+    "client over it is closed (1013, or 1009 if its message can never fit).",
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="NAME[:PORT]",
+    envvar="IPC_WEBSOCKETD_HOST",
+    help="A name browsers use to reach this daemon (a public name, the name a "
+    "reverse proxy passes on). Requests whose Host is not one of the daemon's "
+    "names (loopback, localhost, listen addresses, this machine's name) get 421: "
+    "the defence against DNS rebinding. Repeatable.",
 )
 @click.option(
     "--cert",
@@ -679,6 +958,8 @@ def main(
     ping_interval: float,
     idle_timeout: float,
     trust_proxy: bool,
+    hold_pool: int,
+    hosts: tuple[str, ...],
     cert: Path | None,
     key: Path | None,
     client_ca: Path | None,
@@ -703,6 +984,12 @@ def main(
                 " null or *",
                 param_hint="--origin",
             )
+    for host in hosts:
+        if split_host(host) is None:
+            raise click.BadParameter(
+                f"{host!r}: a host is NAME or NAME:PORT (as in chat.example.com, [::1]:8080)",
+                param_hint="--host",
+            )
     if static_dir is not None and no_static:
         raise click.UsageError("--static and --no-static contradict each other")
     setup_logging(common.verbosity, common.log_format)
@@ -716,6 +1003,7 @@ def main(
             origins=origins or None,
             trust_proxy=trust_proxy,
             static=static,
+            hosts=hosts,
         )
         daemon = build_daemon(
             common,
@@ -725,6 +1013,7 @@ def main(
             tls=tls,
             allow_client=allow_client,
             control_name=control_name,
+            hold_pool=hold_pool,
         )
     except (IPCError, OSError, ssl.SSLError, ValueError) as exc:
         click.echo(f"{NAME}: {exc}", err=True)

@@ -34,6 +34,12 @@ needs around it:
   and the core's relay calls :meth:`fast_receive` / :meth:`fast_send` first
   (one frame in, one LibIPC message out, in one call), falling back to the
   general methods for anything else. Server data frames are built here too.
+* Memory: a data frame still arriving is streamed up as it comes (its LibIPC
+  length is in the frame header); what must be held (fragmented messages,
+  frames websockets reads) costs :data:`HOLD_ALLOWANCE` per connection, then
+  a share of a daemon-wide :class:`HoldPool`; control frames a client leaves
+  unread are capped by :data:`CONTROL_BUDGET`. A finished layer frees its
+  buffers at once (:meth:`release`): no reference cycle waits for the GC.
 * Outgoing bytes from websockets (pongs, close frames, HTTP responses) and
   our data frames are queued in one list, in the order they were produced;
   websockets' end-of-stream marker becomes the :attr:`closed` flag.
@@ -50,6 +56,8 @@ pass non-empty plaintext up (b"" means EOF here).
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import email.utils
 import enum
 import functools
@@ -57,7 +65,7 @@ import http
 import logging
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from websockets.datastructures import Headers
@@ -75,12 +83,20 @@ except ImportError:  # pragma: no cover - depends on the wheel
 from ipc_core.errors import IPCError, MessageTooLarge, PeerClosed, ProtocolError, UsageError
 from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, check_limit, header
 
-__all__ = ["HandshakeRequest", "Phase", "WebSocketServerLayer", "origin_allowed"]
+__all__ = ["HandshakeRequest", "HoldPool", "Phase", "WebSocketServerLayer", "origin_allowed"]
 
 #: Default cap on the request line plus headers (what most HTTP servers allow).
 MAX_REQUEST_SIZE = 8 * 1024
 #: Bytes a client may send after its request before we answer it.
 MAX_EARLY_DATA = 64 * 1024
+#: Bytes of unfinished messages (a fragmented message being reassembled, a
+#: frame websockets is still reading) one connection may hold for free; more
+#: comes out of the daemon-wide :class:`HoldPool`. The order of ipc-tcpd's
+#: per-connection buffers.
+HOLD_ALLOWANCE = 256 * 1024
+#: Bytes of our control frames (pongs, close) a client may leave unread: a
+#: client that pings faster than it reads the pongs is closed beyond this.
+CONTROL_BUDGET = 256 * 1024
 
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
@@ -142,6 +158,59 @@ def origin_allowed(origin: str | None, allowed: Sequence[str] | None) -> bool:
     return False
 
 
+# -- memory budgets and freeing ------------------------------------------------
+
+
+class HoldPool:
+    """Bytes of unfinished messages the connections of one daemon may hold
+    beyond their :data:`HOLD_ALLOWANCE` each.
+
+    Why a shared pool and not a bigger allowance: a message that arrives in
+    one frame is streamed to the local service as it comes (nothing held),
+    so only fragmented messages (which browsers never send) and frames
+    websockets reads itself are held. A fragmented message has no length up
+    front, so it cannot be streamed; the pool lets one connection assemble
+    a big one while bounding what many connections can pin together.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` more bytes; False (nothing reserved) if over the limit."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+def _untrace(exc: BaseException | None) -> None:
+    """Drop the tracebacks of an exception chain: a stored exception whose
+    traceback holds the frame of a method of its owner is a reference cycle,
+    which keeps the owner and its buffers alive until the cyclic GC runs."""
+    seen = 0
+    while exc is not None and seen < 8:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+
+
+def _detached(err: IPCError) -> IPCError:
+    """A copy of ``err`` to store and raise again later, never itself raised
+    from here (raising fills its traceback with our frames: a cycle)."""
+    copy = IPCError.__new__(type(err))
+    copy.args = err.args
+    copy.__dict__.update(err.__dict__)
+    copy.__cause__ = err.__cause__
+    copy.__suppress_context__ = True
+    _untrace(err.__cause__)
+    return copy
+
+
 # -- the handshake request -----------------------------------------------------
 
 
@@ -199,6 +268,43 @@ class Phase(enum.Enum):
     ANSWERED = "answered"
 
 
+def _printable(value: object) -> str:
+    """Text from websockets (which may quote the peer: a request line, a
+    close reason) for a log line: control characters escaped as repr() does,
+    so a newline, ESC or NUL cannot forge or garble a line."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _utf8_checker() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")()
+
+
+def _frame_end(data: bytes, pos: int) -> int | None:
+    """Where the frame starting at ``pos`` ends, or None if its header is cut."""
+    end = len(data)
+    if end - pos < 2:
+        return None
+    second = data[pos + 1]
+    length = second & 0x7F
+    head = pos + 2
+    if length == 126:
+        if end - head < 2:
+            return None
+        (length,) = _U16.unpack_from(data, head)
+        head += 2
+    elif length == 127:
+        if end - head < 8:
+            return None
+        (length,) = _U64.unpack_from(data, head)
+        head += 8
+    if second & 0x80:
+        head += 4
+    if head > end:
+        return None
+    return head + length
+
+
 def _is_utf8(data: bytes | bytearray) -> bool:
     if data.isascii():  # C-speed fast path for the common case
         return True
@@ -220,6 +326,9 @@ class WebSocketServerLayer:
         origins: list[str] | None = None,
         max_request_size: int = MAX_REQUEST_SIZE,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+        pool: HoldPool | None = None,
+        hold_allowance: int = HOLD_ALLOWANCE,
+        control_budget: int = CONTROL_BUDGET,
     ) -> None:
         self.max_message_size = check_limit(max_message_size)
         self.text_replies = text_replies
@@ -248,6 +357,25 @@ class WebSocketServerLayer:
         # no error, no fragment, its parser idle at a frame boundary. Cleared
         # whenever websockets is fed or its state changes; rechecked lazily.
         self._fast_ok = False
+        # Memory budgets (see HoldPool, CONTROL_BUDGET). ``backlog`` is set by
+        # the driver: bytes it holds unsent for this client (the Context's
+        # send queue); without it only what data_to_send() holds counts.
+        self.pool = pool
+        self.hold_allowance = hold_allowance
+        self.control_budget = control_budget
+        self.backlog: Callable[[], int] | None = None
+        self._borrowed = 0  # bytes taken from the pool
+        self._control = 0  # control bytes produced, capped by what is unsent
+        # A data frame streamed to the local side as it arrives: payload bytes
+        # still to come, its mask, how far into it, a UTF-8 checker for text.
+        self._stream_left = 0
+        self._stream_mask = b""
+        self._stream_at = 0
+        self._stream_utf8: codecs.IncrementalDecoder | None = None
+        self._stash = b""  # the start of a frame header, at a frame boundary
+        self._slow_left = 0  # bytes websockets still needs for the frame it reads
+        self._pinged = False  # a ping was answered: check the control budget
+        self._released = False
 
     # -- state -------------------------------------------------------------
 
@@ -293,7 +421,7 @@ class WebSocketServerLayer:
     def receive_data(self, data: bytes) -> bytes:
         """Feed bytes from the client (b"" = EOF); return LibIPC frames for it."""
         if self._error is not None:
-            raise self._error
+            raise _detached(self._error)
         try:
             if self._phase is Phase.OPEN:
                 return self._receive_frames(data)
@@ -308,7 +436,7 @@ class WebSocketServerLayer:
                     raise ProtocolError("websocket: client sent data before the handshake")
             return b""  # ANSWERED: whatever the client says no longer matters
         except IPCError as exc:
-            self._error = exc
+            self._failed(exc)
             raise
 
     def data_to_send(self) -> bytes:
@@ -383,6 +511,7 @@ class WebSocketServerLayer:
             self._phase is Phase.OPEN
             and self._error is None
             and self._fragments is None
+            and not (self._stream_left or self._stash or self._slow_left)
             and isinstance(getattr(self._proto, "writes", None), list)  # read by fast_send
             and self._at_frame_boundary()
         )
@@ -402,16 +531,18 @@ class WebSocketServerLayer:
         assert self._ws_request is not None
         if not origin_allowed(request.origin, self.origins):
             self._answer(403, "Failed to open a WebSocket connection: forbidden origin.\n")
-            self._error = ProtocolError(f"websocket: origin not allowed: {request.origin!r}")
-            raise self._error
+            raise self._failed(ProtocolError(f"websocket: origin not allowed: {request.origin!r}"))
         response = self._proto.accept(self._ws_request)
         self._proto.send_response(response)
         if response.status_code != 101:
             self._phase = Phase.ANSWERED
             exc = self._proto.handshake_exc
-            self._error = ProtocolError(f"websocket: handshake failed: {exc}")
-            self._error.__cause__ = exc
-            raise self._error
+            err = ProtocolError(f"websocket: handshake failed: {_printable(exc)}")
+            err.__cause__ = exc
+            try:
+                raise self._failed(err)
+            finally:
+                del err  # a raised exception held by its own frame is a cycle
         self._phase = Phase.OPEN
         early, self._early = self._early, b""
         return self.receive_data(early) if early else b""
@@ -431,14 +562,22 @@ class WebSocketServerLayer:
         status: int,
         headers: Iterable[tuple[str, str]],
         body: bytes,
+        *,
+        content_length: int | None = None,
     ) -> None:
-        """Answer a plain HTTP request (a static file, a redirect), then close."""
+        """Answer a plain HTTP request (a static file, a redirect), then close.
+
+        With ``content_length``, only the head is queued here and the driver
+        sends that many body bytes itself (a large file, shared between
+        requests rather than copied into each answer).
+        """
         request = self._deciding()
+        length = len(body) if content_length is None else content_length
         out = Headers(
             [
                 ("Date", email.utils.formatdate(usegmt=True)),
                 ("Connection", "close"),
-                ("Content-Length", str(len(body))),
+                ("Content-Length", str(length)),
             ]
         )
         for name, value in headers:
@@ -450,6 +589,7 @@ class WebSocketServerLayer:
         phrase = http.HTTPStatus(status).phrase
         self._proto.send_response(Response(status, phrase, out, body))
         self._phase = Phase.ANSWERED
+        self.release()
 
     # -- local side --------------------------------------------------------
 
@@ -471,7 +611,7 @@ class WebSocketServerLayer:
         except MessageTooLarge as exc:
             self._fast_ok = False
             proto.fail(CloseCode.INTERNAL_ERROR, "message too large")
-            self._error = exc
+            self._failed(exc)
             raise
         if self.text_replies:
             for i, payload in enumerate(payloads):
@@ -479,10 +619,11 @@ class WebSocketServerLayer:
                     self._frame_out(payloads[:i], 0x81)  # the valid ones before it
                     self._fast_ok = False
                     proto.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
-                    self._error = ProtocolError(
-                        "websocket: local service sent a message that is not UTF-8 text"
+                    raise self._failed(
+                        ProtocolError(
+                            "websocket: local service sent a message that is not UTF-8 text"
+                        )
                     )
-                    raise self._error
             self._frame_out(payloads, 0x81)
         else:
             self._frame_out(payloads, 0x82)
@@ -534,6 +675,7 @@ class WebSocketServerLayer:
             self._pull()
             self._out.append(self._proto.reject(status, body).serialize())
         self._phase = Phase.ANSWERED
+        self.release()
 
     def _receive_head(self, data: bytes) -> None:
         head = self._head
@@ -557,26 +699,104 @@ class WebSocketServerLayer:
             exc = proto.handshake_exc
             self._answer(400, "Invalid HTTP request.\n")
             cause = exc.__cause__ if exc is not None and exc.__cause__ else exc
-            err = ProtocolError(f"websocket: invalid HTTP request: {cause}")
+            err = ProtocolError(f"websocket: invalid HTTP request: {_printable(cause)}")
             err.__cause__ = exc
-            raise err
+            try:
+                raise err
+            finally:
+                del err  # a raised exception held by its own frame is a cycle
         self._ws_request = events[0]
         self._request = HandshakeRequest.from_request(events[0])
         self._phase = Phase.DECIDING
 
     def _receive_frames(self, data: bytes) -> bytes:
-        if data and self._fragments is None and self._at_frame_boundary():
-            fast, pos = self._fast_frames(data)
-            if pos == len(data):
-                return fast
-            if fast:
-                try:
-                    rest = self._slow_frames(data[pos:])
-                except IPCError:
-                    return fast  # the error is stored and raised by the next call
-                return fast + rest
-            data = data[pos:]
-        return self._slow_frames(data)
+        """Frames at a boundary are parsed here: whole data frames are
+        unmasked at once, a data frame that is still arriving is streamed to
+        the local side as it comes (nothing held, as ipc-tcpd holds nothing),
+        anything else (control frames, fragments, errors) is given to
+        websockets exactly one frame at a time, so that it never buffers a
+        data frame behind a control frame."""
+        if not data:
+            if self._stream_left or self._stash:
+                raise PeerClosed("websocket: client closed the connection in the middle of a frame")
+            return self._slow_frames(data)
+        if self._stash:
+            data = self._stash + data
+            self._stash = b""
+        out: list[bytes] = []
+        pos = 0
+        end = len(data)
+        try:
+            while pos < end and self._error is None:
+                if self._stream_left:
+                    pos = self._stream_on(data, pos, out)
+                    continue
+                if self._slow_left:  # websockets is inside a frame we gave it
+                    stop = min(end, pos + self._slow_left)
+                    self._slow_left -= stop - pos
+                else:
+                    if self._fragments is None and self._at_frame_boundary():
+                        pos = self._fast_frames(data, pos, out)
+                        if pos == end or self._stream_left:
+                            continue
+                        frame_end = _frame_end(data, pos)
+                        if frame_end is None:  # a header cut by the read
+                            self._stash = bytes(data[pos:])
+                            self._fast_ok = False
+                            break
+                    else:
+                        frame_end = _frame_end(data, pos)
+                        if frame_end is None:
+                            frame_end = end  # websockets waits for the rest
+                    stop = min(end, frame_end)
+                    self._slow_left = frame_end - stop
+                slow = self._slow_frames(data[pos:stop])
+                if slow:
+                    out.append(slow)
+                pos = stop
+        except IPCError:
+            if not out:
+                raise
+            # the error is stored and raised by the next call
+        if self._pinged and self._error is None:
+            self._pinged = False
+            err = self._control_error()
+            if err is not None:
+                self._failed(err)
+                if not out:
+                    try:
+                        raise err
+                    finally:
+                        del err  # a raised exception held by its own frame is a cycle
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+    def _stream_on(self, data: bytes, pos: int, out: list[bytes]) -> int:
+        """Unmask the next bytes of the streamed data frame; return the new pos."""
+        n = min(self._stream_left, len(data) - pos)
+        mask = self._stream_mask
+        k = self._stream_at & 3
+        if k:
+            mask = mask[k:] + mask[:k]
+        chunk = apply_mask(data[pos : pos + n], mask)
+        self._stream_at += n
+        self._stream_left -= n
+        utf8 = self._stream_utf8
+        if utf8 is not None:
+            try:
+                utf8.decode(chunk, final=not self._stream_left)
+            except UnicodeDecodeError:
+                self._stream_left = 0
+                self._proto.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
+                raise self._failed(
+                    ProtocolError("websocket: text message is not valid UTF-8")
+                ) from None
+        out.append(chunk)
+        if not self._stream_left:
+            self._stream_utf8 = None
+            self.activity += 1
+        return pos + n
 
     def _at_frame_boundary(self) -> bool:
         """True when websockets' parser holds nothing and waits for a new frame
@@ -594,15 +814,15 @@ class WebSocketServerLayer:
         code = getattr(gen, "gi_code", None)
         return code is not None and code.co_name == "at_eof"
 
-    def _fast_frames(self, data: bytes) -> tuple[bytes, int]:
-        """Complete, unfragmented, masked text/binary frames at the start of
-        ``data``, as LibIPC frames; stops at anything else (control frames,
-        fragments, oversize, bad UTF-8, a partial frame), which websockets'
-        parser then handles with all its checks. Returns (frames, bytes used)."""
-        out: list[bytes] = []
-        pos = 0
+    def _fast_frames(self, data: bytes, pos: int, out: list[bytes]) -> int:
+        """Unfragmented, masked text/binary frames from ``pos``: complete ones
+        become LibIPC frames in ``out``; an incomplete one starts streaming.
+        Stops at anything else (control frames, fragments, oversize, bad
+        UTF-8, a cut header), which websockets' parser then handles with all
+        its checks. Returns how far it got."""
         end = len(data)
         limit = self.max_message_size
+        count = 0
         while end - pos >= 6:
             first = data[pos]
             second = data[pos + 1]
@@ -621,16 +841,26 @@ class WebSocketServerLayer:
                 (length,) = _U64.unpack_from(data, head)
                 head += 8
             stop = head + 4 + length
-            if length > limit or stop > end:
+            if length > limit or head + 4 > end:
+                break
+            if stop > end:  # still arriving: stream it
+                out.append(header(length))
+                self._stream_left = length
+                self._stream_mask = bytes(data[head : head + 4])
+                self._stream_at = 0
+                self._stream_utf8 = _utf8_checker() if first == 0x81 else None
+                self._fast_ok = False
+                pos = head + 4
                 break
             payload = apply_mask(data[head + 4 : stop], data[head : head + 4])
             if first == 0x81 and not _is_utf8(payload):
                 break
             out.append(header(length))
             out.append(payload)
+            count += 1
             pos = stop
-        self.activity += len(out) // 2
-        return b"".join(out), pos
+        self.activity += count
+        return pos
 
     def _slow_frames(self, data: bytes) -> bytes:
         proto = self._proto
@@ -641,6 +871,7 @@ class WebSocketServerLayer:
             proto.receive_eof()
         out: list[bytes | bytearray] = []
         err: IPCError | None = None
+        pinged = False
         for frame in proto.events_received():
             opcode = frame.opcode
             if opcode is _BINARY or opcode is _TEXT:
@@ -662,9 +893,10 @@ class WebSocketServerLayer:
                 self._pong_since_ping = True
                 continue
             elif opcode is _CLOSE:
-                err = PeerClosed(f"websocket: client closed: {proto.close_rcvd}")
+                err = PeerClosed(f"websocket: client closed: {_printable(proto.close_rcvd)}")
                 break
             else:  # PING: websockets already queued the pong
+                pinged = True
                 continue
             if is_text and not _is_utf8(message):
                 proto.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
@@ -675,15 +907,75 @@ class WebSocketServerLayer:
         self.activity += len(out) // 2
         if err is None:
             err = self._parser_error()
+        if pinged:
+            self._pinged = True  # checked once per receive_data (see _control_error)
+        if err is None:
+            err = self._hold_error()
         if err is None and not data:
             err = PeerClosed("websocket: client closed the connection without a close frame")
         if err is not None:
-            self._error = err
+            self._failed(err)
             if not out:
-                raise err
+                try:
+                    raise err
+                finally:
+                    del err  # a raised exception held by its own frame is a cycle
         if not out:
             return b""
         return b"".join(out)
+
+    def _control_error(self) -> IPCError | None:
+        """A client that pings faster than it reads our pongs would make us
+        queue pongs without end: past :attr:`control_budget` bytes of control
+        frames still unsent, it is cut (its reads are what would drain them).
+
+        Unsent control bytes are estimated from above: those produced since
+        the queue towards the client was last seen no larger, i.e. at most
+        what is unsent in total (our queue plus the driver's ``backlog``).
+        """
+        self._pull()
+        unsent = sum(map(len, self._out))
+        if self.backlog is not None:
+            unsent += self.backlog()
+        if self._control > unsent:
+            self._control = unsent
+        if self._control <= self.control_budget:
+            return None
+        held = self._control
+        self._out.clear()  # nobody reads them; the connection is cut
+        self._eof = True
+        return ProtocolError(
+            f"websocket: client sends pings faster than it reads the pongs: {held} bytes of"
+            f" control frames unread (budget {self.control_budget})"
+        )
+
+    def _hold_error(self) -> IPCError | None:
+        """Charge what websockets and our reassembly hold for unfinished
+        messages: :attr:`hold_allowance` bytes free, more from the pool."""
+        held = len(self._proto.reader.buffer)
+        if self._fragments is not None:
+            held += len(self._fragments)
+        extra = held - self.hold_allowance
+        borrowed = self._borrowed
+        pool = self.pool
+        if extra <= borrowed or pool is None:
+            if pool is not None and borrowed:
+                pool.give(borrowed - max(extra, 0))
+                self._borrowed = max(extra, 0)
+            return None
+        if pool.take(extra - borrowed):
+            self._borrowed = extra
+            return None
+        if extra > pool.limit:
+            code, why = CloseCode.MESSAGE_TOO_BIG, "over the daemon's limit for fragmented messages"
+        else:
+            code, why = CloseCode.TRY_AGAIN_LATER, "the daemon holds too many unfinished messages"
+        self._proto.fail(code, why)
+        return ProtocolError(
+            f"websocket: unfinished message of {held} bytes: {why}"
+            f" ({self.hold_allowance} per connection + a pool of {pool.limit}, {pool.used} in use;"
+            f" close {int(code)})"
+        )
 
     def _parser_error(self) -> IPCError | None:
         """Translate the exception that stopped websockets' parser, if any."""
@@ -692,11 +984,11 @@ class WebSocketServerLayer:
             return None
         err: IPCError
         if isinstance(exc, PayloadTooBig):
-            err = ProtocolError(f"websocket: message too large: {exc}")
+            err = ProtocolError(f"websocket: message too large: {_printable(exc)}")
         elif isinstance(exc, EOFError):
             err = PeerClosed("websocket: client closed the connection without a close frame")
         else:
-            err = ProtocolError(f"websocket: {exc}")
+            err = ProtocolError(f"websocket: {_printable(exc)}")
         err.__cause__ = exc
         return err
 
@@ -709,3 +1001,48 @@ class WebSocketServerLayer:
                     self._eof = True
                 else:
                     self._out.append(chunk)
+                    self._control += len(chunk)
+
+    def _failed(self, err: IPCError) -> IPCError:
+        """Store ``err`` for the next calls (as a detached copy: see _detached),
+        free what the connection holds, and return ``err`` to be raised."""
+        self._error = _detached(err)
+        self._fast_ok = False
+        self.release()
+        return err
+
+    def release(self) -> None:
+        """Free at once what a finished connection holds: websockets' parser
+        (a generator whose frame refers back to its protocol object: a cycle
+        only the cyclic GC would break), its buffers, our partial messages,
+        and our share of the pool. Idempotent; further receive_data() calls
+        raise. Called on errors, on HTTP answers, by the driver when the
+        connection is gone, and when the layer is deleted."""
+        if self._released:
+            return
+        self._released = True
+        self._pull()  # what is queued (a close frame, a response) still goes out
+        proto = self._proto
+        _untrace(proto.parser_exc)
+        _untrace(proto.handshake_exc)
+        parser = getattr(proto, "parser", None)
+        if parser is not None:
+            parser.close()
+        proto.reader.buffer.clear()
+        self._fragments = None
+        self._decoder = FrameDecoder(self.max_message_size)  # a partial reply
+        self._head = bytearray()
+        self._early = b""
+        self._stash = b""
+        self._stream_left = self._slow_left = 0
+        self._stream_utf8 = None
+        if self.pool is not None and self._borrowed:
+            self.pool.give(self._borrowed)
+        self._borrowed = 0
+        if self._error is None and self._phase is not Phase.ANSWERED:
+            self._error = PeerClosed("websocket: connection released")
+        self._fast_ok = False
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()

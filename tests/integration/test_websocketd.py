@@ -317,7 +317,7 @@ def test_plain_http_requests(websocketd) -> None:
     daemon = websocketd()
     status, headers, body = http_get(daemon.http("/pong"))
     assert status == 426 and headers["Upgrade"] == "websocket"
-    daemon.wait_log(r"HTTP GET /pong -> 426")
+    daemon.wait_log(r"HTTP GET '/pong' -> 426")
     status, headers, body = http_get(daemon.http("/"))
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
     assert b"LibIPC WebSocket console" in body
@@ -412,14 +412,24 @@ def test_max_connections(websocketd) -> None:
 
 
 def test_trust_proxy_logs_the_forwarded_client(websocketd) -> None:
-    daemon = websocketd("--trust-proxy")
+    daemon = websocketd("--trust-proxy", "--host", "chat.example.com")
     headers = {
         "X-Forwarded-For": "203.0.113.50, 198.51.100.7",
         "X-Forwarded-Host": "chat.example.com",
+        "X-Forwarded-Proto": "https",
     }
-    # Same origin is judged on the host the browser saw (X-Forwarded-Host).
+    # Same origin is judged on the host and scheme the browser saw
+    # (X-Forwarded-Host, X-Forwarded-Proto); the public name is named with --host.
     with daemon.connect(additional_headers=headers, origin="https://chat.example.com") as ws:
         assert echo(ws, b"proxied") == b"proxied"
+    for origin in ["http://chat.example.com", "http://chat.example.com:443"]:
+        with pytest.raises(InvalidStatus) as info:  # the scheme is part of the origin
+            daemon.connect(additional_headers=headers, origin=origin)
+        assert info.value.response.status_code == 403
+    rebound = {**headers, "X-Forwarded-Host": "evil.example"}
+    with pytest.raises(InvalidStatus) as info:  # a proxy passing a rebound name on
+        daemon.connect(additional_headers=rebound, origin="https://evil.example")
+    assert info.value.response.status_code == 421
     daemon.wait_log(r"198\.51\.100\.7 \(via 127\.0\.0\.1:\d+\) -> 'pong'")
     with pytest.raises(InvalidStatus):
         daemon.connect("nope", additional_headers={"X-Forwarded-For": "2001:db8::9"})

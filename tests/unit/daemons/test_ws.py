@@ -500,9 +500,14 @@ def test_fast_path_engages_only_at_a_frame_boundary() -> None:
     waits for a new frame; that must be detectable with this websockets."""
     server, client = handshake()
     assert server._at_frame_boundary()
-    frame = raw_client_frame(0x2, b"hello")
-    assert server.receive_data(frame[:3]) == b""  # a partial frame goes to websockets
+    ping = raw_client_frame(0x9, b"hello")
+    assert server.receive_data(ping[:8]) == b""  # a partial control frame goes to websockets
     assert not server._at_frame_boundary()
+    assert server.receive_data(ping[8:]) == b""
+    assert server._at_frame_boundary()
+    frame = raw_client_frame(0x2, b"hello")
+    assert server.receive_data(frame[:3]) == b""  # a cut header is kept here
+    assert server._at_frame_boundary()
     assert server.receive_data(frame[3:]) == encode(b"hello")
     assert server._at_frame_boundary()
 

@@ -70,7 +70,8 @@ from .common import (
     setup_logging,
 )
 from .server import Daemon, Handshake, open_listeners
-from .tls import server_context
+from .tls import ServerPolicy, server_policy_options
+from .tlswrap import TLSHandshake, describe_identity
 from .ws import HandshakeRequest, HoldPool, Phase, WebSocketServerLayer, origin_allowed
 
 __all__ = [
@@ -299,8 +300,10 @@ class HostPolicy:
     names of this daemon are answered: loopback addresses and ``localhost``
     forms, the addresses it listens on, this machine's host name and FQDN,
     and the names given with ``--host`` (a public name, the name a reverse
-    proxy passes on). Built-in names must come with a port we listen on (or
-    none, when we listen on the scheme's default port); ``--host NAME`` is
+    proxy passes on). Loopback names take any port (a tunnel or a port
+    forward changes it, and a rebinding page cannot send one); the other
+    built-in names must come with a port we listen on (or none, when we
+    listen on the scheme's default port); ``--host NAME`` is
     also accepted without a port, ``--host NAME:PORT`` with exactly that port.
     """
 
@@ -357,13 +360,16 @@ class HostPolicy:
         name, port = parsed
         if parsed in self.exact:
             return True
+        if _is_loopback(name):
+            # Any port: a rebinding page cannot send a loopback Host (its
+            # Host is its own name), and an SSH tunnel or a port forward
+            # (ssh -L 18080:127.0.0.1:8080) changes the port the browser sees.
+            return True
         if port is None:
-            return name in self.bare or (
-                self.default_port and (name in self.names or _is_loopback(name))
-            )
+            return name in self.bare or (self.default_port and name in self.names)
         if port not in self.ports:
             return False
-        return name in self.bare or name in self.names or _is_loopback(name)
+        return name in self.bare or name in self.names
 
 
 def forwarded_client(request: HandshakeRequest) -> str | None:
@@ -727,19 +733,22 @@ class Keepalive:
 
 
 class ServerCertificates:
-    """``--cert/--key/--client-ca``: re-read on SIGHUP, old context kept on error."""
+    """``--cert/--key/--client-ca`` with ``--min-tls/--ciphers/--crl``: the
+    files (the CRL too) are re-read on SIGHUP, the old context kept on error."""
 
-    def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        client_ca: Path | None,
+        policy: ServerPolicy | None = None,
+    ) -> None:
         self.cert, self.key, self.client_ca = cert, key, client_ca
+        self.policy = policy or ServerPolicy()
         self.context = self._load()
 
     def _load(self) -> ssl.SSLContext:
-        return server_context(
-            self.cert,
-            self.key,
-            client_ca=self.client_ca,
-            require_client_cert=self.client_ca is not None,
-        )
+        return self.policy.context(self.cert, self.key, self.client_ca)
 
     def reload(self) -> None:
         try:
@@ -750,22 +759,41 @@ class ServerCertificates:
         log.info("%s: reloaded the certificate for new connections", NAME)
 
 
+class _WssHandshake(TLSHandshake):
+    """TLS below the WebSocket handshake, showing the WebSocket side's
+    ``peer`` (``--trust-proxy``'s client). One class for every connection,
+    and nothing that points back at the instance: a class made per
+    connection, or a bound method kept in it, is a cycle the GC has to find."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        inner: WebSocketHandshake,
+        allow_client: Sequence[str],
+        mtls: bool,
+    ) -> None:
+        on_identity = functools.partial(_log_wss_identity, inner) if mtls else _ignore_identity
+        super().__init__(context, inner, allow_client=allow_client, on_identity=on_identity)
+        self._ws = inner
+
+    @property
+    def peer(self) -> str:
+        return self._ws.peer
+
+
+def _log_wss_identity(handshake: WebSocketHandshake, ident: certs.CertIdentity | None) -> None:
+    log.info("%s: %s: client %s", NAME, handshake.peer, describe_identity(ident))
+
+
+def _ignore_identity(_ident: certs.CertIdentity | None) -> None:
+    """Without mTLS there is no identity to log (and no line per connection)."""
+
+
 def _secure(
     handshake: WebSocketHandshake, context: ssl.SSLContext, allow_client: Sequence[str], mtls: bool
 ) -> Handshake:
     """TLS below the WebSocket handshake (tlswrap), keeping ``peer`` visible."""
-    from .tlswrap import TLSHandshake, describe_identity
-
-    class _WssHandshake(TLSHandshake):
-        @property
-        def peer(self) -> str:
-            return handshake.peer
-
-    def on_identity(ident: certs.CertIdentity | None) -> None:
-        if mtls:
-            log.info("%s: %s: client %s", NAME, handshake.peer, describe_identity(ident))
-
-    return _WssHandshake(context, handshake, allow_client=allow_client, on_identity=on_identity)
+    return _WssHandshake(context, handshake, allow_client, mtls)
 
 
 # -- assembly ----------------------------------------------------------------------
@@ -934,6 +962,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
     metavar="FILE",
     help="Mutual TLS: require client certificates signed by these CAs.",
 )
+@server_policy_options
 @click.option(
     "--control-name",
     default="ws",
@@ -965,6 +994,7 @@ def main(
     client_ca: Path | None,
     allow_client: tuple[str, ...],
     control_name: str,
+    tls_policy: ServerPolicy,
 ) -> None:
     """Let browsers reach local LibIPC services: ws://HOST:PORT/SERVICE."""
     if (cert is None) != (key is None):
@@ -973,6 +1003,11 @@ def main(
         raise click.UsageError("--client-ca and --allow-client need --cert/--key (wss)")
     if allow_client and client_ca is None:
         raise click.UsageError("--allow-client needs --client-ca")
+    policy_error = tls_policy.usage_error(client_ca)
+    if policy_error:
+        raise click.UsageError(policy_error)
+    if cert is None and (tls_policy.crl or tls_policy.ciphers or tls_policy.min_tls != "1.2"):
+        raise click.UsageError("--min-tls, --ciphers and --crl need --cert/--key (wss)")
     for pattern in allow_client:
         problem = certs.allow_pattern_error(pattern)
         if problem:
@@ -996,7 +1031,11 @@ def main(
     frame_log.setLevel(logging.DEBUG if common.verbosity >= 2 else logging.WARNING)
     try:
         static = None if no_static else StaticFiles(static_dir or DEMO_DIR)
-        tls = None if cert is None or key is None else ServerCertificates(cert, key, client_ca)
+        tls = (
+            None
+            if cert is None or key is None
+            else ServerCertificates(cert, key, client_ca, tls_policy)
+        )
         options = WebSocketOptions(
             max_message_size=common.max_message_size,
             text_replies=text_replies,

@@ -64,9 +64,10 @@ def test_dns_rebinding_names_are_refused_before_the_upgrade(websocketd) -> None:
         answer = request(port, f"GET /pong HTTP/1.1\r\nHost: {host}\r\n")
         assert answer.startswith(b"HTTP/1.1 101 "), (host, answer[:80])
         assert status(request(port, f"GET / HTTP/1.1\r\nHost: {host}\r\n", upgrade=False)) == 200
+    for host in [f"127.0.0.1:{port + 1}", "127.0.0.1"]:  # a tunnel's port: still loopback
+        answer = request(port, f"GET /pong HTTP/1.1\r\nHost: {host}\r\n")
+        assert answer.startswith(b"HTTP/1.1 101 "), (host, answer[:80])
     for host in [
-        f"127.0.0.1:{port + 1}",
-        "127.0.0.1",
         f"[::2]:{port}",
         "a b",
         f"evil.example.:{port}",

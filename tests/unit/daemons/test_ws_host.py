@@ -47,10 +47,13 @@ def test_a_loopback_listener_answers_to_loopback_names_on_its_port() -> None:
     for ok in [f"127.0.0.1:{port}", f"localhost:{port}", f"x.localhost:{port}", f"[::1]:{port}"]:
         assert policy.allows(ok), ok
     assert policy.allows(f"{socket.gethostname()}:{port}")
+    # Loopback names with another port, or none: an SSH tunnel or a port
+    # forward (ssh -L 18080:127.0.0.1:PORT) shows the browser its own port.
+    for ok in [f"127.0.0.1:{port + 1}", "localhost:18080", "127.0.0.1", "[::1]:1"]:
+        assert policy.allows(ok), ok
     for bad in [
         f"evil.example:{port}",
-        f"127.0.0.1:{port + 1}",
-        "127.0.0.1",  # no port: port 80, which we do not listen on
+        f"{socket.gethostname()}:{port + 1}",
         f"localhost.evil.example:{port}",
         f"192.0.2.1:{port}",
     ]:

@@ -54,10 +54,10 @@ def _client(ca: Path, name: str | None, *, tls12: bool = False) -> ssl.SSLContex
 def _upgrade(port: int, ctx: ssl.SSLContext) -> str:
     """The first line of the answer to a WebSocket upgrade, or the TLS alert."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-                s.sendall(UPGRADE.encode())
-                return s.recv(4096).split(b"\r\n", 1)[0].decode()
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(UPGRADE.encode())
+            return s.recv(4096).split(b"\r\n", 1)[0].decode()
     except ssl.SSLError as exc:
         return str(exc.reason)
 

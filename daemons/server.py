@@ -689,11 +689,13 @@ class Daemon:
     def _finish(self, p: _Pending) -> None:
         self._pending.pop(p.fd, None)
         self._cancel(p)
-        # An answer may come in pieces (ipc-websocketd: a static file's shared
-        # body, queued as its own buffer after the head, never copied).
-        while p.fd in self.ctx and (data := p.handshake.data_to_send()):
+        # An answer may come in pieces (ipc-websocketd: a static file): the
+        # Context asks for the next one each time the last is written, so a
+        # peer that reads slowly (or never) holds one piece, not the file.
+        data = p.handshake.data_to_send()
+        if data and p.fd in self.ctx:
             self.ctx.send_raw(p.fd, data)
-        self.ctx.close(p.fd, flush=True)
+        self.ctx.close(p.fd, flush=True, refill=p.handshake.data_to_send)
 
     def _count_failure(self, kind: str, p: _Pending, reason: str) -> None:
         self.metrics.handshake_failures.inc(reason=kind)

@@ -126,8 +126,8 @@ class TLSHandshake:
         pending = self.inner.data_to_send()
         if pending:
             self.tls.send(pending)
-        if self.inner.finished:
-            self.tls.close()
+        elif self.inner.finished:
+            self.tls.close()  # after the last piece of a long answer, not the first
         return self.tls.data_to_send()
 
     def accept(self) -> tuple[Layer | None, bytes]:

@@ -105,6 +105,9 @@ SHARED_BODY = 64 * 1024
 #: fragment, and a message in one frame is streamed, not held; so this only
 #: caps what fragmenting clients can pin (10 of them: under 10 MiB of RSS).
 DEFAULT_HOLD_POOL = 2 * 1024 * 1024
+#: A static file's body goes out this much at a time (see data_to_send): one
+#: TLS record, so a client that never reads holds one record of ciphertext.
+STREAM_PIECE = 16 * 1024
 #: Seconds a peer has to answer our close frame before the socket is cut.
 CLOSE_TIMEOUT = 5.0
 
@@ -461,8 +464,8 @@ class WebSocketHandshake:
         self.hosts = hosts
         self.secure = secure
         # True when the driver calls data_to_send() until it returns b"" (the
-        # engine's _finish does), so a shared body can follow the head as its
-        # own buffer; under TLS everything is encrypted in one piece.
+        # engine's _finish does, as the socket drains), so a shared body can
+        # follow the head in pieces; under TLS each piece is encrypted as it goes.
         self._pieces = pieces
         self._body: memoryview | None = None
         self.ws = WebSocketServerLayer(
@@ -480,11 +483,15 @@ class WebSocketHandshake:
             self._decide(ws.request)
 
     def data_to_send(self) -> bytes:
+        """The HTTP answer, then a static file's body one piece per call
+        (:data:`STREAM_PIECE`): the engine asks for the next piece when the
+        last one is written, so a client that reads slowly holds one piece."""
         out = self.ws.data_to_send()
         if out or self._body is None:
             return out
-        body, self._body = self._body, None
-        return body  # type: ignore[return-value]  # a buffer; the Context takes any
+        piece = self._body[:STREAM_PIECE]
+        self._body = self._body[STREAM_PIECE:] or None
+        return piece  # type: ignore[return-value]  # a buffer; the Context takes any
 
     def accept(self) -> tuple[Layer | None, bytes]:
         """101 Switching Protocols; the layer, and messages sent ahead of it."""
@@ -838,7 +845,7 @@ def build_daemon(
             hosts=hosts,
             secure=tls is not None,
             pool=pool,
-            pieces=tls is None,
+            pieces=True,
         )
         if tls is None:
             return handshake

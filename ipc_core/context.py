@@ -176,6 +176,7 @@ class _Conn:
         "partner",
         "paused",
         "plain",
+        "refill",
         "scanner",
         "service",
         "shut_pending",
@@ -209,6 +210,9 @@ class _Conn:
         self.eof = False  # a switched end whose peer half-closed: read no more
         self.shut_pending = False  # shut our write side once the queue is flushed
         self.linger: TimerHandle | None = None
+        #: While lingering: called for the next piece once the queue is empty
+        #: (close(fd, flush=True, refill=...)); b"" ends it.
+        self.refill: Callable[[], Any] | None = None
         self.stats: list[int] = _NO_STATS
 
 
@@ -1095,6 +1099,8 @@ class Context:
                 self._update_mask(paused)
         if not out:
             if conn.closing:
+                if conn.refill is not None and self._refill(conn):
+                    return
                 self._close_conn(conn, None)
                 return
             if conn.shut_pending:
@@ -1112,21 +1118,36 @@ class Context:
 
     # ---------------------------------------------------------------- closing
 
-    def close(self, fd: int, *, flush: bool = False) -> None:
+    def close(
+        self,
+        fd: int,
+        *,
+        flush: bool = False,
+        refill: Callable[[], bytes | bytearray | memoryview] | None = None,
+    ) -> None:
         """Close one descriptor of the context (a service's socket file is
         removed). For a switched end, its partner is closed too.
 
         With ``flush=True`` the descriptor stops being read and is closed once
         its send queue is written (a refusal message, an HTTP error), or after
         a linger deadline; a DISCONNECTION event reports the close.
+
+        ``refill`` streams a long answer (a static file) instead of queueing it
+        whole: each time the queue is written out, ``refill()`` gives the next
+        piece, until it returns an empty one. Memory per connection stays one
+        piece whatever the answer's size, and the linger deadline restarts with
+        every piece, so it bounds a stall, not the whole transfer.
         """
         conn = self._conns.get(fd)
         if conn is None:
             return
         if conn.kind == SWITCHED:
             self._close_pair(conn, None)
-        elif flush and conn.out:
+        elif flush and (conn.out or refill is not None):
+            conn.refill = refill
             self._linger(conn)
+            if not conn.out and not self._refill(conn):
+                self._close_conn(conn, None)
         else:
             self._close_conn(conn, None, report=flush)
 
@@ -1134,9 +1155,31 @@ class Context:
         conn.closing = True
         conn.paused = True
         self._update_mask(conn)
+        self._restart_linger(conn)
+
+    def _restart_linger(self, conn: _Conn) -> None:
+        if conn.linger is not None:
+            conn.linger.cancel()
         conn.linger = self.call_later(
             LINGER_SECONDS, lambda: self._close_conn(conn, "linger timeout: peer not reading")
         )
+
+    def _refill(self, conn: _Conn) -> bool:
+        """Queue the next piece of a streamed answer; False when it is over
+        (or failed: the connection is then closed with the reason)."""
+        assert conn.refill is not None
+        try:
+            piece = conn.refill()
+        except Exception as exc:  # the producer's bug costs only this connection
+            conn.refill = None
+            self._close_conn(conn, f"streaming failed: {exc!r}")
+            return True
+        if not piece:
+            conn.refill = None
+            return False
+        self._restart_linger(conn)
+        self._enqueue(conn, piece, False)
+        return True
 
     def send_fd(self, fd: int, data: bytes, passed_fd: int) -> None:
         """Send ``data`` with descriptor ``passed_fd`` attached (SCM_RIGHTS) on
@@ -1187,6 +1230,7 @@ class Context:
             return
         fd = conn.fd
         self._forget(conn)
+        conn.refill = None  # a streamed answer's producer (and its buffers) goes now
         if conn.linger is not None:
             conn.linger.cancel()
         if conn.service is not None:

@@ -621,3 +621,54 @@ def test_accepting_app_never_gets_a_number_still_reported_as_leaving():
             for s in accepted:
                 s.close()
             b.close()
+
+
+def test_close_with_refill_streams_a_long_answer_one_piece_at_a_time():
+    """close(fd, flush=True, refill=...): the next piece is asked for only
+    when the last one is written, so the queue holds one piece at most; the
+    reader gets every byte in order, then the close."""
+    ours, theirs = socket.socketpair()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    pieces = [bytes([i]) * 50_000 for i in range(40)]
+    queued: list[int] = []
+    with Context() as ctx:
+        fd = ctx.adopt(ours)
+
+        def refill() -> bytes:
+            queued.append(ctx.pending_bytes(fd))
+            return pieces[len(queued) - 1] if len(queued) <= len(pieces) else b""
+
+        ctx.close(fd, flush=True, refill=refill)
+        got = bytearray()
+        theirs.setblocking(False)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with suppress(TimeoutError):
+                ctx.wait_event(timeout=0.01)
+            try:
+                chunk = theirs.recv(65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            got += chunk
+    theirs.close()
+    assert bytes(got) == b"".join(pieces)
+    assert max(queued) == 0  # asked only once the queue was written out
+    assert len(queued) == len(pieces) + 1  # the last call ended it
+
+
+def test_a_failing_refill_closes_only_that_connection():
+    ours, theirs = socket.socketpair()
+    with Context() as ctx:
+        fd = ctx.adopt(ours)
+
+        def refill() -> bytes:
+            raise RuntimeError("disk gone")
+
+        ctx.close(fd, flush=True, refill=refill)
+        event = ctx.wait_event(timeout=5)
+        assert event.type == EventType.DISCONNECTION and "streaming failed" in (event.reason or "")
+    theirs.settimeout(5)
+    assert theirs.recv(10) == b""
+    theirs.close()

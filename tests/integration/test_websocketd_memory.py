@@ -207,3 +207,42 @@ def test_large_static_file_for_clients_that_never_read(websocketd, tmp_path: Pat
         sock.close()
     assert added < LIMIT
     wait_for(lambda: rss(daemon) < figures[1] + MiB, 10, what="RSS to settle")
+
+
+def test_large_static_file_over_tls_is_streamed(websocketd, tmp_path: Path, pki) -> None:  # noqa: F811
+    """Over https each answer is encrypted for its client: held whole, 60
+    clients that never read cost 60 copies of the file. Streamed, one piece
+    each (the engine asks for the next piece as the socket drains)."""
+    import ssl
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "big.bin").write_bytes(os.urandom(4 * MiB - 1))
+    daemon = websocketd(
+        "--static", str(site), "--max-connections-per-ip", "1000",
+        "--cert", str(pki.cert), "--key", str(pki.key),
+    )  # fmt: skip
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    request = f"GET /big.bin HTTP/1.1\r\nHost: 127.0.0.1:{daemon.port}\r\n\r\n".encode()
+    clients = []
+    with peak_rss(daemon) as figures:
+        for _ in range(60):
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KiB)
+            raw.settimeout(10)
+            raw.connect(("127.0.0.1", daemon.port))
+            sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+            sock.sendall(request)
+            clients.append(sock)
+        time.sleep(1.5)
+    added = report("60 https clients of a 4 MiB file, not reading", figures, ["waiting"])
+    reader = clients[0]
+    data = b""
+    with contextlib.suppress(ssl.SSLEOFError):
+        while chunk := reader.recv(MiB):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Content-Length: 4194303" in head and body == (site / "big.bin").read_bytes()
+    for sock in clients:
+        sock.close()
+    assert added < LIMIT

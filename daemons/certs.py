@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .common import LibipcGroup, help_epilog
+
 __all__ = [
     "CertIdentity",
     "allow_pattern_error",
@@ -593,7 +595,7 @@ _out_option = click.option(
     "out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("."),
-    show_default=True,
+    metavar="DIR",
     help="Directory to write into (created 0700 if missing).",
 )
 _force_option = click.option("--force", is_flag=True, help="Overwrite existing files.")
@@ -601,7 +603,8 @@ _ca_dir_option = click.option(
     "--ca-dir",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     required=True,
-    help="Directory holding ca.pem and ca.key (from `cert ca`).",
+    metavar="DIR",
+    help="Directory holding ca.pem and ca.key (from `ipc cert ca`).",
 )
 
 
@@ -610,7 +613,7 @@ def _days_option(default: int) -> Callable[[F], F]:
         "--days",
         type=int,
         default=default,
-        show_default=True,
+        metavar="N",
         help="Validity in days (negative: already expired, for tests).",
     )
 
@@ -631,14 +634,30 @@ def _issue(out: Path, stem: str, make: Callable[[], CertAndKey], force: bool) ->
     click.echo(fingerprint(certificate))
 
 
-@click.group(name="cert")
+def _examples(*pairs: tuple[str, str]) -> str:
+    return help_epilog(pairs)
+
+
+@click.group(
+    name="cert",
+    cls=LibipcGroup,
+    epilog=_examples(
+        ("ipc cert ca --out ca", "a CA: ca/ca.pem, ca/ca.key"),
+        ("ipc cert server --ca-dir ca --out tls localhost 127.0.0.1", "tls/localhost.pem, .key"),
+        ("ipc cert client --ca-dir ca --out tls host-a", "tls/host-a.pem, .key"),
+        ("ipc cert crl --ca-dir ca tls/host-a.pem", "revoke it: ca/crl.pem"),
+    ),
+)
 def cert() -> None:
     """Make and inspect certificates for ipc-tlsd (a private CA)."""
 
 
-@cert.command(name="ca")
+@cert.command(
+    name="ca",
+    epilog=_examples(("ipc cert ca --out /etc/libipc/ca --name 'Example CA'", "")),
+)
 @_out_option
-@click.option("--name", default="LibIPC CA", show_default=True, help="CA common name.")
+@click.option("--name", default="LibIPC CA", metavar="NAME", help="CA common name.")
 @_days_option(CA_DAYS)
 @_force_option
 def ca_command(out: Path, name: str, days: int, force: bool) -> None:
@@ -646,7 +665,12 @@ def ca_command(out: Path, name: str, days: int, force: bool) -> None:
     _issue(out, "ca", lambda: make_ca(name, days), force)
 
 
-@cert.command(name="server")
+@cert.command(
+    name="server",
+    epilog=_examples(
+        ("ipc cert server --ca-dir ca b.example.org 192.0.2.7", "b.example.org.pem and .key"),
+    ),
+)
 @_ca_dir_option
 @_out_option
 @_days_option(LEAF_DAYS)
@@ -667,7 +691,12 @@ def server_command(ca_dir: Path, out: Path, days: int, force: bool, names: Seque
     _issue(out, stem, make, force)
 
 
-@cert.command(name="client")
+@cert.command(
+    name="client",
+    epilog=_examples(
+        ("ipc cert client --ca-dir ca host-a", "host-a.pem and .key; --allow-client host-a"),
+    ),
+)
 @_ca_dir_option
 @_out_option
 @_days_option(LEAF_DAYS)
@@ -697,14 +726,20 @@ def _load_for_cli(path: Path) -> x509.Certificate:
         raise click.ClickException(str(exc)) from exc
 
 
-@cert.command(name="fingerprint")
+@cert.command(
+    name="fingerprint",
+    epilog=_examples(("ipc cert fingerprint host-a.pem", "SHA256:... for --allow-client")),
+)
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 def fingerprint_command(file: Path) -> None:
     """Print the SHA-256 fingerprint (usable in --allow-client)."""
     click.echo(fingerprint(_load_for_cli(file)))
 
 
-@cert.command(name="inspect")
+@cert.command(
+    name="inspect",
+    epilog=_examples(("ipc cert inspect /etc/libipc/tls/server.pem", "")),
+)
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 def inspect_command(file: Path) -> None:
     """Show subject, issuer, SANs, validity, serial and fingerprint."""
@@ -725,19 +760,26 @@ def _to_revoke(ca_cert: x509.Certificate, item: str) -> tuple[int, str]:
     return certificate.serial_number, f"serial {certificate.serial_number:x} (CN={ident.cn})"
 
 
-@cert.command(name="crl")
+@cert.command(
+    name="crl",
+    epilog=_examples(
+        ("ipc cert crl --ca-dir ca host-a.pem", "revoke host-a's certificate"),
+        ("ipc cert crl --ca-dir ca", "renew the CRL (before its next update)"),
+    ),
+)
 @_ca_dir_option
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="The CRL file to make or extend  [default: CA-DIR/crl.pem].",
+    metavar="FILE",
+    help="The CRL file to make or extend. Default: DIR/crl.pem (DIR of --ca-dir).",
 )
 @click.option(
     "--days",
     type=int,
     default=CRL_DAYS,
-    show_default=True,
+    metavar="N",
     help="Days until its next update; past that date every client of the CA is refused.",
 )
 @click.argument("revoke", nargs=-1, metavar="[CERT|SERIAL]...")

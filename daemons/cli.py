@@ -21,22 +21,17 @@ import click
 from ipc_core import Context, EventType, IPCError, list_services
 from ipc_core import rundir as default_rundir
 
-from .status import status
+from .common import HELP_SETTINGS, LibipcGroup, help_epilog, seconds
+from .status import rundir_option, status
 
 log = logging.getLogger("ipc")
 
 
-def _rundir_option(f):  # type: ignore[no-untyped-def]
-    return click.option(
-        "--rundir",
-        envvar="RUNDIR",
-        type=click.Path(path_type=Path, readable=False),
-        default=None,
-        help="Run directory (default: $RUNDIR or /tmp/.libipc-run/).",
-    )(f)
+_rundir_option = rundir_option
+_MAX_SIZE = 0xFFFFFFFF
 
 
-class _Commands(click.Group):
+class _Commands(LibipcGroup):
     """Loads ``ipc cert`` (and with it ``cryptography``, ~50 ms) only when used,
     and turns any library or system error a command lets through into one
     line and exit status 1: a user never sees a traceback."""
@@ -61,10 +56,29 @@ class _Commands(click.Group):
         return super().get_command(ctx, name)
 
 
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.group(
+    cls=_Commands,
+    context_settings=HELP_SETTINGS,
+    epilog=help_epilog(
+        [
+            ("ipc pongd &", "run the example echo service pong"),
+            ("ipc send pong hello", "one request, print the reply"),
+            ("ipc ls", "the services in the run directory"),
+            ("ipc status", "the counters of the running daemons"),
+            ("ipc COMMAND --help", "the options and examples of one command"),
+        ],
+        ["Every command uses the run directory $RUNDIR (default /tmp/.libipc-run)."],
+    ),
+)
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    show_default=False,
+    help="More log output: -v information, -vv debug.",
+)
 def main(verbose: int) -> None:
-    """LibIPC command-line tool."""
+    """LibIPC command-line tool: the example service and small clients."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -84,10 +98,23 @@ def serve_pong(ctx: Context, name: str, ready: bool = True) -> None:
             log.info("client %d left: %s", event.fd, event.reason)
 
 
-@main.command()
+@main.command(
+    epilog=help_epilog(
+        [
+            ("ipc pongd", "serve $RUNDIR/pong until Ctrl-C or SIGTERM"),
+            ("ipc pongd echo --rundir /run/libipc", "the same service under another name"),
+        ]
+    )
+)
 @click.argument("name", default="pong")
 @_rundir_option
-@click.option("--max-message-size", type=int, default=16 * 1024 * 1024, show_default=True)
+@click.option(
+    "--max-message-size",
+    type=click.IntRange(min=0, max=_MAX_SIZE),
+    default=16 * 1024 * 1024,
+    metavar="BYTES",
+    help="Disconnect clients announcing a longer message.",
+)
 def pongd(name: str, rundir: Path | None, max_message_size: int) -> None:
     """Run the example echo service NAME (default: pong)."""
     try:
@@ -97,11 +124,27 @@ def pongd(name: str, rundir: Path | None, max_message_size: int) -> None:
         raise click.ClickException(str(exc)) from None
 
 
-@main.command()
+@main.command(
+    epilog=help_epilog(
+        [
+            ("ipc send pong hello", "prints hello (pong echoes)"),
+            (
+                'IPC_NETWORK="pong tcp://192.0.2.7:9000/pong" ipc send pong hello',
+                "through ipcd and ipc-tcpd: pong on another host",
+            ),
+        ]
+    )
+)
 @click.argument("name")
 @click.argument("message")
 @_rundir_option
-@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.option(
+    "--timeout",
+    type=seconds(0, min_open=True),
+    default=5.0,
+    metavar="SECONDS",
+    help="How long to wait for the connection, then for the reply.",
+)
 def send(name: str, message: str, rundir: Path | None, timeout: float) -> None:
     """Send MESSAGE to service NAME and print the reply."""
     try:
@@ -116,19 +159,30 @@ def send(name: str, message: str, rundir: Path | None, timeout: float) -> None:
     click.echo(reply.decode(errors="replace"))
 
 
-@main.command()
+@main.command(
+    epilog=help_epilog(
+        [
+            ("printf 'a\\nb\\n' | ipc cat pong", "two messages, two replies printed"),
+            ("ipc cat --raw pong < request.bin > reply.bin", "binary in, binary out"),
+        ]
+    )
+)
 @click.argument("name")
 @_rundir_option
 @click.option("--raw", is_flag=True, help="Binary mode: stdin chunks are messages, replies raw.")
 @click.option(
     "--timeout",
-    type=float,
+    type=seconds(0, min_open=True),
     default=5.0,
-    show_default=True,
-    help="Seconds to wait for outstanding replies after stdin ends.",
+    metavar="SECONDS",
+    help="How long to wait for the connection, and for the replies after stdin ends.",
 )
 def cat(name: str, rundir: Path | None, raw: bool, timeout: float) -> None:
-    """Send each line of stdin to service NAME as one message; print replies."""
+    """Send each stdin line to service NAME; print the replies.
+
+    Each line (without its newline) is one message; with --raw each chunk
+    read from stdin is one message and replies are written as they are.
+    """
     try:
         ctx = Context(rundir_path=rundir)
         fd = ctx.connect_service(name, timeout=timeout)
@@ -181,7 +235,15 @@ def _cat_loop(ctx: Context, fd: int, raw: bool, timeout: float) -> None:
             raise click.ClickException(f"{outstanding} replies missing after {timeout} s")
 
 
-@main.command(name="ls")
+@main.command(
+    name="ls",
+    epilog=help_epilog(
+        [
+            ("ipc ls", "e.g. 'pong  alive' and 'old  stale' (a socket nobody serves)"),
+            ("ipc ls --rundir /run/libipc", "the services of the systemd units"),
+        ]
+    ),
+)
 @_rundir_option
 def ls_(rundir: Path | None) -> None:
     """List the services in the run directory and whether each is alive."""

@@ -25,6 +25,7 @@ import functools
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -43,6 +44,7 @@ from ipc_core.rundir import is_local_only
 __all__ = [
     "DEFAULT_PORTS",
     "DEFAULT_PROTECTED",
+    "MAX_SECONDS",
     "MAX_SERVICE_NAME_BYTES",
     "NEVER_REACHABLE",
     "CommonOptions",
@@ -55,12 +57,15 @@ __all__ = [
     "bound_address",
     "common_options",
     "escape_log_text",
+    "help_epilog",
+    "libipc_command",
     "listen_specs",
     "network_refusal",
     "open_listener",
     "parse_connect_target",
     "parse_listen",
     "parse_uri",
+    "seconds",
     "service_name_error",
     "setup_logging",
     "tune_tcp",
@@ -678,10 +683,49 @@ def _env_source(ctx: click.Context, param: click.Parameter) -> str | None:
     return next((n for n in names if os.environ.get(n)), None)
 
 
+#: The upper bound of every duration flag: long enough for any sensible
+#: timeout, short enough that ``call_later`` and the kernel's socket options
+#: (``TCP_USER_TIMEOUT`` in ms, a u32) never overflow.
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf``.
+
+    Why: click checks bounds with ``<``/``>``, and every comparison with nan
+    is false, so ``--handshake-timeout nan`` would pass any range."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if isinstance(rv, float) and not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def seconds(
+    min: float = 0.0, *, min_open: bool = False, max: float = MAX_SECONDS
+) -> click.FloatRange:
+    """The click type of a duration flag (``SECONDS``): finite, bounded."""
+    return FiniteFloatRange(min=min, min_open=min_open, max=max)
+
+
 class LibipcCommand(click.Command):
-    """A click command whose errors name what the user actually typed: a bad
-    value that came from the environment names that variable
-    (``IPC_TCPD_HANDSHAKE_TIMEOUT``), not a flag they never used."""
+    """A click command in the suite's one style.
+
+    * errors name what the user actually typed: a bad value that came from
+      the environment names that variable (``IPC_TCPD_HANDSHAKE_TIMEOUT``),
+      not a flag they never used;
+    * every option shows its environment variable (``[env var: ...]``),
+      including the ones ``auto_envvar_prefix`` makes up; defaults are shown
+      through ``context_settings={"show_default": True}`` (see
+      :func:`libipc_command`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, click.Option) and param.allow_from_autoenv:
+                param.show_envvar = True
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
@@ -696,9 +740,62 @@ class LibipcCommand(click.Command):
 
 
 class LibipcGroup(click.Group):
-    """A group whose subcommands are all :class:`LibipcCommand`."""
+    """A group whose subcommands are all :class:`LibipcCommand` (and whose
+    subgroups are LibipcGroups)."""
 
     command_class = LibipcCommand
+    group_class = type
+
+
+#: click's settings for every command of the suite.
+HELP_SETTINGS: Mapping[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def help_epilog(examples: Sequence[tuple[str, str]], notes: Sequence[str] = ()) -> str:
+    """The end of a ``--help`` page: an ``Examples:`` block kept as written
+    (click's ``\b`` marker stops it from rewrapping), then ``notes``, each a
+    paragraph click wraps.
+
+    ``examples`` are ``(command line, what it does)`` pairs; a command line
+    may hold newlines (continuation lines, written after a ``\\``)."""
+    lines = ["\b", "Examples:"]
+    for command, what in examples:
+        lines.append("  " + command.replace("\n", "\n    "))
+        if what:
+            lines.append("      " + what.replace("\n", "\n      "))
+    return "\n\n".join(["\n".join(lines), *notes])
+
+
+def env_note(prefix: str) -> str:
+    """The paragraph every daemon's help ends with: where settings come from."""
+    return (
+        f"Every option can also be set in the environment, as shown: "
+        f"{prefix}_<OPTION> (repeatable options: values separated by spaces). "
+        "Under systemd they go in /etc/libipc/<unit>.env."
+    )
+
+
+def libipc_command(
+    name: str | None = None,
+    *,
+    env_prefix: str | None = None,
+    examples: Sequence[tuple[str, str]] = (),
+    notes: Sequence[str] = (),
+) -> Callable[[Callable[..., Any]], LibipcCommand]:
+    """``@click.command`` in the suite's style: :class:`LibipcCommand`, ``-h``,
+    defaults shown and, with ``env_prefix``, every option an environment
+    variable ``PREFIX_OPTION`` (named in the help and in errors). The
+    function's docstring is the help; its first line the summary."""
+    settings = dict(HELP_SETTINGS)
+    if env_prefix:
+        settings["auto_envvar_prefix"] = env_prefix
+        notes = [*notes, env_note(env_prefix)]
+    return click.command(  # type: ignore[return-value]
+        name,
+        cls=LibipcCommand,
+        context_settings=settings,
+        epilog=help_epilog(examples, notes),
+    )
 
 
 class ListenParamType(click.ParamType):
@@ -769,33 +866,44 @@ class CommonOptions:
 
 
 _COMMON_NAMES = tuple(f.name for f in CommonOptions.__dataclass_fields__.values())
+#: Upper bound of --max-connections and --max-connections-per-ip.
+MAX_CONNECTIONS = 1_000_000
+#: --peer-timeout becomes TCP_KEEPIDLE, which Linux caps at 32767 s.
+MAX_PEER_TIMEOUT = 32767.0
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def common_options(func: F) -> F:
+def common_options(func: F | None = None, *, default_listen: str | None = None) -> Any:
     """Add the flags every daemon shares and pass them as ``common: CommonOptions``.
 
-    Declare the command with ``context_settings={"auto_envvar_prefix":
-    "IPC_TCPD"}`` (``IPC_TLSD``, ...) so every flag is also an environment
-    variable (``IPC_TCPD_LISTEN=":9000 unix:/run/x"``, ``IPC_TCPD_VERBOSE=2``).
+    Declare the command with :func:`libipc_command` and an ``env_prefix``
+    (``IPC_TCPD``, ...) so every flag is also an environment variable
+    (``IPC_TCPD_LISTEN=":9000 unix:/run/x"``, ``IPC_TCPD_VERBOSE=2``).
     ``--rundir`` also reads ``RUNDIR`` like every LibIPC program. ``--listen``
     has no default on purpose: call ``common.listen_addresses(default)`` so the
-    reference's ``ADDRESS`` variable is honoured as a fallback.
+    reference's ``ADDRESS`` variable is honoured as a fallback;
+    ``default_listen`` puts that default in the help.
 
     Example::
 
-        @click.command(context_settings={"auto_envvar_prefix": "IPC_TCPD"})
-        @common_options
+        @libipc_command(env_prefix="IPC_TCPD")
+        @common_options(default_listen="127.0.0.1:9000")
         def main(common: CommonOptions) -> None:
             setup_logging(common.verbosity, common.log_format)
-            socks = [open_listener(a) for a in common.listen_addresses(":9000")]
+            socks = [open_listener(a) for a in common.listen_addresses("127.0.0.1:9000")]
     """
+    if func is None:
+        return functools.partial(_add_common_options, default_listen=default_listen)
+    return _add_common_options(func, default_listen)
 
+
+def _add_common_options(func: F, default_listen: str | None = None) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         values = {name: kwargs.pop(name) for name in _COMMON_NAMES}
         return func(*args, common=CommonOptions(**values), **kwargs)
 
+    fallback = default_listen or "the daemon's default"
     options = [
         click.option(
             "--listen",
@@ -804,56 +912,67 @@ def common_options(func: F) -> F:
             multiple=True,
             help="Address to listen on: :PORT (all interfaces, IPv4 and IPv6), "
             "HOST:PORT, [IPv6]:PORT or unix:PATH. Repeatable. "
-            "Falls back to $ADDRESS, then the daemon's default.",
+            f"Default: $ADDRESS if set, else {fallback}. Ignored when systemd "
+            "passes the sockets.",
         ),
         click.option(
             "--allow",
             multiple=True,
             metavar="GLOB",
-            help="Local services remote peers may reach (default: all but protected ones).",
+            help="Local services remote peers may reach. Repeatable. "
+            "Default: all but the protected ones (the daemons' own services).",
         ),
         click.option(
             "--deny",
             multiple=True,
             metavar="GLOB",
-            help="Local services remote peers may never reach (wins over --allow).",
+            help="Local services remote peers may never reach (wins over --allow). Repeatable.",
         ),
         click.option(
             "--rundir",
             envvar="RUNDIR",
             default=None,
             metavar="DIR",
-            help="LibIPC run directory [env RUNDIR; default /tmp/.libipc-run].",
+            help="LibIPC run directory. Default: /tmp/.libipc-run.",
         ),
         click.option(
             "--log-format",
             type=click.Choice(LOG_FORMATS),
             default="auto",
-            show_default=True,
             help="auto: human, without timestamps under systemd; json: one object per line.",
         ),
-        click.option("-v", "--verbose", count=True, help="More logs (debug)."),
-        click.option("-q", "--quiet", count=True, help="Fewer logs (-q warnings, -qq errors)."),
+        click.option(
+            "-v",
+            "--verbose",
+            count=True,
+            show_default=False,
+            help="More logs: -v adds debug lines.",
+        ),
+        click.option(
+            "-q",
+            "--quiet",
+            count=True,
+            show_default=False,
+            help="Fewer logs: -q warnings and errors only, -qq errors only.",
+        ),
         click.option(
             "--handshake-timeout",
-            type=click.FloatRange(min=0, min_open=True),
+            type=seconds(0, min_open=True),
             default=5.0,
-            show_default=True,
             metavar="SECONDS",
             help="Close peers that have not finished their handshake by then.",
         ),
         click.option(
             "--max-connections",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=1, max=MAX_CONNECTIONS),
             default=10000,
-            show_default=True,
-            help="Refuse new connections beyond this many.",
+            metavar="N",
+            help="Refuse new network connections beyond N open ones.",
         ),
         click.option(
             "--max-message-size",
             type=click.IntRange(min=0, max=0xFFFFFFFF),
             default=DEFAULT_MAX_MESSAGE_SIZE,
-            show_default=True,
             metavar="BYTES",
             help="Disconnect peers announcing a longer message.",
         ),
@@ -862,22 +981,20 @@ def common_options(func: F) -> F:
             type=LISTEN,
             default=None,
             metavar="ADDRESS",
-            help="Serve Prometheus /metrics and /healthz on this address.",
+            help="Serve Prometheus /metrics and /healthz on this address. Default: off.",
         ),
         click.option(
             "--peer-timeout",
-            type=click.FloatRange(min=1),
+            type=seconds(1, max=MAX_PEER_TIMEOUT),
             default=30.0,
-            show_default=True,
             metavar="SECONDS",
             help="Close a TCP peer whose data stays unacknowledged this long, or that "
             "stops answering keepalive probes (a dead link, a vanished host).",
         ),
         click.option(
             "--max-connections-per-ip",
-            type=click.IntRange(min=0),
+            type=click.IntRange(min=0, max=MAX_CONNECTIONS),
             default=64,
-            show_default=True,
             metavar="N",
             help="Refuse a source address (an IPv6 /64) more than N connections "
             "at once, handshaking or relayed. 0 = no limit.",

@@ -37,7 +37,7 @@ from ipc_core import Context, Event, EventType, IPCError, ProtocolError, encode
 from ipc_core.routing import ROUTER_SERVICE, parse_lookup, parse_network
 from ipc_core.rundir import socket_path
 
-from .common import ServiceAccess, setup_logging
+from .common import LOG_FORMATS, ServiceAccess, libipc_command, seconds, setup_logging
 from .server import Daemon, RequestDeadlines
 
 log = logging.getLogger("ipc.ipcd")
@@ -66,6 +66,20 @@ def resolve_target(target: str) -> tuple[str, str | None]:
     if not scheme or not rest:
         raise ProtocolError(f"bad target {target!r}")
     return scheme, target
+
+
+#: The program that serves each scheme's outbound side, for error messages.
+_SCHEME_DAEMONS = {"tcp": "ipc-tcpd", "tls": "ipc-tlsd"}
+
+
+def _missing_service(name: str, uri: str | None, rundir: object) -> str:
+    """Why a route's local service cannot be reached, naming what to start:
+    a plain service (``unix://NAME``, ``NAME``) has no daemon to blame."""
+    if uri is None:
+        return f"no local service {name!r} in {rundir}"
+    program = _SCHEME_DAEMONS.get(name)
+    hint = f"start {program}" if program else f"no protocol daemon serves {name}://"
+    return f"no local service {name!r} for {name}:// routes in {rundir} ({hint})"
 
 
 class Router:
@@ -126,7 +140,7 @@ class Router:
         lookup = _Lookup(client_fd, service, target, time.monotonic())
         try:
             local, uri = resolve_target(target)
-            sock = self._connect_local(local)
+            sock = self._connect_local(local, uri)
         except (ProtocolError, IPCError, OSError) as exc:
             self._answer_error(client_fd, f"{service!r} -> {target}: {exc}", "unreachable")
             return
@@ -141,7 +155,9 @@ class Router:
             self.timeout, lambda: self._fail(lookup, f"no answer within {self.timeout} s")
         )
 
-    def _connect_local(self, name: str) -> socket.socket:
+    def _connect_local(self, name: str, uri: str | None) -> socket.socket:
+        """Connect to the local service ``name``: the target itself, or the
+        protocol daemon that dials ``uri``."""
         path = socket_path(name, self.ctx.rundir)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -149,7 +165,7 @@ class Router:
             sock.connect(os.fsencode(path))
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-            raise IPCError(f"no local service {name!r} (is its daemon running?)") from None
+            raise IPCError(_missing_service(name, uri, self.ctx.rundir)) from None
         except OSError:
             sock.close()
             raise
@@ -232,40 +248,65 @@ class Router:
             self.ctx.close(client_fd, flush=True)
 
 
-@click.command(
-    context_settings={"auto_envvar_prefix": "IPCD", "help_option_names": ["-h", "--help"]}
+@libipc_command(
+    env_prefix="IPCD",
+    examples=[
+        ("ipcd", "serve the router 'ipc' in $RUNDIR (default /tmp/.libipc-run)"),
+        (
+            'IPC_NETWORK="pong tcp://192.0.2.7:9000/pong" ipc send pong hi',
+            "a client whose IPC_NETWORK names a route for pong: ipcd asks the\n"
+            "local service tcp (ipc-tcpd) to dial 192.0.2.7:9000",
+        ),
+        ('IPC_NETWORK="db unix://db-2" ipc send db hi', "a route to another local service"),
+    ],
+    notes=[
+        "ipcd listens on no network port: it only serves the Unix socket "
+        "$RUNDIR/ipc (and ipc.ctl for ipc status).",
+    ],
 )
 @click.option(
     "--rundir",
     envvar="RUNDIR",
     default=None,
     metavar="DIR",
-    help="LibIPC run directory [env RUNDIR; default /tmp/.libipc-run].",
+    help="LibIPC run directory. Default: /tmp/.libipc-run.",
 )
 @click.option(
     "--service-name",
     default=ROUTER_SERVICE,
-    show_default=True,
+    metavar="NAME",
     help="The router's service name (clients look for 'ipc').",
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=seconds(0, min_open=True),
     default=10.0,
-    show_default=True,
-    help="Seconds a look-up may take before the client gets an error.",
+    metavar="SECONDS",
+    help="How long a look-up may take before the client gets an error.",
 )
 @click.option(
     "--handshake-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=seconds(0, min_open=True),
     default=5.0,
-    show_default=True,
     metavar="SECONDS",
     help="Close a client that has not sent its look-up by then.",
 )
-@click.option("--log-format", type=click.Choice(["auto", "human", "json"]), default="auto")
-@click.option("-v", "--verbose", count=True)
-@click.option("-q", "--quiet", count=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="auto",
+    help="auto: human, without timestamps under systemd; json: one object per line.",
+)
+@click.option(
+    "-v", "--verbose", count=True, show_default=False, help="More logs: -v adds debug lines."
+)
+@click.option(
+    "-q",
+    "--quiet",
+    count=True,
+    show_default=False,
+    help="Fewer logs: -q warnings and errors only, -qq errors only.",
+)
 def main(
     rundir: str | None,
     service_name: str,
@@ -275,7 +316,12 @@ def main(
     verbose: int,
     quiet: int,
 ) -> None:
-    """The LibIPC router: hands clients connections to local or remote services."""
+    """The LibIPC router: hands clients connections to local or remote services.
+
+    A client whose IPC_NETWORK names a route for service S asks ipcd; ipcd
+    connects to S (a local service, or a protocol daemon such as ipc-tcpd
+    for tcp:// routes) and passes the connected descriptor to the client.
+    """
     setup_logging(verbose - quiet, log_format)
     try:
         ctx = Context(rundir_path=rundir)

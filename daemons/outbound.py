@@ -17,6 +17,7 @@ import concurrent.futures
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class _Attempt:
     started: float
     remote_fd: int = -1
     deadline: Any = None
+    received: bool = False  # a byte came back: the TCP connection was made
 
 
 class Outbound:
@@ -107,7 +109,7 @@ class Outbound:
             attempt = self._by_remote.get(fd)
             if attempt is not None:
                 attempt.remote_fd = -1
-                self._fail(attempt, event.reason or "connection closed")
+                self._fail(attempt, _lost_reason(attempt, event.reason))
                 return True
             attempt = self._by_client.get(fd)
             if attempt is not None:
@@ -161,11 +163,7 @@ class Outbound:
         err = sock.connect_ex(sockaddr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
-            self._fail(
-                attempt,
-                f"connect to {attempt.uri.host}:{attempt.uri.port}: "
-                f"{errno.errorcode.get(err, err)}",
-            )
+            self._fail(attempt, f"connect to {_where(attempt.uri)}: {os.strerror(err)}")
             return
         attempt.remote_fd = self.ctx.add_external(sock)
         self._by_remote[attempt.remote_fd] = attempt
@@ -182,8 +180,9 @@ class Outbound:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._fail(attempt, f"{attempt.uri.host}:{attempt.uri.port}: {exc.strerror or exc}")
+            self._fail(attempt, f"{_where(attempt.uri)}: {exc.strerror or exc}")
             return
+        attempt.received = True
         try:
             attempt.connector.receive_data(data)
         except (ProtocolError, PeerClosed) as exc:
@@ -252,6 +251,40 @@ class Outbound:
 
     def close(self) -> None:
         self._resolver.shutdown(wait=False, cancel_futures=True)
+
+
+#: What a failed non-blocking connect reports, through the first write or
+#: read on the socket (the Context's "write failed: ..." reason).
+_CONNECT_ERRORS = frozenset(
+    os.strerror(code)
+    for code in (
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ETIMEDOUT,
+        errno.EHOSTDOWN,
+        errno.ENETDOWN,
+        errno.EADDRNOTAVAIL,
+    )
+)
+
+
+def _where(uri: Uri) -> str:
+    """``HOST:PORT`` of a URI, IPv6 in brackets."""
+    host = f"[{uri.host}]" if ":" in uri.host else uri.host
+    return f"{host}:{uri.port}"
+
+
+def _lost_reason(attempt: _Attempt, reason: str | None) -> str:
+    """Why the remote side of an attempt closed, in the user's terms: a
+    connect that failed is "connect to HOST:PORT: Connection refused", not
+    the "write failed" of the queued handshake that revealed it."""
+    if not reason:
+        return "connection closed"
+    _, sep, cause = reason.partition("failed: ")
+    if sep and not attempt.received and cause in _CONNECT_ERRORS:
+        return f"connect to {_where(attempt.uri)}: {cause}"
+    return reason
 
 
 def _is_ip(host: str) -> bool:

@@ -49,7 +49,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -262,6 +262,19 @@ class Daemon:
         self._listeners[fd] = (sock, factory)
         log.info("%s: listening on %s", self.name, bound_address(sock))
 
+    def log_policy(self) -> None:
+        """Say at start who may reach what, and warn when every interface
+        (or any non-loopback address) serves every unprotected service:
+        ``--listen :9000`` alone is an easy way to publish a host's services."""
+        if not self._listeners:
+            return
+        log.info("%s: %s", self.name, policy_summary(self.access))
+        warning = exposure_warning(
+            exposed_addresses(sock for sock, _factory in self._listeners.values()), self.access
+        )
+        if warning is not None:
+            log.warning("%s: %s", self.name, warning)
+
     def serve_metrics(self, sock: socket.socket) -> None:
         """Serve /metrics and /healthz on ``sock`` (plain HTTP)."""
         sock.setblocking(False)
@@ -473,13 +486,13 @@ class Daemon:
         if len(self._network_fds) >= self.max_connections:
             return (
                 "too many connections",
-                f"{len(self._network_fds)} connections open (--max-connections)",
+                f"{plural(len(self._network_fds), 'connection')} open (--max-connections)",
             )
         cap = self.max_connections_per_ip
         if source is not None and cap and self._sources.get(source, 0) >= cap:
             return (
                 "too many from one address",
-                f"{cap} connections open from {source} (--max-connections-per-ip)",
+                f"{plural(cap, 'connection')} open from {source} (--max-connections-per-ip)",
             )
         return None
 
@@ -526,7 +539,14 @@ class Daemon:
         self.metrics.errors.inc(kind="accept")
         more = self._throttle("accept").due()
         if more is not None:
-            log.error("%s: accept failed: %s%s", self.name, exc.strerror or exc, more)
+            hint = ""
+            if exc.errno == errno.EMFILE:
+                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                hint = (
+                    f" (open-file limit {soft}: raise it, LimitNOFILE= under systemd, "
+                    "or lower --max-connections)"
+                )
+            log.error("%s: accept failed: %s%s%s", self.name, exc.strerror or exc, hint, more)
 
     def _pause_accept(self, lfd: int) -> None:
         """Stop accepting for 100 ms (EMFILE: the backlog stays readable, and
@@ -847,8 +867,11 @@ def raise_fd_limit(wanted: int) -> int:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-file limit to %d: %s", target, exc)
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        log.info(
-            "open-file limit %d allows about %d connections (--max-connections asks for more)",
+        # Debug only: with the default --max-connections this would be said
+        # on every start; a daemon that does reach the limit says so when an
+        # accept fails (see Daemon._accept_failed).
+        log.debug(
+            "open-file limit %d allows about %d relayed connections",
             soft,
             (soft - 64) // 2,
         )
@@ -856,10 +879,74 @@ def raise_fd_limit(wanted: int) -> int:
 
 
 def _peer_name(addr: Any) -> str:
+    """``192.0.2.7:51212``, ``[2001:db8::1]:51212`` or ``unix-peer``. An
+    IPv4 peer of a dual-stack listener (``:9000``) arrives IPv4-mapped
+    (``::ffff:192.0.2.7``): it is written as the IPv4 address it is."""
     if isinstance(addr, tuple) and len(addr) >= 2:
         host, port = addr[0], addr[1]
+        if host.startswith("::ffff:"):
+            with contextlib.suppress(ValueError):
+                mapped = ipaddress.IPv6Address(host).ipv4_mapped
+                if mapped is not None:
+                    host = str(mapped)
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(addr) or "unix-peer"
+
+
+def policy_summary(access: ServiceAccess) -> str:
+    """The allow/deny policy in one sentence, for the start-up log."""
+    if access.allow:
+        reach = "only " + ", ".join(access.allow)
+    else:
+        reach = (
+            "every local service except the protected ones ("
+            + ", ".join(access.protected)
+            + "), local-only ones and *.ctl"
+        )
+    text = f"network peers may reach {reach}"
+    if access.deny:
+        text += "; never " + ", ".join(access.deny)
+    return text
+
+
+def exposed_addresses(sockets: Iterable[socket.socket]) -> list[str]:
+    """The listening addresses other hosts may reach: TCP sockets bound to
+    anything but a loopback address (a wildcard included)."""
+    exposed = []
+    for sock in sockets:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        host = sock.getsockname()[0].partition("%")[0]
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            exposed.append(bound_address(sock))
+            continue
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_unspecified:
+            exposed.append(f"{bound_address(sock)} (every interface)")
+        elif not ip.is_loopback:
+            exposed.append(bound_address(sock))
+    return exposed
+
+
+def exposure_warning(exposed: Sequence[str], access: ServiceAccess) -> str | None:
+    """The warning for listeners other hosts reach with no ``--allow``
+    list, or None (loopback only, or an allow list names what is served)."""
+    if not exposed or access.allow:
+        return None
+    where = ", ".join(exposed)
+    return (
+        f"listening on {where}, reachable from other hosts, with no --allow: "
+        "every local service but the protected ones is published; name the "
+        "services to serve with --allow NAME (or listen on 127.0.0.1)"
+    )
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 connection``, ``2 connections``: log lines read as sentences."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def source_key(addr: Any) -> str | None:
@@ -1014,6 +1101,7 @@ def _open_listeners(
             daemon.listen(_bind("--listen", address), factory)
     if common.metrics is not None and not any(n == "metrics" for _, n in activated):
         daemon.serve_metrics(_bind("--metrics", common.metrics))
+    daemon.log_policy()
 
 
 def _bind(flag: str, address: Any) -> socket.socket:

@@ -14,8 +14,9 @@ answer is a row with its error, and the exit status is 1.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -23,7 +24,11 @@ from ipc_core import Context, IPCError, list_services
 from ipc_core import rundir as default_rundir
 from ipc_core.routing import connect_direct
 
-__all__ = ["query", "status", "summarize"]
+from .common import LibipcCommand, help_epilog, seconds
+
+__all__ = ["query", "rundir_option", "status", "summarize"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 CONTROL_SUFFIX = ".ctl"
 
@@ -90,17 +95,39 @@ def _control_services(directory: Path) -> list[str]:
     return [n for n, alive in list_services(directory) if alive and n.endswith(CONTROL_SUFFIX)]
 
 
-@click.command()
-@click.argument("names", nargs=-1)
-@click.option(
-    "--rundir",
-    envvar="RUNDIR",
-    type=click.Path(path_type=Path, readable=False),
-    default=None,
-    help="Run directory (default: $RUNDIR or /tmp/.libipc-run/).",
+def rundir_option(func: F) -> F:
+    """``--rundir DIR`` of the ``ipc`` commands (``$RUNDIR`` too)."""
+    option = click.option(
+        "--rundir",
+        envvar="RUNDIR",
+        type=click.Path(path_type=Path, readable=False),
+        default=None,
+        metavar="DIR",
+        help="Run directory. Default: /tmp/.libipc-run.",
+    )
+    return option(func)  # type: ignore[no-any-return]
+
+
+@click.command(
+    cls=LibipcCommand,
+    epilog=help_epilog(
+        [
+            ("ipc status", "one row per running daemon"),
+            ("ipc status tcp --json", "the raw answer of ipc-tcpd's tcp.ctl"),
+            ("RUNDIR=/run/libipc ipc status", "the daemons of the systemd units"),
+        ]
+    ),
 )
+@click.argument("names", nargs=-1)
+@rundir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the daemons' answers as JSON.")
-@click.option("--timeout", type=float, default=2.0, show_default=True)
+@click.option(
+    "--timeout",
+    type=seconds(0, min_open=True),
+    default=2.0,
+    metavar="SECONDS",
+    help="How long to wait for each daemon's answer.",
+)
 def status(names: tuple[str, ...], rundir: Path | None, as_json: bool, timeout: float) -> None:
     """Counters of the running daemons (NAME: tcp, ipc...; default: all).
 

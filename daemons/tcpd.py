@@ -17,7 +17,14 @@ import click
 
 from ipc_core import Context, IPCError
 
-from .common import CommonOptions, ServiceAccess, common_options, setup_logging
+from .common import (
+    CommonOptions,
+    ServiceAccess,
+    common_options,
+    libipc_command,
+    seconds,
+    setup_logging,
+)
 from .outbound import ConnectorFactory, Outbound
 from .server import Daemon, open_listeners
 from .tcp import TcpdClient, TcpdHandshake
@@ -37,9 +44,8 @@ def idle_timeout_option(func: F) -> F:
     contradict (its pings are bytes)."""
     option = click.option(
         "--idle-timeout",
-        type=click.FloatRange(min=0),
+        type=seconds(0),
         default=DEFAULT_IDLE_TIMEOUT,
-        show_default=True,
         metavar="SECONDS",
         help="Close a relayed connection with no byte either way for this long. 0 = off.",
     )
@@ -88,35 +94,63 @@ def start_daemon(
     return daemon, outbound
 
 
-@click.command(
-    context_settings={"auto_envvar_prefix": "IPC_TCPD", "help_option_names": ["-h", "--help"]}
+DEFAULT_LISTEN = "127.0.0.1:9000"
+
+
+def connect_timeout_option(what: str) -> Callable[[F], F]:
+    """``--connect-timeout``: the deadline of an outbound attempt (``what``
+    it covers differs between ipc-tcpd and ipc-tlsd)."""
+    return click.option(
+        "--connect-timeout",
+        type=seconds(0, min_open=True),
+        default=5.0,
+        metavar="SECONDS",
+        help=f"Deadline of an outbound {what}.",
+    )
+
+
+@libipc_command(
+    env_prefix="IPC_TCPD",
+    examples=[
+        ("ipc-tcpd", f"{DEFAULT_LISTEN}; every local service but the protected ones"),
+        ("ipc-tcpd --listen :9000 --allow pong", "every interface, only the service pong"),
+        ("ipc-tcpd --listen 192.0.2.7:9000 --deny 'admin*'", "one address, all but admin*"),
+        (
+            'IPC_NETWORK="pong tcp://192.0.2.7:9000/pong" ipc send pong hi',
+            "with ipcd running: a client reaches pong on another host",
+        ),
+    ],
+    notes=[
+        "Plain TCP carries no encryption: keep it on loopback or a trusted "
+        "network, use ipc-tlsd between hosts.",
+    ],
 )
-@common_options
+@common_options(default_listen=DEFAULT_LISTEN)
 @click.option(
     "--service-name",
     envvar=["IPC_TCPD_SERVICE_NAME", "IPC_SERVICE_NAME"],
     default="tcp",
-    show_default=True,
-    help="Local service name of the outbound side [env IPC_SERVICE_NAME].",
+    metavar="NAME",
+    help="Local service name of the outbound side (clients send it tcp:// URIs).",
 )
-@click.option(
-    "--connect-timeout",
-    type=float,
-    default=5.0,
-    show_default=True,
-    help="Seconds for an outbound connect and handshake.",
-)
+@connect_timeout_option("connect and TCPd handshake")
 @idle_timeout_option
 def main(
     common: CommonOptions, service_name: str, connect_timeout: float, idle_timeout: float
 ) -> None:
-    """Put local LibIPC services on TCP, and reach remote ones (TCPd)."""
+    """Put local LibIPC services on TCP, and reach remote ones (TCPd).
+
+    Inbound: a TCP peer writes a service name, gets "ok", then exchanges
+    LibIPC messages with $RUNDIR/NAME. Outbound: the local service "tcp"
+    takes a message tcp://HOST:PORT/SERVICE, dials it and becomes that
+    connection (ipcd uses it for IPC_NETWORK routes).
+    """
     try:
         daemon, outbound = start_daemon(
             "ipc-tcpd",
             common,
             service_name=service_name,
-            default_listen="127.0.0.1:9000",
+            default_listen=DEFAULT_LISTEN,
             make_handshake=lambda daemon: lambda _peer: TcpdHandshake(daemon.reachable),
             connectors={"tcp": lambda uri: TcpdClient(uri.service)},
             connect_timeout=connect_timeout,

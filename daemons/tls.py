@@ -382,14 +382,14 @@ def server_policy_options(func: F) -> F:
             "--min-tls",
             type=click.Choice(list(MIN_TLS_VERSIONS)),
             default=None,
-            help="Oldest TLS version served  [default: 1.2].",
+            help="Oldest TLS version served. Default: 1.2.",
         ),
         click.option(
             "--ciphers",
             default=None,
             metavar="LIST",
-            help="TLS 1.2 cipher suites, OpenSSL syntax  [default: Mozilla "
-            "intermediate: ECDHE with AES-GCM or ChaCha20-Poly1305].",
+            help="TLS 1.2 cipher suites, OpenSSL syntax. Default: Mozilla "
+            "intermediate (ECDHE with AES-GCM or ChaCha20-Poly1305).",
         ),
         click.option(
             "--crl",

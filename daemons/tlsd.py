@@ -39,11 +39,11 @@ import click
 from ipc_core import IPCError
 
 from . import certs
-from .common import CommonOptions, Uri, common_options
+from .common import CommonOptions, Uri, common_options, libipc_command
 from .outbound import Connector
 from .server import Daemon, Handshake
 from .tcp import TcpdClient, TcpdHandshake
-from .tcpd import idle_timeout_option, start_daemon
+from .tcpd import connect_timeout_option, idle_timeout_option, start_daemon
 from .tls import ServerPolicy, TLSConfigError, client_context, server_policy_options
 from .tlswrap import TLSConnector, TLSHandshake, describe_identity
 
@@ -217,16 +217,37 @@ def _check_flags(files: TLSFiles, listen: bool, allow_client: Sequence[str]) -> 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
 
-@click.command(
-    context_settings={"auto_envvar_prefix": "IPC_TLSD", "help_option_names": ["-h", "--help"]}
+@libipc_command(
+    env_prefix="IPC_TLSD",
+    examples=[
+        (
+            "ipc cert ca --out ca && ipc cert server --ca-dir ca localhost",
+            "a private CA, and a server certificate signed by it",
+        ),
+        (
+            "ipc-tlsd --cert localhost.pem --key localhost.key",
+            f"{DEFAULT_LISTEN}; every local service but the protected ones",
+        ),
+        (
+            "ipc-tlsd --listen :9443 --cert s.pem --key s.key \\\n"
+            "--client-ca ca/ca.pem --allow-client host-a --allow pong",
+            "every interface, mutual TLS: only the client host-a, only pong",
+        ),
+        ("ipc-tlsd --no-listen --ca ca/ca.pem", "outbound only: tls:// routes for ipcd"),
+        (
+            'IPC_NETWORK="pong tls://b.example.org:9443/pong" ipc send pong hi',
+            "with ipcd running: a client reaches pong on host b over TLS",
+        ),
+    ],
+    notes=["kill -HUP re-reads the certificate, key, CA and CRL files for new connections."],
 )
-@common_options
+@common_options(default_listen=DEFAULT_LISTEN)
 @click.option(
     "--service-name",
     envvar=["IPC_TLSD_SERVICE_NAME", "IPC_SERVICE_NAME"],
     default="tls",
-    show_default=True,
-    help="Local service name of the outbound side [env IPC_SERVICE_NAME].",
+    metavar="NAME",
+    help="Local service name of the outbound side (clients send it tls:// URIs).",
 )
 @click.option(
     "--cert",
@@ -288,14 +309,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
     metavar="FILE",
     help="Outbound: private key of --client-cert.",
 )
-@click.option(
-    "--connect-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=5.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Seconds for an outbound connect, TLS and TCPd handshake.",
-)
+@connect_timeout_option("connect, TLS and TCPd handshake")
 @idle_timeout_option
 def main(
     common: CommonOptions,
@@ -313,7 +327,13 @@ def main(
     connect_timeout: float,
     idle_timeout: float,
 ) -> None:
-    """Put local LibIPC services on TLS, and reach remote ones over TLS (TLSd)."""
+    """Put local LibIPC services on TLS, and reach remote ones over TLS (TLSd).
+
+    Inbound: a peer does a TLS handshake, then what a TCPd peer does
+    (service name, "ok", LibIPC messages). Outbound: the local service "tls"
+    takes a message tls://HOST:PORT/SERVICE and dials it, verifying the
+    server against the system store or --ca.
+    """
     files = TLSFiles(
         cert, key, client_ca, ca, client_cert, client_key, insecure_skip_verify, tls_policy
     )

@@ -699,7 +699,7 @@ class Context:
         try:
             messages = conn.decoder.feed(self._view[:n])  # type: ignore[union-attr]
         except ProtocolError as exc:
-            log.warning("descriptor %d: %s; closing it", conn.fd, exc)
+            log.warning("%s; closing it", _bad_input(conn, exc))
             self._close_conn(conn, str(exc))
             return
         fd = conn.fd
@@ -892,7 +892,7 @@ class Context:
         try:
             frames = conn.scanner.scan(data)  # type: ignore[union-attr]
         except MessageTooLarge as exc:
-            log.warning("descriptor %d: %s; closing the pair", conn.fd, exc)
+            log.warning("%s; closing the pair", _bad_input(conn, exc))
             if exc.valid_bytes:  # deliver the good messages before the bad header
                 self._forward(conn, partner, data[: exc.valid_bytes])
             self._close_pair(conn, str(exc))
@@ -1396,6 +1396,39 @@ class Context:
         self._signal_sock.close()
         self._signal_wsock.close()
         self._signal_sock = None
+
+
+def _bad_input(conn: _Conn, exc: ProtocolError) -> str:
+    """The log text of a peer's bad input: the descriptor, and for an
+    oversize length the peer and what the four "length" bytes look like (a
+    text or TLS client talking to a LibIPC socket is the usual cause)."""
+    if not isinstance(exc, MessageTooLarge):
+        return f"descriptor {conn.fd}: {exc}"
+    return f"descriptor {conn.fd} ({_peer_of(conn.sock)}): {exc}{_header_hint(exc.length)}"
+
+
+def _peer_of(sock: socket.socket) -> str:
+    """``peer 192.0.2.7:51212``, ``peer [2001:db8::1]:443`` or ``local pid 1234``."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return f"local pid {struct.unpack('3i', creds)[0]}"
+        host, port = sock.getpeername()[:2]
+    except (OSError, ValueError):
+        return "peer unknown"
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]  # IPv4-mapped: a plain IPv4 peer of a dual-stack listener
+    return f"peer [{host}]:{port}" if ":" in host else f"peer {host}:{port}"
+
+
+def _header_hint(length: int) -> str:
+    """Why a peer announced ``length``: its four bytes read as text or TLS."""
+    raw = length.to_bytes(4, "big")
+    if raw[0] == 0x16 and raw[1] == 0x03:
+        return " (the bytes look like a TLS handshake: a TLS client on a plain LibIPC socket?)"
+    if all(0x20 <= b < 0x7F or b in b"\t\r\n" for b in raw):
+        return f" (the bytes {raw.decode()!r} look like text: a text or HTTP client, not LibIPC?)"
+    return ""
 
 
 def _can_shut_write(conn: _Conn) -> bool:

@@ -66,6 +66,8 @@ from . import certs
 from .common import (
     CommonOptions,
     common_options,
+    libipc_command,
+    seconds,
     service_name_error,
     setup_logging,
 )
@@ -874,10 +876,26 @@ def build_daemon(
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
 
-@click.command(
-    context_settings={"auto_envvar_prefix": "IPC_WEBSOCKETD", "help_option_names": ["-h", "--help"]}
+@libipc_command(
+    env_prefix="IPC_WEBSOCKETD",
+    examples=[
+        (
+            "ipc-websocketd",
+            f"the demo page at http://{DEFAULT_LISTEN}/,\n"
+            f"the service pong at ws://{DEFAULT_LISTEN}/pong",
+        ),
+        (
+            "ipc-websocketd --static ./site --origin https://app.example.com --allow chat",
+            "your pages; only that origin's pages, only the service chat",
+        ),
+        (
+            "ipc-websocketd --listen :8443 --cert s.pem --key s.key --host chat.example.com",
+            "wss:// on every interface, reached as chat.example.com",
+        ),
+        ("ipc-websocketd -vv", "log every WebSocket frame (slower: no fast path)"),
+    ],
 )
-@common_options
+@common_options(default_listen=DEFAULT_LISTEN)
 @click.option(
     "--origin",
     "origins",
@@ -892,7 +910,6 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
     "--text/--binary",
     "text_replies",
     default=False,
-    show_default=True,
     envvar="IPC_WEBSOCKETD_TEXT",
     help="Send replies as text messages (the service must send UTF-8; else "
     "close 1007) or binary messages. Client messages may be either.",
@@ -904,24 +921,21 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
     metavar="DIR",
     envvar="IPC_WEBSOCKETD_STATIC",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Serve the files of DIR over plain HTTP on the same port "
-    "(default: the bundled demo page).",
+    help="Serve the files of DIR over plain HTTP on the same port. Default: the bundled demo page.",
 )
 @click.option("--no-static", is_flag=True, help="Serve no files at all (404).")
 @click.option(
     "--ping-interval",
-    type=click.FloatRange(min=0),
+    type=seconds(0),
     default=20.0,
-    show_default=True,
     metavar="SECONDS",
     help="Ping every connection this often; close one that did not answer the "
     "previous ping. 0 = off.",
 )
 @click.option(
     "--idle-timeout",
-    type=click.FloatRange(min=0),
+    type=seconds(0),
     default=0.0,
-    show_default=True,
     metavar="SECONDS",
     help="Close connections with no message either way for this long. 0 = off.",
 )
@@ -933,9 +947,8 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 )
 @click.option(
     "--hold-pool",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=1 << 32),
     default=DEFAULT_HOLD_POOL,
-    show_default=True,
     metavar="BYTES",
     help="Bytes of unfinished fragmented messages all clients together may hold "
     "beyond 256 KiB each (a message in one frame is streamed, never held). A "
@@ -973,7 +986,6 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 @click.option(
     "--control-name",
     default="ws",
-    show_default=True,
     metavar="NAME",
     help="Counters are served on the local service NAME.ctl (ipc status NAME); "
     "give each instance sharing a run directory its own.",
@@ -1003,7 +1015,12 @@ def main(
     control_name: str,
     tls_policy: ServerPolicy,
 ) -> None:
-    """Let browsers reach local LibIPC services: ws://HOST:PORT/SERVICE."""
+    """Let browsers reach local LibIPC services: ws://HOST:PORT/SERVICE.
+
+    Each WebSocket message is one LibIPC message to $RUNDIR/SERVICE and each
+    reply one WebSocket message back. Plain HTTP on the same port serves the
+    demo page (or --static DIR). -vv logs every frame.
+    """
     if (cert is None) != (key is None):
         raise click.UsageError("--cert and --key go together")
     if cert is None and (client_ca or allow_client):

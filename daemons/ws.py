@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 from websockets.datastructures import Headers
 from websockets.exceptions import PayloadTooBig
-from websockets.frames import CloseCode, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import SEND_EOF, State
 from websockets.server import ServerProtocol
@@ -335,6 +335,10 @@ class WebSocketServerLayer:
         self.origins = origins
         self.max_request_size = max_request_size
         self._proto = ServerProtocol(max_size=max_message_size, logger=logger or _log)
+        # -vv (the frame logger at DEBUG): every frame goes through websockets,
+        # which logs it; no fast path, no streaming (a debugging mode, not a
+        # fast one), and our own outbound frames are logged in its format.
+        self._trace = bool(self._proto.debug)
         self._decoder = FrameDecoder(max_message_size)
         self._phase = Phase.READING_REQUEST
         self._head = bytearray()  # HTTP head being received
@@ -508,7 +512,8 @@ class WebSocketServerLayer:
 
     def _check_fast(self) -> bool:
         self._fast_ok = ok = (
-            self._phase is Phase.OPEN
+            not self._trace
+            and self._phase is Phase.OPEN
             and self._error is None
             and self._fragments is None
             and not (self._stream_left or self._stash or self._slow_left)
@@ -635,6 +640,10 @@ class WebSocketServerLayer:
         self._pull()  # whatever websockets queued (a pong) goes out first
         self.activity += len(payloads)
         out = self._out
+        if self._trace:
+            opcode = Opcode.TEXT if first_byte == 0x81 else Opcode.BINARY
+            for payload in payloads:
+                self._proto.logger.debug("> %s", Frame(opcode, payload))
         for payload in payloads:
             n = len(payload)
             if n < 126:
@@ -735,7 +744,7 @@ class WebSocketServerLayer:
                     stop = min(end, pos + self._slow_left)
                     self._slow_left -= stop - pos
                 else:
-                    if self._fragments is None and self._at_frame_boundary():
+                    if not self._trace and self._fragments is None and self._at_frame_boundary():
                         pos = self._fast_frames(data, pos, out)
                         if pos == end or self._stream_left:
                             continue

@@ -163,3 +163,24 @@ def test_no_open_file_limit_line_on_a_normal_start(rundir, procs) -> None:
         assert "open-file limit" not in text
         assert not re.search(r"allows about \d+ connections", text)
     wait_for(lambda: ipcd.poll() is None and tcpd.poll() is None, what="both still running")
+
+
+def test_websocketd_vv_logs_every_data_frame(rundir, procs) -> None:
+    """-vv promises every frame: a data frame each way is logged, also the
+    ones the fast path would carry without websockets' parser."""
+    from websockets.sync.client import connect
+
+    procs.pongd(rundir)
+    proc = procs.start(BIN / "ipc-websocketd", "--listen", "127.0.0.1:0", "-vv")
+    logs = LogReader(proc)
+    line = logs.wait_for("ipc-websocketd: listening on 127.0.0.1:")
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+    with connect(f"ws://127.0.0.1:{port}/pong", open_timeout=5) as ws:
+        for _ in range(3):  # the first frames of a connection, and the steady state
+            ws.send("frame-probe")
+            assert ws.recv(timeout=5) == b"frame-probe"
+    received = logs.wait_for("< TEXT 'frame-probe'")
+    assert "[11 bytes]" in received
+    logs.wait_for("> BINARY 'frame-probe'")
+    assert logs.text().count("< TEXT 'frame-probe'") == 3
+    assert logs.text().count("> BINARY 'frame-probe'") == 3

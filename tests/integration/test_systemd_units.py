@@ -256,3 +256,25 @@ def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
     )
     st = (tmp_path / "run/libipc").stat()
     assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o2770, uid, gid)
+
+
+@pytest.mark.parametrize("path", service_files(), ids=lambda p: p.name)
+def test_every_unit_reads_its_env_file(path: Path) -> None:
+    """docs/deployment.md: settings go in /etc/libipc/<unit>.env, read by
+    every unit (a template instance: ipc-pongd@pong.env)."""
+    unit = parse_unit(path)
+    stem = path.name.removesuffix(".service").replace("@", "@%i")
+    assert one(unit, "EnvironmentFile") == f"-/etc/libipc/{stem}.env"
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=str)
+def test_templates_pass_ipc_args(path: str) -> None:
+    """IPC_ARGS from the env file reaches the program (unset: no argument)."""
+    assert one(parse_unit(UNITS / path), "ExecStart").endswith(" $IPC_ARGS")
+
+
+@pytest.mark.parametrize("path", sorted(UNITS.glob("*.socket")), ids=lambda p: p.name)
+def test_socket_units_bind_before_the_address_exists(path: Path) -> None:
+    """A specific ListenStream= address (a drop-in) must not fail at boot,
+    when the socket units start before the network is configured."""
+    assert one(parse_unit(path), "FreeBind", "Socket") == "yes"

@@ -27,7 +27,9 @@ def host(rundir, procs):
     env = {"RUNDIR": str(rundir)}
     procs.pongd(rundir)
     procs.pongd(rundir, "secret")
-    start_listening_daemon(procs, "ipc-tcpd", "--service-name", "tcp2", "-l", "127.0.0.1:0", env=env)
+    start_listening_daemon(
+        procs, "ipc-tcpd", "--service-name", "tcp2", "-l", "127.0.0.1:0", env=env
+    )
     router = procs.start(BIN / "ipcd", "--service-name", "router2", env=env)
     wait_for(lambda: connectable(rundir / "router2"), what="router2 up")
     assert router.poll() is None
@@ -84,10 +86,14 @@ def test_refused_names_look_like_missing_ones(host):
 
 def test_only_the_exact_name_unlocks_an_outbound_side(rundir, procs):
     env = {"RUNDIR": str(rundir)}
-    start_listening_daemon(procs, "ipc-tcpd", "--service-name", "tcp2", "-l", "127.0.0.1:0", env=env)
+    start_listening_daemon(
+        procs, "ipc-tcpd", "--service-name", "tcp2", "-l", "127.0.0.1:0", env=env
+    )
     for allow in (["t*"], ["?*"], ["[a-z]*"], ["*c*"], ["*"]):
         args = [a for glob in allow for a in ("--allow", glob)]
-        proc, _, port = start_listening_daemon(procs, "ipc-tcpd", "-l", "127.0.0.1:0", *args, env=env)
+        proc, _, port = start_listening_daemon(
+            procs, "ipc-tcpd", "-l", "127.0.0.1:0", *args, env=env
+        )
         for name in (b"tcp2", b"tcp", b"tcp.ctl", b"tcp2.ctl"):
             assert _answer(port, name + b"\n")[0] == b"", (allow, name)
         proc.terminate()

@@ -174,7 +174,7 @@ class Router:
     def _on_daemon(self, lookup: _Lookup) -> None:
         """Read the daemon's answer frame exactly: bytes after it belong to the
         client, so they must stay in the socket."""
-        sock = self.ctx.socket(lookup.daemon_fd)
+        sock = self.ctx.socket_of(lookup.daemon_fd)
         need = 4 if len(lookup.answer) < 4 else 4 + struct.unpack(">I", lookup.answer[:4])[0]
         try:
             chunk = sock.recv(need - len(lookup.answer))
@@ -199,7 +199,7 @@ class Router:
             self._fail(lookup, answer.decode(errors="replace"))
             return
         self._forget(lookup)
-        sock = self.ctx.socket(lookup.daemon_fd)
+        sock = self.ctx.socket_of(lookup.daemon_fd)
         self.ctx.remove_external(lookup.daemon_fd)
         self._hand_over(lookup, sock)
 

@@ -176,7 +176,7 @@ class Outbound:
 
     def _on_remote(self, attempt: _Attempt) -> None:
         try:
-            data = self.ctx.socket(attempt.remote_fd).recv(_RECV_SIZE)
+            data = self.ctx.socket_of(attempt.remote_fd).recv(_RECV_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:

@@ -561,7 +561,7 @@ class Daemon:
                     self._listeners[fd] = (sock, factory)
 
         else:
-            sock = self.ctx.socket(lfd)
+            sock = self.ctx.socket_of(lfd)
             self._metric_listeners.discard(lfd)
             self.ctx.remove_external(lfd)
 
@@ -740,12 +740,12 @@ class Daemon:
             self.ctx.send_raw(p.fd, data)
 
     def _sock(self, fd: int) -> socket.socket:
-        return self.ctx.socket(fd)
+        return self.ctx.socket_of(fd)
 
     # ------------------------------------------------------------- metrics
 
     def _accept_metrics(self, lfd: int) -> None:
-        lsock = self.ctx.socket(lfd)
+        lsock = self.ctx.socket_of(lfd)
         for _ in range(16):
             try:
                 sock, addr = lsock.accept()
@@ -781,7 +781,7 @@ class Daemon:
 
     def _on_http(self, fd: int) -> None:
         try:
-            data = self.ctx.socket(fd).recv(_RECV_SIZE)
+            data = self.ctx.socket_of(fd).recv(_RECV_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -808,7 +808,7 @@ class Daemon:
         outbound side calls this for its own)."""
         if self.idle_timeout <= 0 or fd not in self.ctx:
             return
-        sock = self.ctx.socket(fd)
+        sock = self.ctx.socket_of(fd)
         if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
             self._idle[fd] = (sock, peer)
 
@@ -817,7 +817,7 @@ class Daemon:
         cost; a connection closes between T and T + one period of silence."""
         self.ctx.call_later(self._idle_period, self._sweep_idle)
         for fd, (sock, peer) in list(self._idle.items()):
-            if fd not in self.ctx or self.ctx.socket(fd) is not sock:
+            if fd not in self.ctx or self.ctx.socket_of(fd) is not sock:
                 self._idle.pop(fd, None)
                 continue
             idle = tcp_idle_seconds(sock)

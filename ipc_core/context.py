@@ -1216,7 +1216,7 @@ class Context:
     def __contains__(self, fd: object) -> bool:
         return fd in self._conns
 
-    def socket(self, fd: int) -> Any:
+    def socket_of(self, fd: int) -> Any:
         """The socket object behind descriptor ``fd`` (for EXTERNAL ones the
         application reads itself)."""
         return self._get(fd).sock

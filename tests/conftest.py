@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -10,6 +11,26 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Pki, Processes, make_pki
+
+
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    """Under CI (``CI=true``, as ``.ci/run`` runs) a skip is a failure.
+
+    CI's machine is the reference: ``./dev.sh test`` installs every tool a
+    test needs (Chromium, systemd, iproute2, openssl, gcc) and runs as root,
+    so a skip there can only hide something broken (a tool that crashes at
+    start looks like a missing one). On a developer's machine skips stay
+    skips, and ``-ra`` lists them.
+    """
+    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        return
+    if call.excinfo is not None and call.excinfo.errisinstance(pytest.skip.Exception):
+        reason = str(call.excinfo.value)
+        call.excinfo = None
+        try:
+            pytest.fail(f"skipped under CI, where nothing may be missing: {reason}")
+        except pytest.fail.Exception:
+            call.excinfo = pytest.ExceptionInfo.from_current()
 
 
 @pytest.fixture

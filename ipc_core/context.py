@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import errno
 import heapq
 import itertools
@@ -65,7 +66,17 @@ from .switch import InCallback, Layer, OutCallback, SwitchResult
 
 log = logging.getLogger("ipc_core")
 
-LISTENER, PEER, EXTERNAL, SWITCHED, INTERNAL = range(5)
+
+class Kind(enum.IntEnum):
+    """What a descriptor of the context is (see the theory of operation)."""
+
+    LISTENER = 0
+    PEER = 1
+    EXTERNAL = 2
+    SWITCHED = 3
+
+
+LISTENER, PEER, EXTERNAL, SWITCHED = Kind.LISTENER, Kind.PEER, Kind.EXTERNAL, Kind.SWITCHED
 
 _unpack_header = struct.Struct(">I").unpack_from
 _EPOLLIN = select.EPOLLIN
@@ -184,7 +195,7 @@ class _Conn:
         "stats",
     )
 
-    def __init__(self, kind: int, sock: Any, owned: bool = True) -> None:
+    def __init__(self, kind: Kind, sock: Any, *, owned: bool = True) -> None:
         self.kind = kind
         self.sock = sock
         self.fd = sock.fileno()
@@ -213,10 +224,23 @@ class _Conn:
         #: While lingering: called for the next piece once the queue is empty
         #: (close(fd, flush=True, refill=...)); b"" ends it.
         self.refill: Callable[[], Any] | None = None
-        self.stats: list[int] = _NO_STATS
+        self.stats: Counters = _NO_STATS
 
 
-_NO_STATS = [0, 0]
+class Counters:
+    """What was read from switched ends under one tag (``Context.stats``)."""
+
+    __slots__ = ("bytes", "messages")
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.messages = 0
+
+    def __repr__(self) -> str:
+        return f"Counters(bytes={self.bytes}, messages={self.messages})"
+
+
+_NO_STATS = Counters()  # not counted: a descriptor that is not switched
 
 
 class Context:
@@ -252,7 +276,7 @@ class Context:
         )
         self.switch_events = switch_events
         #: Bytes and messages read from switched ends, by tag (see set_tag).
-        self.stats: dict[str, list[int]] = {}
+        self.stats: dict[str, Counters] = {}
         self.timer: float | None = None
         self._ep = select.epoll()
         self._conns: dict[int, _Conn] = {}
@@ -328,7 +352,7 @@ class Context:
             sock, owned = _wrap_fd(fd), False
         if sock.fileno() in self._conns:
             raise UsageError(f"descriptor {sock.fileno()} is already in the context")
-        conn = _Conn(EXTERNAL, sock, owned)
+        conn = _Conn(EXTERNAL, sock, owned=owned)
         try:
             self._add(conn, _EPOLLIN)
         except PermissionError:
@@ -361,7 +385,7 @@ class Context:
         for end in (a, b):
             end.kind = SWITCHED
             if end.stats is _NO_STATS:
-                end.stats = self.stats.setdefault("switched", [0, 0])
+                end.stats = self._counters("switched")
             end.scanner = FrameScanner(self.max_message_size)
             self._update_mask(end)
         for end in (a, b):
@@ -416,7 +440,13 @@ class Context:
     def set_tag(self, fd: int, tag: str) -> None:
         """Count bytes/messages read from switched end ``fd`` under
         ``ctx.stats[tag]`` (e.g. "network" vs "local" in a daemon)."""
-        self._get(fd).stats = self.stats.setdefault(tag, [0, 0])
+        self._get(fd).stats = self._counters(tag)
+
+    def _counters(self, tag: str) -> Counters:
+        counters = self.stats.get(tag)
+        if counters is None:
+            counters = self.stats[tag] = Counters()
+        return counters
 
     @staticmethod
     def _no_longer_plain(conn: _Conn) -> None:
@@ -459,10 +489,10 @@ class Context:
         if n > self.max_message_size:
             raise UsageError(f"message of {n} bytes exceeds max_message_size")
         if n >= _SMALL_FRAME:
-            return self._send_vector(conn, header(n), payload, False)
+            return self._send_vector(conn, header(n), payload, notify=False)
         data = header(n) + payload
         if conn.out:
-            return self._enqueue(conn, data, False)
+            return self._enqueue(conn, data)
         try:  # the common case, inlined: one send() takes the whole frame
             sent = conn.sock.send(data)
         except BlockingIOError:
@@ -472,7 +502,7 @@ class Context:
             return False
         if sent == len(data):
             return True
-        return self._enqueue(conn, memoryview(data)[sent:], False)
+        return self._enqueue(conn, memoryview(data)[sent:])
 
     def schedule(self, fd: int, payload: bytes | bytearray | memoryview) -> None:
         """Queue one message; a MESSAGE_TX event reports when it is fully sent.
@@ -494,7 +524,7 @@ class Context:
         n = len(payload)
         if n > self.max_message_size:
             raise UsageError(f"message of {n} bytes exceeds max_message_size")
-        self._send_vector(conn, header(n), payload, True)
+        self._send_vector(conn, header(n), payload, notify=True)
 
     def send_raw(self, fd: int, data: bytes) -> bool:
         """Write raw bytes (no framing) to a descriptor of the context, queued
@@ -804,11 +834,11 @@ class Context:
             data = out
             frames = 1
         stats = conn.stats
-        stats[0] += size
-        stats[1] += frames
+        stats.bytes += size
+        stats.messages += frames
         if partner.out:
             # a copy of a small read is private already; a view of the buffer is not
-            self._enqueue(partner, bytes(data) if type(data) is memoryview else data, False)
+            self._enqueue(partner, bytes(data) if type(data) is memoryview else data)
         else:
             try:
                 sent = partner.sock.send(data)
@@ -818,7 +848,7 @@ class Context:
                 self._lost(partner, exc)
                 return
             if sent < len(data):
-                self._enqueue(partner, bytes(data[sent:]), False)
+                self._enqueue(partner, bytes(data[sent:]))
         if self.switch_events:
             self._events.append(Event(EventType.SWITCH_RX, conn.fd))
             self._events.append(Event(EventType.SWITCH_TX, partner.fd))
@@ -865,7 +895,7 @@ class Context:
         except OSError as exc:
             self._lost(conn, exc)
 
-    def _relay_data(self, conn: _Conn, data: bytes | memoryview, decoded: bool = False) -> None:
+    def _relay_data(self, conn: _Conn, data: bytes | memoryview, *, decoded: bool = False) -> None:
         """Forward bytes read from ``conn`` to its partner: the general path
         (layers, callbacks, partial or several frames); _read_switched keeps
         the common whole-message cases inline."""
@@ -898,8 +928,8 @@ class Context:
             self._close_pair(conn, str(exc))
             return
         stats = conn.stats
-        stats[0] += len(data)
-        stats[1] += frames
+        stats.bytes += len(data)
+        stats.messages += frames
         self._forward(conn, partner, data)
         if self.switch_events:
             self._events.append(Event(EventType.SWITCH_RX, conn.fd))
@@ -998,10 +1028,10 @@ class Context:
 
     # ---------------------------------------------------------------- output
 
-    def _send(self, conn: _Conn, data: bytes | memoryview, copy: bool = False) -> bool:
+    def _send(self, conn: _Conn, data: bytes | memoryview, *, copy: bool = False) -> bool:
         """Write now what the socket takes, queue the rest (the only writer)."""
         if conn.out:
-            return self._enqueue(conn, bytes(data) if copy else data, False)
+            return self._enqueue(conn, bytes(data) if copy else data)
         try:
             sent = conn.sock.send(data)
         except BlockingIOError:
@@ -1012,12 +1042,12 @@ class Context:
         if sent == len(data):
             return True
         rest = data[sent:] if copy else memoryview(data)[sent:]
-        return self._enqueue(conn, bytes(rest) if copy else rest, False)
+        return self._enqueue(conn, bytes(rest) if copy else rest)
 
-    def _send_vector(self, conn: _Conn, head: bytes, payload: Any, notify: bool) -> bool:
+    def _send_vector(self, conn: _Conn, head: bytes, payload: Any, *, notify: bool) -> bool:
         if conn.out:
-            ok = self._enqueue(conn, head, False)
-            return ok and self._enqueue(conn, payload, notify)
+            ok = self._enqueue(conn, head)
+            return ok and self._enqueue(conn, payload, notify=notify)
         total = len(head) + len(payload)
         try:
             sent = conn.sock.sendmsg((head, payload))
@@ -1031,12 +1061,12 @@ class Context:
                 self._events.append(Event(EventType.MESSAGE_TX, conn.fd))
             return True
         if sent < len(head):
-            if not self._enqueue(conn, head[sent:], False):
+            if not self._enqueue(conn, head[sent:]):
                 return False
-            return self._enqueue(conn, payload, notify)
-        return self._enqueue(conn, memoryview(payload)[sent - len(head) :], notify)
+            return self._enqueue(conn, payload, notify=notify)
+        return self._enqueue(conn, memoryview(payload)[sent - len(head) :], notify=notify)
 
-    def _enqueue(self, conn: _Conn, data: Any, notify: bool) -> bool:
+    def _enqueue(self, conn: _Conn, data: Any, *, notify: bool = False) -> bool:
         size = len(data)
         if conn.out_bytes and conn.out_bytes + size > self.queue_hard_limit:
             reason = f"send queue over {self.queue_hard_limit} bytes: peer is not reading"
@@ -1178,7 +1208,7 @@ class Context:
             conn.refill = None
             return False
         self._restart_linger(conn)
-        self._enqueue(conn, piece, False)
+        self._enqueue(conn, piece)
         return True
 
     def send_fd(self, fd: int, data: bytes, passed_fd: int) -> None:
@@ -1225,7 +1255,7 @@ class Context:
         """Bytes queued for sending on ``fd`` (its send queue's size)."""
         return self._get(fd).out_bytes
 
-    def _close_conn(self, conn: _Conn, reason: str | None, report: bool = True) -> None:
+    def _close_conn(self, conn: _Conn, reason: str | None, *, report: bool = True) -> None:
         if self._conns.get(conn.fd) is not conn:
             return
         fd = conn.fd

@@ -246,7 +246,7 @@ def _lock_mode(fd: int) -> None:
             os.fchmod(fd, LOCK_MODE)
 
 
-def _mark_lock(fd: int, local_only: bool) -> None:
+def _mark_lock(fd: int, *, local_only: bool) -> None:
     """Say in the lock whether the service is local-only; a normal service
     empties it, so a name taken over from a local-only one is not marked."""
     os.ftruncate(fd, 0)
@@ -270,15 +270,17 @@ def bind_service(
     path = socket_path(name, directory)
     dir_fd = open_rundir(directory)
     try:
-        return _bind_in(dir_fd, name, path, backlog, local_only)
+        return _bind_in(dir_fd, name, path, backlog, local_only=local_only)
     finally:
         os.close(dir_fd)
 
 
-def _bind_in(dir_fd: int, name: str, path: Path, backlog: int, local_only: bool) -> ServiceSocket:
+def _bind_in(
+    dir_fd: int, name: str, path: Path, backlog: int, *, local_only: bool
+) -> ServiceSocket:
     lock_fd = _take_lock(dir_fd, Path(str(path) + LOCK_SUFFIX), name)
     try:
-        _mark_lock(lock_fd, local_only)
+        _mark_lock(lock_fd, local_only=local_only)
         _remove_stale_socket(dir_fd, path)
     except OSError as exc:
         os.close(lock_fd)

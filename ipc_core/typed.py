@@ -218,28 +218,28 @@ def _conform(value: Any, hint: Any, where: str, reg: TypeRegistry) -> Any:
             return value
         raise _Bad(f"{where}: {value!r} is not one of {list(args)!r}")
     if hint is None or hint is _NONE:
-        return _expect(value, value is None, hint, where)
+        return _expect(value, hint, where, ok=value is None)
     if hint is bool:
-        return _expect(value, type(value) is bool, hint, where)
+        return _expect(value, hint, where, ok=type(value) is bool)
     if hint is int:
-        return _expect(value, type(value) is int, hint, where)
+        return _expect(value, hint, where, ok=type(value) is int)
     if hint is float:
         if type(value) is int:
             return float(value)
-        return _expect(value, type(value) is float, hint, where)
+        return _expect(value, hint, where, ok=type(value) is float)
     if hint in (str, bytes):
-        return _expect(value, type(value) is hint, hint, where)
+        return _expect(value, hint, where, ok=type(value) is hint)
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        _expect(value, type(value) is dict, hint, where)
+        _expect(value, hint, where, ok=type(value) is dict)
         return _build(hint, value, reg._type_hints(hint), reg)
     container = origin or hint
     if container is list:
-        _expect(value, type(value) is list, hint, where)
+        _expect(value, hint, where, ok=type(value) is list)
         if not args:
             return value
         return [_conform(v, args[0], f"{where}[{i}]", reg) for i, v in enumerate(value)]
     if container is tuple:
-        _expect(value, type(value) is list, hint, where)
+        _expect(value, hint, where, ok=type(value) is list)
         if not args:
             return tuple(value)
         if len(args) == 2 and args[1] is Ellipsis:
@@ -251,14 +251,14 @@ def _conform(value: Any, hint: Any, where: str, reg: TypeRegistry) -> Any:
             for i, (v, a) in enumerate(zip(value, args, strict=True))
         )
     if container is dict:
-        _expect(value, type(value) is dict, hint, where)
+        _expect(value, hint, where, ok=type(value) is dict)
         if len(args) != 2:
             return value
         return {k: _conform(v, args[1], f"{where}[{k!r}]", reg) for k, v in value.items()}
     return value  # an annotation we do not check further (the tree is plain already)
 
 
-def _expect(value: Any, ok: bool, hint: Any, where: str) -> Any:
+def _expect(value: Any, hint: Any, where: str, *, ok: bool) -> Any:
     if not ok:
         raise _Bad(f"{where}: {_kind(value)} where {_name(hint)} is declared")
     return value

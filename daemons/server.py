@@ -841,7 +841,7 @@ class Daemon:
         """Copy the Context's relay counters into the exported metrics."""
         m = self.metrics
         for tag, direction in (("network", "in"), ("local", "out")):
-            now = self.ctx.stats.get(tag, [0, 0])
+            now = [getattr(self.ctx.stats.get(tag), k, 0) for k in ("bytes", "messages")]
             last = self._last_stats[tag]
             m.bytes.inc(now[0] - last[0], direction=direction)
             m.messages.inc(now[1] - last[1], direction=direction)

@@ -175,7 +175,7 @@ def make_certs(h: Harness) -> Certs:
     """A throwaway CA and a server certificate for localhost/127.0.0.1."""
     d = h.mkdir("certs", 0o755)
     ipc = BIN / "ipc"
-    if importlib.util.find_spec("daemons.certs") and ipc.exists():
+    if importlib.util.find_spec("daemons.engine.certs") and ipc.exists():
         if not (d / "localhost.pem").exists():  # made once per run (tls and ws use them)
             subprocess.run([ipc, "cert", "ca", "--out", d], check=True, capture_output=True)
             subprocess.run(

@@ -37,8 +37,11 @@ from ipc_core import Context, Event, EventType, IPCError, ProtocolError, encode
 from ipc_core.routing import ROUTER_SERVICE, parse_lookup, parse_network
 from ipc_core.rundir import socket_path
 
-from .common import LOG_FORMATS, ServiceAccess, libipc_command, seconds, setup_logging
-from .server import Daemon, RequestDeadlines
+from .engine.daemon import Daemon
+from .engine.deadlines import RequestDeadlines
+from .engine.log import LOG_FORMATS, setup_logging
+from .engine.options import libipc_command, seconds
+from .engine.policy import ServiceAccess
 
 log = logging.getLogger("ipc.ipcd")
 

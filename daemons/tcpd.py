@@ -10,103 +10,24 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import click
 
-from ipc_core import Context, IPCError
+from ipc_core import IPCError
 
-from .common import (
+from .codecs.tcp import TcpdClient, TcpdHandshake
+from .engine.options import (
     CommonOptions,
-    ServiceAccess,
     common_options,
+    connect_timeout_option,
+    idle_timeout_option,
     libipc_command,
-    seconds,
-    setup_logging,
 )
-from .outbound import ConnectorFactory, Outbound
-from .server import Daemon, open_listeners
-from .tcp import TcpdClient, TcpdHandshake
+from .engine.startup import start_daemon
 
 log = logging.getLogger("ipc.tcpd")
 
-#: Seconds a relayed TCP/TLS connection may carry no byte either way.
-DEFAULT_IDLE_TIMEOUT = 300.0
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def idle_timeout_option(func: F) -> F:
-    """``--idle-timeout`` for the TCP-relaying daemons (ipc-tcpd, ipc-tlsd).
-
-    Not a common option: ipc-websocketd has its own ``--idle-timeout``
-    (WebSocket messages, a close frame), which a byte-level timeout would
-    contradict (its pings are bytes)."""
-    option = click.option(
-        "--idle-timeout",
-        type=seconds(0),
-        default=DEFAULT_IDLE_TIMEOUT,
-        metavar="SECONDS",
-        help="Close a relayed connection with no byte either way for this long. 0 = off.",
-    )
-    return option(func)  # type: ignore[no-any-return]
-
-
-def start_daemon(
-    name: str,
-    common: CommonOptions,
-    *,
-    service_name: str,
-    default_listen: str,
-    make_handshake: Callable[[Daemon], Callable[[str], Any]],
-    connectors: dict[str, ConnectorFactory],
-    connect_timeout: float,
-    listen: bool = True,
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-) -> tuple[Daemon, Outbound]:
-    """Build a daemon: context, listeners (socket activation first), outbound
-    service, metrics. Shared by ipc-tcpd and ipc-tlsd. ``listen=False``: no
-    listeners of our own (outbound only); socket-activated ones are still used.
-
-    On failure nothing is left behind (no socket, no lock) and the error
-    names the flag at fault (:class:`daemons.server.StartupError`)."""
-    setup_logging(common.verbosity, common.log_format)
-    ctx = Context(rundir_path=common.rundir, max_message_size=common.max_message_size)
-    access: ServiceAccess = common.access(service_name)
-    daemon = Daemon(
-        name,
-        ctx,
-        access,
-        handshake_timeout=common.handshake_timeout,
-        max_connections=common.max_connections,
-        peer_timeout=common.peer_timeout,
-        max_connections_per_ip=common.max_connections_per_ip,
-        idle_timeout=idle_timeout,
-    )
-    try:
-        # Local services first: a double start fails before any port is opened.
-        outbound = Outbound(daemon, service_name, connectors, connect_timeout)
-        daemon.serve_control(f"{service_name}.ctl")
-        open_listeners(daemon, common, make_handshake(daemon), default_listen, listen=listen)
-    except BaseException:
-        daemon.close()
-        raise
-    return daemon, outbound
-
-
 DEFAULT_LISTEN = "127.0.0.1:9000"
-
-
-def connect_timeout_option(what: str) -> Callable[[F], F]:
-    """``--connect-timeout``: the deadline of an outbound attempt (``what``
-    it covers differs between ipc-tcpd and ipc-tlsd)."""
-    return click.option(
-        "--connect-timeout",
-        type=seconds(0, min_open=True),
-        default=5.0,
-        metavar="SECONDS",
-        help=f"Deadline of an outbound {what}.",
-    )
 
 
 @libipc_command(

@@ -11,9 +11,9 @@ tightened with ``--min-tls``/``--ciphers``. Outbound: the daemon is the local se
 dial with TLS (SNI, verification against the system store or ``--ca``),
 handshake, answer ``ok`` and switch.
 
-Everything network-facing is the shared engine (:mod:`daemons.server`,
-:mod:`daemons.outbound`) with TLS wrapped around the TCPd handshake
-(:mod:`daemons.tlswrap`); this module is flags, SSL contexts and reload.
+Everything network-facing is the shared engine (:mod:`daemons.engine.daemon`,
+:mod:`daemons.engine.outbound`) with TLS wrapped around the TCPd handshake
+(:mod:`daemons.codecs.tlswrap`); this module is flags, SSL contexts and reload.
 
 Every file is loaded before anything is bound, and a file that does not
 load stops the start with one line naming the flag and the file (``--key
@@ -38,14 +38,21 @@ import click
 
 from ipc_core import IPCError
 
-from . import certs
-from .common import CommonOptions, Uri, common_options, libipc_command
-from .outbound import Connector
-from .server import Daemon, Handshake
-from .tcp import TcpdClient, TcpdHandshake
-from .tcpd import connect_timeout_option, idle_timeout_option, start_daemon
-from .tls import ServerPolicy, TLSConfigError, client_context, server_policy_options
-from .tlswrap import TLSConnector, TLSHandshake, describe_identity
+from .codecs.tcp import TcpdClient, TcpdHandshake
+from .codecs.tlswrap import TLSConnector, TLSHandshake, describe_identity
+from .engine import certs
+from .engine.addresses import Uri
+from .engine.daemon import Daemon
+from .engine.handshake import Connector, Handshake
+from .engine.options import (
+    CommonOptions,
+    common_options,
+    connect_timeout_option,
+    idle_timeout_option,
+    libipc_command,
+)
+from .engine.startup import start_daemon
+from .engine.tlsconfig import ServerPolicy, TLSConfigError, client_context, server_policy_options
 
 log = logging.getLogger("ipc.tlsd")
 

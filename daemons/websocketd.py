@@ -7,20 +7,20 @@ LibIPC message (the payload, without the 4-byte length), in both directions.
 Theory of operation
 -------------------
 Everything runs in the one :class:`~ipc_core.Context` loop of the shared
-daemon engine (:mod:`daemons.server`); there is no asyncio and no thread:
+daemon engine (:mod:`daemons.engine.daemon`); there is no asyncio and no thread:
 
     browser --bytes--> [TLSLayer] --> WebSocketServerLayer --LibIPC--> $RUNDIR/SERVICE
             <--------- [TLSLayer] <-- (ServerProtocol)     <---------
 
 * Handshake: :class:`WebSocketHandshake` adapts the split handshake of
-  :class:`~daemons.ws.WebSocketServerLayer` to the engine's ``Handshake``
+  :class:`~daemons.codecs.ws.WebSocketServerLayer` to the engine's ``Handshake``
   protocol. Once the HTTP head is complete it decides: a WebSocket upgrade
   with an acceptable ``Origin`` names a service (the engine then applies the
   allow/deny policy and connects, or makes us answer 403/404/503); a plain
   HTTP request is answered here (a static file, 426 on a service path, 404)
   and the connection closes. A stalled client gets 408 at the engine's
   deadline. With ``--cert`` TLS is wrapped around this handshake
-  (:class:`~daemons.tlswrap.TLSHandshake`).
+  (:class:`~daemons.codecs.tlswrap.TLSHandshake`).
 * Switched phase: the layer is the Context's switch codec, so the Context
   does every read and write, with its bounded queues and back-pressure (a
   browser that reads slowly stops the daemon from reading the service).
@@ -62,19 +62,16 @@ from ipc_core import (
 )
 from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE
 
-from . import certs
-from .common import (
-    CommonOptions,
-    common_options,
-    libipc_command,
-    seconds,
-    service_name_error,
-    setup_logging,
-)
-from .server import Daemon, Handshake, open_listeners
-from .tls import ServerPolicy, server_policy_options
-from .tlswrap import TLSHandshake, describe_identity
-from .ws import HandshakeRequest, HoldPool, Phase, WebSocketServerLayer, origin_allowed
+from .codecs.tlswrap import TLSHandshake, describe_identity
+from .codecs.ws import HandshakeRequest, HoldPool, Phase, WebSocketServerLayer, origin_allowed
+from .engine import certs
+from .engine.daemon import Daemon
+from .engine.handshake import Handshake
+from .engine.log import setup_logging
+from .engine.options import CommonOptions, common_options, libipc_command, seconds
+from .engine.policy import service_name_error
+from .engine.startup import open_listeners
+from .engine.tlsconfig import ServerPolicy, server_policy_options
 
 __all__ = [
     "HostPolicy",
@@ -422,7 +419,7 @@ class WebSocketOptions:
 
     ``origins`` None means same-origin only (pages this daemon served, and
     non-browser clients, which send no Origin); otherwise an allow-list for
-    :func:`~daemons.ws.origin_allowed` (``*`` allows all).
+    :func:`~daemons.codecs.ws.origin_allowed` (``*`` allows all).
     """
 
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE

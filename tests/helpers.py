@@ -183,7 +183,7 @@ class Pki:
 
 
 def make_pki(directory: Path) -> Pki:
-    from daemons import certs
+    from daemons.engine import certs
 
     ca, ca_key = certs.make_ca("Test CA")
     leaf, leaf_key = certs.make_cert(ca, ca_key, "localhost", ["localhost", "127.0.0.1"])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import socket
 
-from daemons.common import ServiceAccess, open_listener, parse_listen
-from daemons.server import Daemon
-from daemons.tcp import TcpdHandshake
+from daemons.codecs.tcp import TcpdHandshake
+from daemons.engine.daemon import Daemon
+from daemons.engine.listeners import open_listener, parse_listen
+from daemons.engine.policy import ServiceAccess
 from ipc_core import Context, EventType
 from tests.helpers import recv_exact, recv_msg
 
@@ -53,7 +54,7 @@ def test_a_handler_exception_costs_one_connection_not_the_daemon(rundir, procs, 
 def test_daemon_raises_its_soft_descriptor_limit(rundir):
     import resource
 
-    from daemons.server import raise_fd_limit
+    from daemons.engine.listeners import raise_fd_limit
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import click
 import pytest
 
-from daemons import cli, ipcd, tcpd, tlsd, websocketd
+from daemons import ipc, ipcd, tcpd, tlsd, websocketd
 from tests.helpers import BIN
 
 #: Daemons: every option is an environment variable ``PREFIX_OPTION``.
@@ -51,7 +51,7 @@ def _walk(name: str, command: click.Command) -> Iterator[tuple[str, click.Comman
 
 
 def all_commands() -> list[tuple[str, click.Command]]:
-    return [*_walk("ipc", cli.main), *DAEMONS.items()]
+    return [*_walk("ipc", ipc.main), *DAEMONS.items()]
 
 
 COMMANDS = all_commands()
@@ -61,7 +61,7 @@ IDS = [name for name, _ in COMMANDS]
 def _help(name: str, command: click.Command) -> str:
     parent = None
     if " " in name:  # a subcommand inherits its group's settings (show_default)
-        parent = cli.main.make_context("ipc", [], resilient_parsing=True)
+        parent = ipc.main.make_context("ipc", [], resilient_parsing=True)
     ctx = command.make_context(name, [], parent=parent, resilient_parsing=True)
     return command.get_help(ctx)
 
@@ -72,7 +72,7 @@ def _options(command: click.Command) -> list[click.Option]:
 
 def test_every_command_is_a_libipc_command() -> None:
     """The shared class: environment errors name the variable, env vars shown."""
-    from daemons.common import LibipcCommand, LibipcGroup
+    from daemons.engine.options import LibipcCommand, LibipcGroup
 
     for name, command in COMMANDS:
         kind = LibipcGroup if isinstance(command, click.Group) else LibipcCommand

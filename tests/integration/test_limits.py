@@ -16,8 +16,8 @@ import socket
 import time
 import urllib.request
 
-from daemons.server import MAX_HTTP_CONNECTIONS
-from daemons.status import query
+from daemons.engine.daemon import MAX_HTTP_CONNECTIONS
+from daemons.ipc_status import query
 from ipc_core import Context, encode
 from tests.helpers import BIN, LogReader, connectable, recv_exact, recv_msg, wait_for
 from tests.helpers import start_listening_daemon as start
@@ -244,7 +244,7 @@ def test_idle_timeout_applies_to_tls_relays_too(rundir, procs, pki):
 
 
 def test_source_key_groups_ipv6_per_64_and_maps_ipv4() -> None:
-    from daemons.server import source_key
+    from daemons.engine.daemon import source_key
 
     assert source_key(("192.0.2.7", 4000)) == "192.0.2.7"
     assert source_key(("::ffff:192.0.2.7", 4000, 0, 0)) == "192.0.2.7"
@@ -256,7 +256,7 @@ def test_source_key_groups_ipv6_per_64_and_maps_ipv4() -> None:
 
 
 def test_log_throttle_counts_what_it_held_back() -> None:
-    from daemons.server import LogThrottle
+    from daemons.engine.log import LogThrottle
 
     throttle = LogThrottle(interval=60)
     assert throttle.due() == ""

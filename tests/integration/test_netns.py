@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import certs
+from daemons.engine import certs
 from ipc_core import Context, PeerClosed, ServiceUnavailable
 from tests.helpers import BIN, LogReader, Processes, connectable, wait_for
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from daemons import certs
+from daemons.engine import certs
 from daemons.tlsd import main as tlsd_main
 from ipc_core import Context, encode
 from tests.helpers import (

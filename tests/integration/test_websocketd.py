@@ -25,7 +25,7 @@ from websockets.frames import Frame, Opcode
 from websockets.sync.client import ClientConnection, connect
 from websockets.uri import parse_uri
 
-from daemons import certs
+from daemons.engine import certs
 from tests.helpers import BIN, Processes, wait_for
 
 MiB = 1024 * 1024

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import certs
+from daemons.engine import certs
 from daemons.websocketd import WebSocketHandshake, WebSocketOptions, _secure
 from tests.helpers import BIN, start_listening_daemon
 

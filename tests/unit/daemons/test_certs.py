@@ -1,4 +1,4 @@
-"""Tests for daemons.certs: files and modes, real TLS handshakes, identities, CLI."""
+"""Tests for daemons.engine.certs and `ipc cert`: files, modes, TLS handshakes, identities."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from daemons import certs
-from daemons.certs import (
+from daemons.engine import certs
+from daemons.engine.certs import (
     CertIdentity,
     allow_pattern_error,
     describe,
@@ -36,6 +36,7 @@ from daemons.certs import (
     write_cert,
     write_key,
 )
+from daemons.ipc_cert import cert as cert_cli
 
 
 def _mode(path: Path) -> int:
@@ -43,7 +44,7 @@ def _mode(path: Path) -> int:
 
 
 def _run(*args: str) -> str:
-    result = CliRunner().invoke(certs.cert, list(args), catch_exceptions=False)
+    result = CliRunner().invoke(cert_cli, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -114,7 +115,7 @@ def test_modes_ignore_umask(tmp_path: Path) -> None:
 
 def test_refuses_to_overwrite(pki: Path) -> None:
     before = (pki / "ca" / "ca.key").read_bytes()
-    result = CliRunner().invoke(certs.cert, ["ca", "--out", str(pki / "ca")])
+    result = CliRunner().invoke(cert_cli, ["ca", "--out", str(pki / "ca")])
     assert result.exit_code == 1
     assert "refusing to overwrite" in result.output and "--force" in result.output
     assert (pki / "ca" / "ca.key").read_bytes() == before
@@ -134,7 +135,7 @@ def test_no_half_written_pair(tmp_path: Path) -> None:
     _run("ca", "--out", str(tmp_path))
     (tmp_path / "srv.pem").write_text("existing")
     result = CliRunner().invoke(
-        certs.cert, ["server", "--ca-dir", str(tmp_path), "--out", str(tmp_path), "srv"]
+        cert_cli, ["server", "--ca-dir", str(tmp_path), "--out", str(tmp_path), "srv"]
     )
     assert result.exit_code == 1
     assert not (tmp_path / "srv.key").exists()
@@ -151,12 +152,12 @@ def test_force_overwrites(tmp_path: Path) -> None:
 
 def test_cli_errors(tmp_path: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(certs.cert, ["server", "--ca-dir", str(tmp_path), "x"])
+    result = runner.invoke(cert_cli, ["server", "--ca-dir", str(tmp_path), "x"])
     assert result.exit_code == 1 and "ca.pem" in result.output
     _run("ca", "--out", str(tmp_path))
-    result = runner.invoke(certs.cert, ["server", "--ca-dir", str(tmp_path), "a/b"])
+    result = runner.invoke(cert_cli, ["server", "--ca-dir", str(tmp_path), "a/b"])
     assert result.exit_code == 2 and "file name" in result.output
-    result = runner.invoke(certs.cert, ["server", "--ca-dir", str(tmp_path)])
+    result = runner.invoke(cert_cli, ["server", "--ca-dir", str(tmp_path)])
     assert result.exit_code == 2
 
 
@@ -244,7 +245,7 @@ def test_describe(pki: Path) -> None:
 def test_fingerprint_cli(pki: Path) -> None:
     out = _run("fingerprint", str(pki / "ca" / "ca.pem"))
     assert out == fingerprint(pki / "ca" / "ca.pem") + "\n"
-    result = CliRunner().invoke(certs.cert, ["fingerprint", str(pki / "ca" / "ca.key")])
+    result = CliRunner().invoke(cert_cli, ["fingerprint", str(pki / "ca" / "ca.key")])
     assert result.exit_code == 1
 
 
@@ -368,7 +369,7 @@ def test_unknown_prefix_is_named() -> None:
 
 def _fails_cleanly(*args: str) -> str:
     """Run ``ipc cert ARGS`` through click; it must exit 1 with one ``Error:`` line."""
-    result = CliRunner().invoke(certs.cert, list(args))
+    result = CliRunner().invoke(cert_cli, list(args))
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output

@@ -1,4 +1,4 @@
-"""Tests for daemons.common: addresses, URIs, access policy, logging, click flags."""
+"""Tests for the engine's parsing and plumbing: addresses, URIs, policy, logging, click flags."""
 
 from __future__ import annotations
 
@@ -13,22 +13,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from daemons.common import (
-    DEFAULT_PORTS,
-    CommonOptions,
-    ListenAddress,
-    ServiceAccess,
-    Uri,
-    bound_address,
-    common_options,
-    listen_specs,
-    open_listener,
-    parse_connect_target,
-    parse_listen,
-    parse_uri,
-    service_name_error,
-    setup_logging,
-)
+from daemons.engine.addresses import DEFAULT_PORTS, Uri, parse_connect_target, parse_uri
+from daemons.engine.listeners import ListenAddress, bound_address, open_listener, parse_listen
+from daemons.engine.log import setup_logging
+from daemons.engine.options import CommonOptions, common_options, listen_specs
+from daemons.engine.policy import ServiceAccess, service_name_error
 
 AF_INET, AF_INET6, AF_UNIX, AF_UNSPEC = (
     socket.AF_INET,

@@ -8,16 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemons.common import ServiceAccess, help_epilog, parse_uri
+from daemons.engine.addresses import parse_uri
+from daemons.engine.daemon import _peer_name
+from daemons.engine.listeners import exposed_addresses
+from daemons.engine.log import plural
+from daemons.engine.options import help_epilog
+from daemons.engine.outbound import _Attempt, _lost_reason
+from daemons.engine.policy import ServiceAccess, exposure_warning, policy_summary
 from daemons.ipcd import _missing_service
-from daemons.outbound import _Attempt, _lost_reason
-from daemons.server import (
-    _peer_name,
-    exposed_addresses,
-    exposure_warning,
-    plural,
-    policy_summary,
-)
 from ipc_core.context import _header_hint
 
 

@@ -1,4 +1,4 @@
-"""Tests for daemons.metrics: exact text rendering, snapshot, and the HTTP responder."""
+"""Tests for daemons.engine.metrics: exact text rendering, snapshot, and the HTTP responder."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from daemons.metrics import CONTENT_TYPE, Counter, Gauge, HttpResponder, Registry
+from daemons.engine.metrics import CONTENT_TYPE, Counter, Gauge, HttpResponder, Registry
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Adversarial input for the text parsers a peer or a client controls.
 
 ``IPC_NETWORK`` and the router's look-up message (ipc_core.routing, ipcd's
-resolve_target), routing URIs (daemons.common.parse_uri), service names
+resolve_target), routing URIs (daemons.engine.addresses.parse_uri), service names
 (service_name_error, ipc_core.rundir.validate_name) and the access policy
 (ServiceAccess). Each must answer any input with a value or its documented
 error (ProtocolError, ValueError, InvalidServiceName), never anything else.
@@ -16,12 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemons.common import (
+from daemons.engine.addresses import Uri, parse_uri
+from daemons.engine.policy import (
     DEFAULT_PROTECTED,
     MAX_SERVICE_NAME_BYTES,
     ServiceAccess,
-    Uri,
-    parse_uri,
     service_name_error,
 )
 from daemons.ipcd import resolve_target

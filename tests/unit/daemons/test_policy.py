@@ -15,13 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from daemons.common import (
-    DEFAULT_PROTECTED,
-    ServiceAccess,
-    escape_log_text,
-    network_refusal,
-    setup_logging,
-)
+from daemons.engine.log import escape_log_text, setup_logging
+from daemons.engine.policy import DEFAULT_PROTECTED, ServiceAccess, network_refusal
 
 GLOBS = ["*", "t*", "?*", "[a-z]*", "*c*", "*p*", "i*", "w*", "??", "???", "*s"]
 

@@ -1,4 +1,4 @@
-"""Tests for daemons.systemd: sd_notify over a real datagram socket, and socket
+"""Tests for daemons.engine.systemd: sd_notify over a real datagram socket, and socket
 activation in a child process that inherits listening sockets at fd 3+."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import systemd
+from daemons.engine import systemd
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -159,7 +159,7 @@ def test_listen_fds_malformed(env) -> None:
 # Runs in the child: what an activated daemon would do.
 CHILD = r"""
 import json, os, sys
-from daemons import systemd
+from daemons.engine import systemd
 fds = systemd.listen_fds()
 report = {
     "socks": [[s.fileno(), name, int(s.family), s.getblocking(), os.get_inheritable(s.fileno())]
@@ -237,7 +237,7 @@ def test_socket_activation_in_child(tmp_path) -> None:
 
 def test_socket_activation_ignores_inherited_pid(tmp_path) -> None:
     """LISTEN_PID of another process (e.g. our parent): nothing is taken."""
-    code = "from daemons import systemd; print(systemd.listen_fds())"
+    code = "from daemons.engine import systemd; print(systemd.listen_fds())"
     out = subprocess.run(
         [sys.executable, "-c", code],
         env=_child_env(LISTEN_PID="1", LISTEN_FDS="1"),

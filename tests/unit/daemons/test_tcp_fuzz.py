@@ -1,4 +1,4 @@
-"""Adversarial input for the TCPd handshake (daemons.tcp), both sides, no sockets.
+"""Adversarial input for the TCPd handshake (daemons.codecs.tcp), both sides, no sockets.
 
 The server side must end every input in exactly one of: a service name (then
 the engine's ServiceAccess decides) or a ProtocolError / PeerClosed, never
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemons.common import MAX_SERVICE_NAME_BYTES, ServiceAccess
-from daemons.tcp import TcpdClient, TcpdHandshake
+from daemons.codecs.tcp import TcpdClient, TcpdHandshake
+from daemons.engine.policy import MAX_SERVICE_NAME_BYTES, ServiceAccess
 from ipc_core.errors import PeerClosed, ProtocolError
 from ipc_core.framing import encode
 

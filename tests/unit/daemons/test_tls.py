@@ -12,11 +12,12 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemons import certs
-from daemons.tls import TLSLayer, client_context, server_context
+from daemons.codecs.tls import TLSLayer
+from daemons.engine import certs
+from daemons.engine.tlsconfig import client_context, server_context
 from ipc_core.errors import PeerClosed, ProtocolError
 
-# -- certificates (daemons.certs: a CA, another CA, a server and a client cert) --
+# -- certificates (daemons.engine.certs: a CA, another CA, a server and a client cert) --
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from daemons import certs
-from daemons.tls import (
+from daemons.codecs.tls import TLSLayer
+from daemons.engine import certs
+from daemons.engine.tlsconfig import (
     ServerPolicy,
     TLSConfigError,
-    TLSLayer,
     client_context,
     server_context,
     server_policy_options,

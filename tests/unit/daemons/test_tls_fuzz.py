@@ -1,5 +1,5 @@
-"""Adversarial input for the TLS codec (daemons.tls.TLSLayer) and the TLS
-wrapper around the TCPd handshake (daemons.tlswrap), no sockets.
+"""Adversarial input for the TLS codec (daemons.codecs.tls.TLSLayer) and the TLS
+wrapper around the TCPd handshake (daemons.codecs.tlswrap), no sockets.
 
 Bad bytes must end in ProtocolError / PeerClosed (never another exception,
 never plaintext that was not sent), and a peer must not be able to make the
@@ -14,10 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemons.common import ServiceAccess
-from daemons.tcp import TcpdClient, TcpdHandshake
-from daemons.tls import TLSLayer, client_context, server_context
-from daemons.tlswrap import TLSConnector, TLSHandshake
+from daemons.codecs.tcp import TcpdClient, TcpdHandshake
+from daemons.codecs.tls import TLSLayer
+from daemons.codecs.tlswrap import TLSConnector, TLSHandshake
+from daemons.engine.policy import ServiceAccess
+from daemons.engine.tlsconfig import client_context, server_context
 from ipc_core.errors import PeerClosed, ProtocolError
 from ipc_core.framing import FrameDecoder, encode
 from tests.helpers import Pki

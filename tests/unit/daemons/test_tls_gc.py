@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 
-from daemons import certs
-from daemons.tcp import TcpdClient, TcpdHandshake
-from daemons.tls import TLSLayer, client_context, server_context
-from daemons.tlswrap import TLSConnector, TLSHandshake
+from daemons.codecs.tcp import TcpdClient, TcpdHandshake
+from daemons.codecs.tls import TLSLayer
+from daemons.codecs.tlswrap import TLSConnector, TLSHandshake
+from daemons.engine import certs
+from daemons.engine.tlsconfig import client_context, server_context
 from ipc_core.errors import IPCError
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from daemons import certs
-from daemons.tcp import TcpdClient, TcpdHandshake
-from daemons.tls import TLSLayer, client_context, server_context
-from daemons.tlswrap import TLSConnector, TLSHandshake, describe_identity
+from daemons.codecs.tcp import TcpdClient, TcpdHandshake
+from daemons.codecs.tls import TLSLayer
+from daemons.codecs.tlswrap import TLSConnector, TLSHandshake, describe_identity
+from daemons.engine import certs
+from daemons.engine.tlsconfig import client_context, server_context
 from ipc_core import StackedLayer
 from ipc_core.errors import PeerClosed, ProtocolError
 from ipc_core.framing import encode

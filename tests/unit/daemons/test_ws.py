@@ -14,7 +14,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from daemons.ws import Phase, WebSocketServerLayer, origin_allowed
+from daemons.codecs.ws import Phase, WebSocketServerLayer, origin_allowed
 from ipc_core.errors import MessageTooLarge, PeerClosed, ProtocolError, UsageError
 from ipc_core.framing import FrameDecoder, encode
 

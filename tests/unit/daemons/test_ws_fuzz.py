@@ -1,4 +1,4 @@
-"""Adversarial input for the WebSocket codec (daemons.ws) and ipc-websocketd's
+"""Adversarial input for the WebSocket codec (daemons.codecs.ws) and ipc-websocketd's
 handshake (daemons.websocketd.WebSocketHandshake), no sockets.
 
 Frames announcing 64-bit lengths, frames split at every byte, thousands of
@@ -23,8 +23,8 @@ from websockets.frames import Close, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from daemons.codecs.ws import WebSocketServerLayer
 from daemons.websocketd import WebSocketHandshake, WebSocketOptions
-from daemons.ws import WebSocketServerLayer
 from ipc_core.errors import MessageTooLarge, PeerClosed, ProtocolError
 from ipc_core.framing import FrameDecoder, encode
 

@@ -18,7 +18,7 @@ from websockets.frames import Close, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from daemons.ws import CONTROL_BUDGET, HOLD_ALLOWANCE, HoldPool, WebSocketServerLayer
+from daemons.codecs.ws import CONTROL_BUDGET, HOLD_ALLOWANCE, HoldPool, WebSocketServerLayer
 from ipc_core.errors import IPCError, PeerClosed, ProtocolError
 from ipc_core.framing import FrameDecoder, encode
 

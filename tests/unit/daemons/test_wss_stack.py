@@ -14,8 +14,9 @@ from websockets.frames import Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from daemons.tls import TLSLayer, client_context, server_context
-from daemons.ws import WebSocketServerLayer
+from daemons.codecs.tls import TLSLayer
+from daemons.codecs.ws import WebSocketServerLayer
+from daemons.engine.tlsconfig import client_context, server_context
 from ipc_core import StackedLayer
 from ipc_core.errors import PeerClosed
 from ipc_core.framing import FrameDecoder, encode

@@ -42,16 +42,15 @@ import errno
 import ipaddress
 import json
 import logging
-import math
 import os
 import resource
 import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from ipc_core import (
     Context,
@@ -66,77 +65,18 @@ from ipc_core import (
 from ipc_core.rundir import socket_path
 
 from . import systemd
-from .common import (
-    CommonOptions,
-    ServiceAccess,
-    bound_address,
-    network_refusal,
-    open_listener,
-    tune_tcp,
-)
-from .metrics import HttpResponder, Registry
+from .deadlines import RequestDeadlines
+from .handshake import NOT_FOUND, UNAVAILABLE, Handshake, HandshakeFactory
+from .listeners import bound_address, exposed_addresses, raise_fd_limit, tune_tcp
+from .log import LogThrottle, plural
+from .metrics import DaemonMetrics, HttpResponder
+from .policy import ServiceAccess, exposure_warning, network_refusal, policy_summary
 
 log = logging.getLogger("ipc.daemon")
 
 _RECV_SIZE = 65536
 #: Open /metrics connections at most (a scrape takes one, briefly).
 MAX_HTTP_CONNECTIONS = 32
-#: Seconds between two log lines about the same recurring refusal or error.
-LOG_EVERY = 5.0
-
-
-class StartupError(IPCError):
-    """A daemon could not start; the message names the flag and value at fault."""
-
-
-class LogThrottle:
-    """At most one log line per ``interval`` seconds for a recurring condition.
-
-    Why: a peer can repeat a refusal (a flood from one address, a descriptor
-    limit retried every 100 ms) faster than anyone reads logs. :meth:`due`
-    says whether to log now, and how many lines were held back since.
-    """
-
-    def __init__(self, interval: float = LOG_EVERY) -> None:
-        self.interval = interval
-        self._last = -math.inf
-        self._held = 0
-
-    def due(self) -> str | None:
-        """None: stay quiet; else a suffix for the line ("" or " (N more ...)")."""
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._held += 1
-            return None
-        more = f" ({self._held} more since the last report)" if self._held else ""
-        self._last, self._held = now, 0
-        return more
-
-
-class Handshake(Protocol):
-    """The Sans-I/O opening of one network connection.
-
-    ``receive_data(b"")`` means EOF. ``service`` becomes the requested service
-    name; ``finished`` means "flush data_to_send() and close" (a refusal, an
-    HTTP response). Bad input raises ProtocolError.
-    """
-
-    service: str | None
-    finished: bool
-
-    def receive_data(self, data: bytes) -> None: ...
-
-    def data_to_send(self) -> bytes: ...
-
-    def accept(self) -> tuple[Layer | None, bytes]: ...
-
-    def reject(self, reason: str, status: int) -> None: ...
-
-
-HandshakeFactory = Callable[[str], Handshake]
-
-# HTTP-style statuses the engine passes to Handshake.reject.
-FORBIDDEN, NOT_FOUND, UNAVAILABLE = 403, 404, 503
 
 
 @dataclass
@@ -149,39 +89,6 @@ class _Pending:
     started: float
     deadline: Any = None
     settle: Any = None
-
-
-@dataclass
-class DaemonMetrics:
-    """The counters every daemon exports."""
-
-    registry: Registry = field(default_factory=Registry)
-
-    def __post_init__(self) -> None:
-        r = self.registry
-        self.connections_open = r.gauge("ipc_connections_open", "Network connections open now.")
-        self.connections_total = r.counter(
-            "ipc_connections_total", "Network connections accepted since start."
-        )
-        self.switched_total = r.counter(
-            "ipc_switched_total", "Connections that completed the handshake and were switched."
-        )
-        self.handshake_failures = r.counter(
-            "ipc_handshake_failures_total", "Handshakes that failed, by reason.", ["reason"]
-        )
-        self.errors = r.counter("ipc_errors_total", "Connections closed on an error.", ["kind"])
-        self.messages = r.counter(
-            "ipc_messages_total", "LibIPC messages relayed, by direction.", ["direction"]
-        )
-        self.bytes = r.counter("ipc_bytes_total", "Bytes relayed, by direction.", ["direction"])
-        self.idle_closed = r.counter(
-            "ipc_idle_closed_total", "Relayed connections closed by --idle-timeout."
-        )
-        self.local_timeouts = r.counter(
-            "ipc_local_timeouts_total",
-            "Local clients closed for sending no request in time, by service.",
-            ["service"],
-        )
 
 
 class Daemon:
@@ -854,30 +761,6 @@ def _peer(p: _Pending) -> str:
     return getattr(p.handshake, "peer", None) or p.peer
 
 
-def raise_fd_limit(wanted: int) -> int:
-    """Raise the soft open-file limit towards ``wanted`` (two descriptors per
-    relayed connection), within the hard limit; a shell's default soft limit
-    of 1024 would cap a daemon at ~500 connections. Returns the new limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit to %d: %s", target, exc)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        # Debug only: with the default --max-connections this would be said
-        # on every start; a daemon that does reach the limit says so when an
-        # accept fails (see Daemon._accept_failed).
-        log.debug(
-            "open-file limit %d allows about %d relayed connections",
-            soft,
-            (soft - 64) // 2,
-        )
-    return soft
-
-
 def _peer_name(addr: Any) -> str:
     """``192.0.2.7:51212``, ``[2001:db8::1]:51212`` or ``unix-peer``. An
     IPv4 peer of a dual-stack listener (``:9000``) arrives IPv4-mapped
@@ -891,62 +774,6 @@ def _peer_name(addr: Any) -> str:
                     host = str(mapped)
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(addr) or "unix-peer"
-
-
-def policy_summary(access: ServiceAccess) -> str:
-    """The allow/deny policy in one sentence, for the start-up log."""
-    if access.allow:
-        reach = "only " + ", ".join(access.allow)
-    else:
-        reach = (
-            "every local service except the protected ones ("
-            + ", ".join(access.protected)
-            + "), local-only ones and *.ctl"
-        )
-    text = f"network peers may reach {reach}"
-    if access.deny:
-        text += "; never " + ", ".join(access.deny)
-    return text
-
-
-def exposed_addresses(sockets: Iterable[socket.socket]) -> list[str]:
-    """The listening addresses other hosts may reach: TCP sockets bound to
-    anything but a loopback address (a wildcard included)."""
-    exposed = []
-    for sock in sockets:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        host = sock.getsockname()[0].partition("%")[0]
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            exposed.append(bound_address(sock))
-            continue
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if ip.is_unspecified:
-            exposed.append(f"{bound_address(sock)} (every interface)")
-        elif not ip.is_loopback:
-            exposed.append(bound_address(sock))
-    return exposed
-
-
-def exposure_warning(exposed: Sequence[str], access: ServiceAccess) -> str | None:
-    """The warning for listeners other hosts reach with no ``--allow``
-    list, or None (loopback only, or an allow list names what is served)."""
-    if not exposed or access.allow:
-        return None
-    where = ", ".join(exposed)
-    return (
-        f"listening on {where}, reachable from other hosts, with no --allow: "
-        "every local service but the protected ones is published; name the "
-        "services to serve with --allow NAME (or listen on 127.0.0.1)"
-    )
-
-
-def plural(count: int, noun: str) -> str:
-    """``1 connection``, ``2 connections``: log lines read as sentences."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def source_key(addr: Any) -> str | None:
@@ -993,119 +820,3 @@ def _error_kind(reason: str) -> str:
     if "tls" in reason or "websocket" in reason:
         return "protocol"
     return "io"
-
-
-class RequestDeadlines:
-    """Local clients of one of our services that owe us a request.
-
-    Why: a Unix client that connects and never sends its look-up (ipcd), its
-    URI (the outbound side) or its command (``NAME.ctl``) would hold a
-    descriptor forever. Each client gets the daemon's handshake timeout; the
-    timer carries a token, so it never closes a newer client that reused the
-    descriptor number.
-    """
-
-    def __init__(self, daemon: Daemon, service: str) -> None:
-        self.daemon = daemon
-        self.service = service
-        self._timers: dict[int, tuple[object, Any]] = {}
-
-    def start(self, fd: int) -> None:
-        """(Re)start ``fd``'s deadline."""
-        self.done(fd)
-        token = object()
-        handle = self.daemon.ctx.call_later(
-            self.daemon.handshake_timeout, lambda: self._expire(fd, token)
-        )
-        self._timers[fd] = (token, handle)
-
-    def done(self, fd: int) -> bool:
-        """The request came (or the client left); True if ``fd`` was waiting."""
-        entry = self._timers.pop(fd, None)
-        if entry is None:
-            return False
-        entry[1].cancel()
-        return True
-
-    def __contains__(self, fd: object) -> bool:
-        return fd in self._timers
-
-    def _expire(self, fd: int, token: object) -> None:
-        entry = self._timers.get(fd)
-        if entry is None or entry[0] is not token:
-            return
-        del self._timers[fd]
-        daemon = self.daemon
-        daemon.metrics.local_timeouts.inc(service=self.service)
-        more = daemon._throttle(f"local {self.service}").due()
-        if more is not None:
-            log.warning(
-                "%s: a local client of %r sent nothing within %g s; closing it%s",
-                daemon.name,
-                self.service,
-                daemon.handshake_timeout,
-                more,
-            )
-        daemon.ctx.close(fd)
-
-
-def bind_error(flag: str, address: object, exc: OSError) -> StartupError:
-    """``--listen 0.0.0.0:9000: address in use``: the flag, the value, the cause."""
-    known = {
-        errno.EADDRINUSE: "address in use",
-        errno.EACCES: "permission denied (ports below 1024 need privileges)",
-        errno.EADDRNOTAVAIL: "address not available on this host",
-    }
-    why = known.get(exc.errno or 0) or exc.strerror or str(exc)
-    if isinstance(exc, socket.gaierror):
-        why = f"cannot resolve the host ({exc.strerror})"
-    return StartupError(f"{flag} {address}: {why}")
-
-
-def open_listeners(
-    daemon: Daemon,
-    common: CommonOptions,
-    factory: HandshakeFactory,
-    default_listen: str,
-    *,
-    listen: bool = True,
-) -> None:
-    """Listeners for a daemon: systemd's sockets when socket-activated (one
-    named ``metrics`` serves /metrics), else ``--listen`` / ``$ADDRESS`` /
-    ``default_listen`` (none with ``listen=False``); plus ``--metrics``.
-
-    On failure the daemon is closed (its services' sockets and locks are
-    removed) and :class:`StartupError` names the flag and address."""
-    try:
-        _open_listeners(daemon, common, factory, default_listen, listen)
-    except BaseException:
-        daemon.close()
-        raise
-
-
-def _open_listeners(
-    daemon: Daemon,
-    common: CommonOptions,
-    factory: HandshakeFactory,
-    default_listen: str,
-    listen: bool,
-) -> None:
-    activated = systemd.listen_fds()
-    for sock, fdname in activated:
-        if fdname == "metrics":
-            daemon.serve_metrics(sock)
-        else:
-            daemon.listen(sock, factory)
-    if not activated and listen:
-        for address in common.listen_addresses(default_listen):
-            daemon.listen(_bind("--listen", address), factory)
-    if common.metrics is not None and not any(n == "metrics" for _, n in activated):
-        daemon.serve_metrics(_bind("--metrics", common.metrics))
-    daemon.log_policy()
-
-
-def _bind(flag: str, address: Any) -> socket.socket:
-    try:
-        return open_listener(address)
-    except OSError as exc:
-        raise bind_error(flag, address, exc) from None

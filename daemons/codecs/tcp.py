@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from ipc_core import Layer, PeerClosed, ProtocolError
 
-from .common import MAX_SERVICE_NAME_BYTES
+from ..engine.policy import MAX_SERVICE_NAME_BYTES
 
 OK = b"ok"
 

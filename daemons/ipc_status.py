@@ -1,6 +1,6 @@
 """``ipc status``: a daemon's counters without HTTP, through its control service.
 
-Every daemon built on :class:`daemons.server.Daemon` serves ``NAME.ctl``
+Every daemon built on :class:`daemons.engine.daemon.Daemon` serves ``NAME.ctl``
 (``tcp.ctl``, ``ipc.ctl``...) in the run directory and answers the message
 ``status`` with JSON (see :meth:`Daemon.status`). Going through the run
 directory means the same permissions as every other LibIPC service (0660 and
@@ -24,7 +24,7 @@ from ipc_core import Context, IPCError, list_services
 from ipc_core import rundir as default_rundir
 from ipc_core.routing import connect_direct
 
-from .common import LibipcCommand, help_epilog, seconds
+from .engine.options import LibipcCommand, help_epilog, seconds
 
 __all__ = ["query", "rundir_option", "status", "summarize"]
 

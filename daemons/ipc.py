@@ -21,8 +21,8 @@ import click
 from ipc_core import Context, EventType, IPCError, list_services
 from ipc_core import rundir as default_rundir
 
-from .common import HELP_SETTINGS, LibipcGroup, help_epilog, seconds
-from .status import rundir_option, status
+from .engine.options import HELP_SETTINGS, LibipcGroup, help_epilog, seconds
+from .ipc_status import rundir_option, status
 
 log = logging.getLogger("ipc")
 
@@ -50,7 +50,7 @@ class _Commands(LibipcGroup):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name == "cert":
-            from .certs import cert
+            from .ipc_cert import cert
 
             return cert
         return super().get_command(ctx, name)

@@ -1,7 +1,7 @@
 """TLS around any daemon handshake: ``TLSHandshake`` (server) and ``TLSConnector`` (client).
 
-Why a wrapper and not a TLS daemon engine: the engine (:mod:`daemons.server`)
-and the outbound dialer (:mod:`daemons.outbound`) already drive Sans-I/O
+Why a wrapper and not a TLS daemon engine: the engine (:mod:`daemons.engine.daemon`)
+and the outbound dialer (:mod:`daemons.engine.outbound`) already drive Sans-I/O
 handshakes and connectors over raw bytes. Putting TLS *around* an existing
 handshake gives ipc-tlsd (TLS around the TCPd handshake) and wss (TLS around
 the WebSocket upgrade) with no new I/O code at all:
@@ -17,7 +17,7 @@ the WebSocket upgrade) with no new I/O code at all:
   TLS). Plaintext decrypted past the inner handshake is returned as the
   "early" bytes, so nothing a fast peer sends is lost.
 * Server side, the client certificate is checked against ``allow_client``
-  (see :func:`daemons.certs.matches_allow`) the moment the TLS handshake
+  (see :func:`daemons.engine.certs.matches_allow`) the moment the TLS handshake
   completes, before the inner handshake sees a single plaintext byte: a peer
   that is not allowed never learns which services exist.
 * Deadlines are the driver's business: the engine's handshake deadline covers
@@ -32,9 +32,8 @@ from collections.abc import Callable, Sequence
 
 from ipc_core import Layer, PeerClosed, ProtocolError, StackedLayer
 
-from .certs import CertIdentity, identity, matches_allow
-from .outbound import Connector
-from .server import Handshake
+from ..engine.certs import CertIdentity, identity, matches_allow
+from ..engine.handshake import Connector, Handshake
 from .tls import TLSLayer
 
 __all__ = ["TLSConnector", "TLSHandshake", "describe_identity"]
@@ -53,7 +52,7 @@ def describe_identity(ident: CertIdentity | None) -> str:
 class TLSHandshake:
     """Server side: a TLS handshake, then ``inner`` over the plaintext.
 
-    Implements :class:`daemons.server.Handshake`. ``allow_client`` (patterns
+    Implements :class:`daemons.engine.handshake.Handshake`. ``allow_client`` (patterns
     as for ``--allow-client``) narrows which client certificates may connect;
     an empty sequence allows any certificate the context accepted (or none, if
     the context does not ask for one). ``on_identity`` is called once, right
@@ -175,7 +174,7 @@ class TLSHandshake:
 class TLSConnector:
     """Client side: a TLS handshake with SNI, then ``inner`` over the plaintext.
 
-    Implements :class:`daemons.outbound.Connector`. ``ssl_context`` decides
+    Implements :class:`daemons.engine.handshake.Connector`. ``ssl_context`` decides
     the verification (system store or a private CA, hostname check) and any
     client certificate; ``server_hostname`` is sent as SNI and checked
     against the server certificate (an IP address is checked, never sent).

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -300,3 +301,36 @@ class HttpResponder:
             f"{extra}Connection: close\r\n\r\n"
         ).encode()
         return head if head_only else head + payload
+
+
+@dataclass
+class DaemonMetrics:
+    """The counters every daemon exports."""
+
+    registry: Registry = field(default_factory=Registry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.connections_open = r.gauge("ipc_connections_open", "Network connections open now.")
+        self.connections_total = r.counter(
+            "ipc_connections_total", "Network connections accepted since start."
+        )
+        self.switched_total = r.counter(
+            "ipc_switched_total", "Connections that completed the handshake and were switched."
+        )
+        self.handshake_failures = r.counter(
+            "ipc_handshake_failures_total", "Handshakes that failed, by reason.", ["reason"]
+        )
+        self.errors = r.counter("ipc_errors_total", "Connections closed on an error.", ["kind"])
+        self.messages = r.counter(
+            "ipc_messages_total", "LibIPC messages relayed, by direction.", ["direction"]
+        )
+        self.bytes = r.counter("ipc_bytes_total", "Bytes relayed, by direction.", ["direction"])
+        self.idle_closed = r.counter(
+            "ipc_idle_closed_total", "Relayed connections closed by --idle-timeout."
+        )
+        self.local_timeouts = r.counter(
+            "ipc_local_timeouts_total",
+            "Local clients closed for sending no request in time, by service.",
+            ["service"],
+        )

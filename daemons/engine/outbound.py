@@ -20,33 +20,20 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from ipc_core import Event, EventType, Layer, PeerClosed, ProtocolError
+from ipc_core import Event, EventType, PeerClosed, ProtocolError
 
-from .common import Uri, parse_uri, tune_tcp
-from .server import Daemon, RequestDeadlines
+from .addresses import Uri, parse_uri
+from .daemon import Daemon
+from .deadlines import RequestDeadlines
+from .handshake import Connector, ConnectorFactory
+from .listeners import tune_tcp
 
 log = logging.getLogger("ipc.daemon.outbound")
 
 _RECV_SIZE = 65536
-
-
-class Connector(Protocol):
-    """Client side of a daemon handshake, Sans-I/O."""
-
-    done: bool
-
-    def data_to_send(self) -> bytes: ...
-
-    def receive_data(self, data: bytes) -> None: ...
-
-    def result(self) -> tuple[Layer | None, bytes]: ...
-
-
-ConnectorFactory = Callable[[Uri], Connector]
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""The Sans-I/O interfaces the engine drives: a network peer's opening
+(:class:`Handshake`, inbound) and a dial-out's (:class:`Connector`, outbound).
+
+Codecs implement them (:mod:`daemons.codecs.tcp`, :mod:`daemons.codecs.tlswrap`,
+ipc-websocketd's upgrade); the engine (:mod:`daemons.engine.daemon`,
+:mod:`daemons.engine.outbound`) does the I/O around them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from ipc_core import Layer
+
+from .addresses import Uri
+
+__all__ = [
+    "FORBIDDEN",
+    "NOT_FOUND",
+    "UNAVAILABLE",
+    "Connector",
+    "ConnectorFactory",
+    "Handshake",
+    "HandshakeFactory",
+]
+
+
+class Handshake(Protocol):
+    """The Sans-I/O opening of one network connection.
+
+    ``receive_data(b"")`` means EOF. ``service`` becomes the requested service
+    name; ``finished`` means "flush data_to_send() and close" (a refusal, an
+    HTTP response). Bad input raises ProtocolError.
+    """
+
+    service: str | None
+    finished: bool
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def data_to_send(self) -> bytes: ...
+
+    def accept(self) -> tuple[Layer | None, bytes]: ...
+
+    def reject(self, reason: str, status: int) -> None: ...
+
+
+HandshakeFactory = Callable[[str], Handshake]
+
+# HTTP-style statuses the engine passes to Handshake.reject.
+FORBIDDEN, NOT_FOUND, UNAVAILABLE = 403, 404, 503
+
+
+class Connector(Protocol):
+    """Client side of a daemon handshake, Sans-I/O."""
+
+    done: bool
+
+    def data_to_send(self) -> bytes: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+    def result(self) -> tuple[Layer | None, bytes]: ...
+
+
+ConnectorFactory = Callable[[Uri], Connector]

@@ -1,0 +1,421 @@
+"""The command-line face every command shares (click).
+
+* :class:`LibipcCommand` / :class:`LibipcGroup` / :func:`libipc_command`:
+  one help style (examples, defaults, environment variables), errors that
+  name what the user typed;
+* :func:`seconds`: the bounded, finite type of every duration flag;
+* :func:`common_options` / :class:`CommonOptions`: the flags every network
+  daemon has (``--listen``, ``--allow``, ``--rundir``, limits, logging);
+* :func:`idle_timeout_option`, :func:`connect_timeout_option`: the flags of
+  the TCP-relaying daemons.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+
+from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE
+
+from .listeners import ListenAddress, parse_listen
+from .log import LOG_FORMATS
+from .policy import ServiceAccess
+
+__all__ = [
+    "DEFAULT_IDLE_TIMEOUT",
+    "HELP_SETTINGS",
+    "LISTEN",
+    "MAX_SECONDS",
+    "CommonOptions",
+    "LibipcCommand",
+    "LibipcGroup",
+    "ListenParamType",
+    "common_options",
+    "connect_timeout_option",
+    "env_note",
+    "help_epilog",
+    "idle_timeout_option",
+    "libipc_command",
+    "listen_specs",
+    "seconds",
+]
+
+# --------------------------------------------------------------------------
+# click options
+# --------------------------------------------------------------------------
+
+
+def _env_source(ctx: click.Context, param: click.Parameter) -> str | None:
+    """The environment variable ``param`` took its value from, if it did."""
+    if param.name is None:
+        return None
+    if ctx.get_parameter_source(param.name) is not click.core.ParameterSource.ENVIRONMENT:
+        return None
+    names: list[str] = []
+    if isinstance(param.envvar, str):
+        names.append(param.envvar)
+    elif param.envvar:
+        names.extend(param.envvar)
+    if ctx.auto_envvar_prefix and isinstance(param, click.Option):
+        names.append(f"{ctx.auto_envvar_prefix}_{param.name.upper()}")
+    return next((n for n in names if os.environ.get(n)), None)
+
+
+#: The upper bound of every duration flag: long enough for any sensible
+#: timeout, short enough that ``call_later`` and the kernel's socket options
+#: (``TCP_USER_TIMEOUT`` in ms, a u32) never overflow.
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf``.
+
+    Why: click checks bounds with ``<``/``>``, and every comparison with nan
+    is false, so ``--handshake-timeout nan`` would pass any range."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if isinstance(rv, float) and not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def seconds(
+    min: float = 0.0, *, min_open: bool = False, max: float = MAX_SECONDS
+) -> click.FloatRange:
+    """The click type of a duration flag (``SECONDS``): finite, bounded."""
+    return FiniteFloatRange(min=min, min_open=min_open, max=max)
+
+
+class LibipcCommand(click.Command):
+    """A click command in the suite's one style.
+
+    * errors name what the user actually typed: a bad value that came from
+      the environment names that variable (``IPC_TCPD_HANDSHAKE_TIMEOUT``),
+      not a flag they never used;
+    * every option shows its environment variable (``[env var: ...]``),
+      including the ones ``auto_envvar_prefix`` makes up; defaults are shown
+      through ``context_settings={"show_default": True}`` (see
+      :func:`libipc_command`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, click.Option) and param.allow_from_autoenv:
+                param.show_envvar = True
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.BadParameter as exc:
+            variable = (
+                exc.param is not None and exc.ctx is not None and _env_source(exc.ctx, exc.param)
+            )
+            if variable:
+                exc.param_hint = f"environment variable {variable}"
+            raise
+
+
+class LibipcGroup(click.Group):
+    """A group whose subcommands are all :class:`LibipcCommand` (and whose
+    subgroups are LibipcGroups)."""
+
+    command_class = LibipcCommand
+    group_class = type
+
+
+#: click's settings for every command of the suite.
+HELP_SETTINGS: Mapping[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def help_epilog(examples: Sequence[tuple[str, str]], notes: Sequence[str] = ()) -> str:
+    """The end of a ``--help`` page: an ``Examples:`` block kept as written
+    (click's ``\b`` marker stops it from rewrapping), then ``notes``, each a
+    paragraph click wraps.
+
+    ``examples`` are ``(command line, what it does)`` pairs; a command line
+    may hold newlines (continuation lines, written after a ``\\``)."""
+    lines = ["\b", "Examples:"]
+    for command, what in examples:
+        lines.append("  " + command.replace("\n", "\n    "))
+        if what:
+            lines.append("      " + what.replace("\n", "\n      "))
+    return "\n\n".join(["\n".join(lines), *notes])
+
+
+def env_note(prefix: str) -> str:
+    """The paragraph every daemon's help ends with: where settings come from."""
+    return (
+        f"Every option can also be set in the environment, as shown: "
+        f"{prefix}_<OPTION> (repeatable options: values separated by spaces). "
+        "Under systemd they go in /etc/libipc/<unit>.env."
+    )
+
+
+def libipc_command(
+    name: str | None = None,
+    *,
+    env_prefix: str | None = None,
+    examples: Sequence[tuple[str, str]] = (),
+    notes: Sequence[str] = (),
+) -> Callable[[Callable[..., Any]], LibipcCommand]:
+    """``@click.command`` in the suite's style: :class:`LibipcCommand`, ``-h``,
+    defaults shown and, with ``env_prefix``, every option an environment
+    variable ``PREFIX_OPTION`` (named in the help and in errors). The
+    function's docstring is the help; its first line the summary."""
+    settings = dict(HELP_SETTINGS)
+    if env_prefix:
+        settings["auto_envvar_prefix"] = env_prefix
+        notes = [*notes, env_note(env_prefix)]
+    return click.command(  # type: ignore[return-value]
+        name,
+        cls=LibipcCommand,
+        context_settings=settings,
+        epilog=help_epilog(examples, notes),
+    )
+
+
+class ListenParamType(click.ParamType):
+    """click type turning a ``--listen``-style string into a :class:`ListenAddress`."""
+
+    name = "ADDRESS"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> ListenAddress:
+        if isinstance(value, ListenAddress):
+            return value
+        try:
+            return parse_listen(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+LISTEN = ListenParamType()
+
+
+def listen_specs(
+    cli_values: Sequence[str | ListenAddress],
+    env: Mapping[str, str] | None = None,
+    default: str = ":9000",
+) -> list[ListenAddress]:
+    """Decide where to listen: ``--listen`` (or its auto env var), else the
+    reference's ``ADDRESS`` env var (whitespace-separated), else ``default``.
+
+    Raises ``ValueError`` for a bad ``ADDRESS``.
+    """
+    env = os.environ if env is None else env
+    values: Sequence[str | ListenAddress] = cli_values
+    if not values:
+        values = env.get("ADDRESS", "").split() or [default]
+    return [v if isinstance(v, ListenAddress) else parse_listen(v) for v in values]
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    """The values of the flags added by :func:`common_options`."""
+
+    listen: tuple[ListenAddress, ...]
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+    rundir: str | None
+    log_format: str
+    verbose: int
+    quiet: int
+    handshake_timeout: float
+    max_connections: int
+    max_message_size: int
+    metrics: ListenAddress | None
+    peer_timeout: float = 30.0
+    max_connections_per_ip: int = 64
+
+    @property
+    def verbosity(self) -> int:
+        return self.verbose - self.quiet
+
+    def listen_addresses(
+        self, default: str = ":9000", env: Mapping[str, str] | None = None
+    ) -> list[ListenAddress]:
+        """:func:`listen_specs` applied to ``--listen``."""
+        return listen_specs(self.listen, env, default)
+
+    def access(self, *protected: str) -> ServiceAccess:
+        """A :class:`ServiceAccess` from ``--allow``/``--deny``, also protecting ``protected``."""
+        return ServiceAccess(self.allow, self.deny).protect(*protected)
+
+
+_COMMON_NAMES = tuple(f.name for f in CommonOptions.__dataclass_fields__.values())
+#: Upper bound of --max-connections and --max-connections-per-ip.
+MAX_CONNECTIONS = 1_000_000
+#: --peer-timeout becomes TCP_KEEPIDLE, which Linux caps at 32767 s.
+MAX_PEER_TIMEOUT = 32767.0
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def common_options(func: F | None = None, *, default_listen: str | None = None) -> Any:
+    """Add the flags every daemon shares and pass them as ``common: CommonOptions``.
+
+    Declare the command with :func:`libipc_command` and an ``env_prefix``
+    (``IPC_TCPD``, ...) so every flag is also an environment variable
+    (``IPC_TCPD_LISTEN=":9000 unix:/run/x"``, ``IPC_TCPD_VERBOSE=2``).
+    ``--rundir`` also reads ``RUNDIR`` like every LibIPC program. ``--listen``
+    has no default on purpose: call ``common.listen_addresses(default)`` so the
+    reference's ``ADDRESS`` variable is honoured as a fallback;
+    ``default_listen`` puts that default in the help.
+
+    Example::
+
+        @libipc_command(env_prefix="IPC_TCPD")
+        @common_options(default_listen="127.0.0.1:9000")
+        def main(common: CommonOptions) -> None:
+            setup_logging(common.verbosity, common.log_format)
+            socks = [open_listener(a) for a in common.listen_addresses("127.0.0.1:9000")]
+    """
+    if func is None:
+        return functools.partial(_add_common_options, default_listen=default_listen)
+    return _add_common_options(func, default_listen)
+
+
+def _add_common_options(func: F, default_listen: str | None = None) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in _COMMON_NAMES}
+        return func(*args, common=CommonOptions(**values), **kwargs)
+
+    fallback = default_listen or "the daemon's default"
+    options = [
+        click.option(
+            "--listen",
+            "-l",
+            type=LISTEN,
+            multiple=True,
+            help="Address to listen on: :PORT (all interfaces, IPv4 and IPv6), "
+            "HOST:PORT, [IPv6]:PORT or unix:PATH. Repeatable. "
+            f"Default: $ADDRESS if set, else {fallback}. Ignored when systemd "
+            "passes the sockets.",
+        ),
+        click.option(
+            "--allow",
+            multiple=True,
+            metavar="GLOB",
+            help="Local services remote peers may reach. Repeatable. "
+            "Default: all but the protected ones (the daemons' own services).",
+        ),
+        click.option(
+            "--deny",
+            multiple=True,
+            metavar="GLOB",
+            help="Local services remote peers may never reach (wins over --allow). Repeatable.",
+        ),
+        click.option(
+            "--rundir",
+            envvar="RUNDIR",
+            default=None,
+            metavar="DIR",
+            help="LibIPC run directory. Default: /tmp/.libipc-run.",
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(LOG_FORMATS),
+            default="auto",
+            help="auto: human, without timestamps under systemd; json: one object per line.",
+        ),
+        click.option(
+            "-v",
+            "--verbose",
+            count=True,
+            show_default=False,
+            help="More logs: -v adds debug lines.",
+        ),
+        click.option(
+            "-q",
+            "--quiet",
+            count=True,
+            show_default=False,
+            help="Fewer logs: -q warnings and errors only, -qq errors only.",
+        ),
+        click.option(
+            "--handshake-timeout",
+            type=seconds(0, min_open=True),
+            default=5.0,
+            metavar="SECONDS",
+            help="Close peers that have not finished their handshake by then.",
+        ),
+        click.option(
+            "--max-connections",
+            type=click.IntRange(min=1, max=MAX_CONNECTIONS),
+            default=10000,
+            metavar="N",
+            help="Refuse new network connections beyond N open ones.",
+        ),
+        click.option(
+            "--max-message-size",
+            type=click.IntRange(min=0, max=0xFFFFFFFF),
+            default=DEFAULT_MAX_MESSAGE_SIZE,
+            metavar="BYTES",
+            help="Disconnect peers announcing a longer message.",
+        ),
+        click.option(
+            "--metrics",
+            type=LISTEN,
+            default=None,
+            metavar="ADDRESS",
+            help="Serve Prometheus /metrics and /healthz on this address. Default: off.",
+        ),
+        click.option(
+            "--peer-timeout",
+            type=seconds(1, max=MAX_PEER_TIMEOUT),
+            default=30.0,
+            metavar="SECONDS",
+            help="Close a TCP peer whose data stays unacknowledged this long, or that "
+            "stops answering keepalive probes (a dead link, a vanished host).",
+        ),
+        click.option(
+            "--max-connections-per-ip",
+            type=click.IntRange(min=0, max=MAX_CONNECTIONS),
+            default=64,
+            metavar="N",
+            help="Refuse a source address (an IPv6 /64) more than N connections "
+            "at once, handshaking or relayed. 0 = no limit.",
+        ),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+#: Seconds a relayed TCP/TLS connection may carry no byte either way.
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+def idle_timeout_option(func: F) -> F:
+    """``--idle-timeout`` for the TCP-relaying daemons (ipc-tcpd, ipc-tlsd).
+
+    Not a common option: ipc-websocketd has its own ``--idle-timeout``
+    (WebSocket messages, a close frame), which a byte-level timeout would
+    contradict (its pings are bytes)."""
+    option = click.option(
+        "--idle-timeout",
+        type=seconds(0),
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="Close a relayed connection with no byte either way for this long. 0 = off.",
+    )
+    return option(func)  # type: ignore[no-any-return]
+
+
+def connect_timeout_option(what: str) -> Callable[[F], F]:
+    """``--connect-timeout``: the deadline of an outbound attempt (``what``
+    it covers differs between ipc-tcpd and ipc-tlsd)."""
+    return click.option(
+        "--connect-timeout",
+        type=seconds(0, min_open=True),
+        default=5.0,
+        metavar="SECONDS",
+        help=f"Deadline of an outbound {what}.",
+    )

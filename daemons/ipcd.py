@@ -23,22 +23,21 @@ look-ups, and a client that sends no look-up is closed after
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import click
 
 from ipc_core import Context, Event, EventType, IPCError, ProtocolError, encode
 from ipc_core.routing import ROUTER_SERVICE, parse_lookup, parse_network
-from ipc_core.rundir import socket_path
 
 from .engine.daemon import Daemon
-from .engine.deadlines import RequestDeadlines
+from .engine.deadlines import Deadlines, RequestDeadlines
+from .engine.errors import Failure, LocalRefused
+from .engine.local import connect_local
 from .engine.log import LOG_FORMATS, setup_logging
 from .engine.options import libipc_command, seconds
 from .engine.policy import ServiceAccess
@@ -56,7 +55,6 @@ class _Lookup:
     started: float
     daemon_fd: int = -1
     answer: bytes = b""
-    deadline: Any = None
 
 
 def resolve_target(target: str) -> tuple[str, str | None]:
@@ -98,36 +96,41 @@ class Router:
         self._by_daemon: dict[int, _Lookup] = {}
         r = daemon.metrics.registry
         self.lookups = r.counter("ipc_lookups_total", "Router look-ups, by result.", ["result"])
-        daemon.handlers.append(self.handle)
+        self._deadlines: Deadlines[int] = Deadlines(self.ctx)  # look-ups, by client fd
+        daemon.own(self.service_fd, self._on_service)
 
-    def handle(self, event: Event) -> bool:
+    def _on_service(self, event: Event) -> None:
+        """A local client connected: it owes us a look-up."""
+        if event.type is EventType.CONNECTION:
+            self.daemon.own(event.fd, self._on_client)
+            self._clients.start(event.fd)
+
+    def _on_client(self, event: Event) -> None:
         fd = event.fd
-        if event.type == EventType.CONNECTION and event.origin == self.service_fd:
-            self._clients.start(fd)
-            return True
-        if event.type == EventType.MESSAGE_RX and fd in self._clients:
+        if event.type is EventType.MESSAGE_RX:
+            if self._clients.done(fd):
+                assert event.message is not None
+                self._lookup(fd, event.message)
+        elif event.type is EventType.DISCONNECTION:
             self._clients.done(fd)
-            assert event.message is not None
-            self._lookup(fd, event.message)
-            return True
-        if event.type == EventType.EXTERNAL and fd in self._by_daemon:
-            self._on_daemon(self._by_daemon[fd])
-            return True
-        if event.type == EventType.DISCONNECTION:
-            self._clients.done(fd)
-            lookup = self._by_daemon.get(fd)
-            if lookup is not None:
-                lookup.daemon_fd = -1
-                why = event.reason or "EOF"
-                self._fail(lookup, f"protocol daemon closed the connection ({why})")
-                return True
             lookup = self._by_client.get(fd)
             if lookup is not None:
                 self._forget(lookup)
                 if lookup.daemon_fd >= 0:
-                    self.ctx.close(lookup.daemon_fd)
-                return True
-        return False
+                    self.daemon.drop(lookup.daemon_fd)
+
+    def _on_daemon_event(self, event: Event) -> None:
+        """The protocol daemon asked to dial: its answer, or its close."""
+        lookup = self._by_daemon.get(event.fd)
+        if lookup is None:
+            return
+        if event.type is EventType.EXTERNAL:
+            self._on_daemon(lookup)
+        elif event.type is EventType.DISCONNECTION:
+            self._by_daemon.pop(event.fd, None)
+            lookup.daemon_fd = -1
+            why = event.reason or "EOF"
+            self._fail(lookup, f"protocol daemon closed the connection ({why})")
 
     def _lookup(self, client_fd: int, payload: bytes) -> None:
         try:
@@ -153,26 +156,23 @@ class Router:
         self._by_client[client_fd] = lookup
         lookup.daemon_fd = self.ctx.add_external(sock)
         self._by_daemon[lookup.daemon_fd] = lookup
+        self.daemon.own(lookup.daemon_fd, self._on_daemon_event)
         self.ctx.send_raw(lookup.daemon_fd, encode(uri.encode()))
-        lookup.deadline = self.ctx.call_later(
-            self.timeout, lambda: self._fail(lookup, f"no answer within {self.timeout} s")
+        self._deadlines.start(
+            client_fd,
+            self.timeout,
+            lambda: self._fail(lookup, f"no answer within {self.timeout} s"),
         )
 
     def _connect_local(self, name: str, uri: str | None) -> socket.socket:
         """Connect to the local service ``name``: the target itself, or the
         protocol daemon that dials ``uri``."""
-        path = socket_path(name, self.ctx.rundir)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
         try:
-            sock.connect(os.fsencode(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            raise IPCError(_missing_service(name, uri, self.ctx.rundir)) from None
-        except OSError:
-            sock.close()
+            return connect_local(name, self.ctx.rundir)
+        except LocalRefused as exc:
+            if exc.failure is Failure.UNKNOWN_SERVICE:
+                raise IPCError(_missing_service(name, uri, self.ctx.rundir)) from None
             raise
-        return sock
 
     def _on_daemon(self, lookup: _Lookup) -> None:
         """Read the daemon's answer frame exactly: bytes after it belong to the
@@ -203,6 +203,7 @@ class Router:
             return
         self._forget(lookup)
         sock = self.ctx.socket_of(lookup.daemon_fd)
+        self.daemon.disown(lookup.daemon_fd)
         self.ctx.remove_external(lookup.daemon_fd)
         self._hand_over(lookup, sock)
 
@@ -222,14 +223,14 @@ class Router:
             )
         finally:
             sock.close()
-            self.ctx.close(lookup.client_fd)
+            self.daemon.drop(lookup.client_fd)
 
     def _fail(self, lookup: _Lookup, reason: str) -> None:
         if self._by_client.get(lookup.client_fd) is not lookup:
             return
         self._forget(lookup)
         if lookup.daemon_fd >= 0:
-            self.ctx.close(lookup.daemon_fd)
+            self.daemon.drop(lookup.daemon_fd)
         self._answer_error(
             lookup.client_fd, f"{lookup.service!r} -> {lookup.target}: {reason}", "unreachable"
         )
@@ -237,9 +238,7 @@ class Router:
     def _forget(self, lookup: _Lookup) -> None:
         self._by_client.pop(lookup.client_fd, None)
         self._by_daemon.pop(lookup.daemon_fd, None)
-        if lookup.deadline is not None:
-            lookup.deadline.cancel()
-            lookup.deadline = None
+        self._deadlines.done(lookup.client_fd)
 
     def _answer_error(self, client_fd: int, reason: str, kind: str) -> None:
         log.warning("ipcd: %s", reason)

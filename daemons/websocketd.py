@@ -66,7 +66,7 @@ from .codecs.tlswrap import TLSHandshake, describe_identity
 from .codecs.ws import HandshakeRequest, HoldPool, Phase, WebSocketServerLayer, origin_allowed
 from .engine import certs
 from .engine.daemon import Daemon
-from .engine.handshake import Handshake
+from .engine.handshake import Handshake, NamesPeer
 from .engine.log import setup_logging
 from .engine.options import CommonOptions, common_options, libipc_command, seconds
 from .engine.policy import service_name_error
@@ -651,8 +651,9 @@ class Keepalive:
     after the last message.
     """
 
-    def __init__(self, ctx: Context, *, ping_interval: float, idle_timeout: float) -> None:
-        self.ctx = ctx
+    def __init__(self, daemon: Daemon, *, ping_interval: float, idle_timeout: float) -> None:
+        self.daemon = daemon
+        self.ctx = ctx = daemon.ctx
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self.conns: dict[int, _Open] = {}
@@ -663,23 +664,24 @@ class Keepalive:
             ctx.call_later(self._idle_period, self._check_idle)
 
     def switched(self, fd: int, handshake: Handshake, layer: Layer | None) -> None:
-        """The engine's ``on_switched`` hook: start watching ``fd``."""
+        """The engine's ``on_switched`` hook: start watching ``fd``, and own
+        it (its DISCONNECTION releases the layer's buffers at once)."""
         ws = layer.upper if isinstance(layer, StackedLayer) else layer
         if isinstance(ws, WebSocketServerLayer) and fd in self.ctx:
-            peer = getattr(handshake, "peer", None) or f"fd {fd}"
+            peer = (isinstance(handshake, NamesPeer) and handshake.peer) or f"fd {fd}"
             self.conns[fd] = _Open(ws, peer, time.monotonic(), ws.activity)
             # What the Context still holds for this client counts against the
             # layer's control-frame budget (a ping flood from a non-reader).
             ws.backlog = functools.partial(_pending_bytes, self.ctx, fd)
+            self.daemon.own(fd, self.on_event)
 
-    def on_event(self, event: Event) -> bool:
-        """A ``daemon.handlers`` entry: forget closed connections."""
+    def on_event(self, event: Event) -> None:
+        """The owner of a watched connection: forget it when it closes."""
         if event.type is EventType.DISCONNECTION:
             conn = self.conns.pop(event.fd, None)
             if conn is not None:
                 conn.layer.release()  # its buffers and pool share, now
                 conn.layer.data_to_send()  # and what it had for a client now gone
-        return False
 
     def _ping_all(self) -> None:
         self.ctx.call_later(self.ping_interval, self._ping_all)
@@ -732,7 +734,7 @@ class Keepalive:
 
     def _cut(self, fd: int) -> None:
         self.conns.pop(fd, None)
-        self.ctx.close(fd)
+        self.daemon.drop(fd)
 
 
 # -- TLS ---------------------------------------------------------------------------
@@ -850,23 +852,15 @@ def build_daemon(
             return handshake
         return _secure(handshake, tls.context, allow_client, mtls)
 
-    keepalive = Keepalive(ctx, ping_interval=ping_interval, idle_timeout=idle_timeout)
+    keepalive = Keepalive(daemon, ping_interval=ping_interval, idle_timeout=idle_timeout)
     daemon.on_switched = keepalive.switched
-    daemon.handlers.append(keepalive.on_event)
-    engine_stop = daemon.stop
-
-    def stop() -> None:  # the engine's signal handlers look ``stop`` up at call time
-        keepalive.goodbye()
-        engine_stop()
-
-    daemon.stop = stop  # type: ignore[method-assign]
+    daemon.on_stop = keepalive.goodbye
     if tls is not None:
         daemon.on_reload = tls.reload
     daemon.serve_control(f"{control_name}.ctl", flag="--control-name")  # fails first
     open_listeners(daemon, common, factory, DEFAULT_LISTEN)
     # The accepted Host names depend on the bound sockets (port 0, systemd's).
-    sockets = [sock for sock, _factory in daemon._listeners.values()]
-    hosts = HostPolicy.for_sockets(sockets, options.hosts, secure=tls is not None)
+    hosts = HostPolicy.for_sockets(daemon.listening_sockets, options.hosts, secure=tls is not None)
     return daemon
 
 

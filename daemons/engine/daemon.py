@@ -23,10 +23,20 @@ the name, or a WebSocket upgrade) while the engine does the I/O:
    seconds is closed (a sweep reads the kernel's TCP_INFO: nothing on the
    relay's hot path).
 
+One owner per descriptor: every descriptor the daemon watches has exactly
+one owner in a table (``fd -> callable(event)``): a listener, a pending
+handshake, a /metrics client, a local service of ours and its clients (the
+control service, the outbound side, ipcd's router), a switched connection.
+An event goes to the owner of its descriptor (a CONNECTION to the owner of
+the service it came in on); a DISCONNECTION first updates the engine's own
+counts (open connections, per-source limits, idle watch, error kinds), then
+goes to the owner, which is forgotten. Whoever adds a descriptor owns it
+(:meth:`Daemon.own`); :meth:`Daemon.drop` closes one and forgets its owner.
+
 Local clients of the daemon's own services (the outbound side, ``NAME.ctl``,
 ipcd's ``ipc``) must send their request within the handshake timeout too
-(:class:`RequestDeadlines`). A failed start raises :class:`StartupError`
-naming the flag at fault and leaves no socket or lock behind.
+(:class:`~daemons.engine.deadlines.RequestDeadlines`); every "must happen by
+then" of the engine is a :class:`~daemons.engine.deadlines.Deadlines`.
 
 The engine also serves ``--metrics`` (Prometheus text and /healthz), the
 local control service ``NAME.ctl`` (:meth:`Daemon.serve_control`: the same
@@ -61,25 +71,34 @@ from ipc_core import (
     PeerClosed,
     ProtocolError,
     ServiceBusy,
+    socket_path,
 )
-from ipc_core.rundir import socket_path
 
 from . import systemd
-from .deadlines import RequestDeadlines
-from .handshake import NOT_FOUND, UNAVAILABLE, Handshake, HandshakeFactory
+from .deadlines import Deadlines, RequestDeadlines
+from .errors import ErrorKind, Failure, LocalRefused
+from .handshake import Handshake, HandshakeFactory, NamesPeer, Settles
 from .listeners import bound_address, exposed_addresses, raise_fd_limit, tune_tcp
+from .local import connect_local
 from .log import LogThrottle, plural
 from .metrics import DaemonMetrics, HttpResponder
 from .policy import ServiceAccess, exposure_warning, network_refusal, policy_summary
+
+__all__ = ["MAX_HTTP_CONNECTIONS", "Daemon", "Owner", "source_key", "tcp_idle_seconds"]
 
 log = logging.getLogger("ipc.daemon")
 
 _RECV_SIZE = 65536
 #: Open /metrics connections at most (a scrape takes one, briefly).
 MAX_HTTP_CONNECTIONS = 32
+#: accept() errors that mean "out of descriptors or memory": pause, do not spin.
+_ACCEPT_PAUSE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+#: What owns a descriptor: called with every event of that descriptor.
+Owner = Callable[[Event], None]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     """A network peer still in its handshake."""
 
@@ -87,8 +106,15 @@ class _Pending:
     peer: str
     handshake: Handshake
     started: float
-    deadline: Any = None
-    settle: Any = None
+    #: The handshake's optional capabilities, decided once at accept.
+    settles: Settles | None = None
+    names_peer: NamesPeer | None = None
+
+    @property
+    def who(self) -> str:
+        """The peer name for log lines: the handshake's if it knows better
+        (ipc-websocketd --trust-proxy: X-Forwarded-For), else the socket's."""
+        return (self.names_peer is not None and self.names_peer.peer) or self.peer
 
 
 class Daemon:
@@ -119,16 +145,22 @@ class Daemon:
         raise_fd_limit(2 * max_connections + 64)
         self._throttles: dict[str, LogThrottle] = {}
         self.metrics = DaemonMetrics()
+        #: SIGHUP: re-read what can be re-read (certificates, CRLs).
         self.on_reload: Callable[[], None] | None = None
-        #: Extra event handlers (e.g. the outbound side): return True if handled.
-        self.handlers: list[Callable[[Event], bool]] = []
+        #: Called once when the daemon stops (SIGTERM/SIGINT), before the loop
+        #: ends: ipc-websocketd sends its close frames here.
+        self.on_stop: Callable[[], None] | None = None
         #: Called as ``on_switched(fd, handshake, layer)`` once a network peer
-        #: is switched (ipc-websocketd tracks its connections for keepalive).
+        #: is switched (ipc-websocketd tracks its connections for keepalive;
+        #: it may take ownership of ``fd`` with :meth:`own`).
         self.on_switched: Callable[[int, Handshake, Layer | None], None] | None = None
+        self._owners: dict[int, Owner] = {}
         self._listeners: dict[int, tuple[socket.socket, HandshakeFactory]] = {}
-        self._metric_listeners: set[int] = set()
         self._pending: dict[int, _Pending] = {}
+        self._handshake_deadlines: Deadlines[int] = Deadlines(ctx)
+        self._settles: Deadlines[int] = Deadlines(ctx)
         self._http: dict[int, HttpResponder] = {}
+        self._http_deadlines: Deadlines[int] = Deadlines(ctx)
         self._network_fds: set[int] = set()
         self._sources: dict[str, int] = {}  # open network connections per source
         self._source_of: dict[int, str] = {}
@@ -137,13 +169,36 @@ class Daemon:
         self._stopping = False
         self._watchdog: float | None = None
         self._started = time.monotonic()
-        self._control_fd = -1
-        self._control_peers: set[int] = set()
         self._control_wait: RequestDeadlines | None = None
         ctx.switch_events = False
         if idle_timeout > 0:
             self._idle_period = min(max(idle_timeout / 4, 0.05), 5.0)
             ctx.call_later(self._idle_period, self._sweep_idle)
+
+    # -------------------------------------------------------------- owners
+
+    def own(self, fd: int, owner: Owner) -> None:
+        """Route every event of ``fd`` to ``owner`` (a CONNECTION on a
+        service ``fd`` too). Replaces any previous owner: whoever adds a
+        descriptor owns it, so a reused number never reaches an old owner."""
+        self._owners[fd] = owner
+
+    def disown(self, fd: int) -> None:
+        """Forget ``fd``'s owner (the descriptor left the Context without a
+        DISCONNECTION event: handed over, paused, closed at once)."""
+        self._owners.pop(fd, None)
+
+    def drop(self, fd: int, *, flush: bool = False) -> None:
+        """Close ``fd``. Its owner stays until a DISCONNECTION (if the Context
+        reports one) or until the number is owned again; a network
+        connection is uncounted now, as no event may come to do it."""
+        if not flush:
+            self._network_closed(fd)
+        self.ctx.close(fd, flush=flush)
+
+    def owner_of(self, fd: int) -> Owner | None:
+        """The owner of ``fd``, if any (for tests and introspection)."""
+        return self._owners.get(fd)
 
     def reachable(self, service: str) -> bool:
         """May a network peer reach ``service``, and does it run here?
@@ -164,10 +219,20 @@ class Daemon:
 
     def listen(self, sock: socket.socket, factory: HandshakeFactory) -> None:
         """Accept network peers on ``sock``; ``factory(peer)`` opens each."""
+        self._add_listener(sock, factory)
+        log.info("%s: listening on %s", self.name, bound_address(sock))
+
+    def _add_listener(self, sock: socket.socket, factory: HandshakeFactory) -> None:
         sock.setblocking(False)
         fd = self.ctx.add_external(sock)
         self._listeners[fd] = (sock, factory)
-        log.info("%s: listening on %s", self.name, bound_address(sock))
+        self.own(fd, self._on_listener)
+
+    @property
+    def listening_sockets(self) -> list[socket.socket]:
+        """The network listeners (their bound addresses decide, e.g., the
+        Host names ipc-websocketd accepts)."""
+        return [sock for sock, _factory in self._listeners.values()]
 
     def log_policy(self) -> None:
         """Say at start who may reach what, and warn when every interface
@@ -176,17 +241,14 @@ class Daemon:
         if not self._listeners:
             return
         log.info("%s: %s", self.name, policy_summary(self.access))
-        warning = exposure_warning(
-            exposed_addresses(sock for sock, _factory in self._listeners.values()), self.access
-        )
+        warning = exposure_warning(exposed_addresses(self.listening_sockets), self.access)
         if warning is not None:
             log.warning("%s: %s", self.name, warning)
 
     def serve_metrics(self, sock: socket.socket) -> None:
         """Serve /metrics and /healthz on ``sock`` (plain HTTP)."""
         sock.setblocking(False)
-        fd = self.ctx.add_external(sock)
-        self._metric_listeners.add(fd)
+        self.own(self.ctx.add_external(sock), self._on_metrics_listener)
         log.info("%s: metrics on http://%s/metrics", self.name, bound_address(sock))
 
     def serve_control(self, service: str, *, flag: str = "--service-name") -> None:
@@ -200,13 +262,13 @@ class Daemon:
         the run directory's permissions as the access control. Network peers
         never reach it: ``*.ctl`` is protected in :class:`ServiceAccess`.
         """
-        self._control_fd = self.service_init(service, flag)
         self._control_wait = RequestDeadlines(self, service)
-        self.handlers.insert(0, self._on_control)
+        self.own(self.service_init(service, flag), self._on_control_service)
 
     def service_init(self, service: str, flag: str) -> int:
         """A local-only service of ours (``ctx.service_init(local_only=True)``);
-        "already running" names ``flag``, the way to run another instance."""
+        "already running" names ``flag``, the way to run another instance.
+        The caller owns the descriptor (:meth:`own`)."""
         try:
             return self.ctx.service_init(service, local_only=True)
         except ServiceBusy as exc:
@@ -222,27 +284,25 @@ class Daemon:
             "metrics": self.metrics.registry.snapshot(),
         }
 
-    def _on_control(self, event: Event) -> bool:
+    def _on_control_service(self, event: Event) -> None:
+        if event.type is EventType.CONNECTION:
+            assert self._control_wait is not None
+            self.own(event.fd, self._on_control_client)
+            self._control_wait.start(event.fd)
+
+    def _on_control_client(self, event: Event) -> None:
         fd = event.fd
         wait = self._control_wait
         assert wait is not None
-        if event.type == EventType.CONNECTION and event.origin == self._control_fd:
-            self._control_peers.add(fd)
-            wait.start(fd)
-            return True
-        if fd not in self._control_peers:
-            return False
-        if event.type == EventType.MESSAGE_RX:
+        if event.type is EventType.MESSAGE_RX:
             wait.start(fd)  # each request re-arms the deadline: silence closes
             if (event.message or b"").strip() == b"status":
                 answer = json.dumps(self.status(), separators=(",", ":")).encode()
             else:
                 answer = b'{"error":"unknown command; try status"}'
             self.ctx.schedule(fd, answer)
-        elif event.type == EventType.DISCONNECTION:
-            self._control_peers.discard(fd)
+        elif event.type is EventType.DISCONNECTION:
             wait.done(fd)
-        return True
 
     # ----------------------------------------------------------------- run
 
@@ -282,23 +342,30 @@ class Daemon:
             event.type.name,
             event.fd,
         )
-        self.metrics.errors.inc(kind="internal")
+        self.metrics.errors.inc(kind=ErrorKind.INTERNAL)
         pending = self._pending.pop(event.fd, None)
         if pending is not None:
             self._cancel(pending)
         if event.fd >= 0 and event.fd not in self._listeners and event.fd in self.ctx:
-            self.ctx.close(event.fd, flush=False)
-            self._network_closed(event.fd)
+            self.drop(event.fd)
 
     def stop(self) -> None:
-        if not self._stopping:
-            self._stopping = True
-            log.info("%s: stopping", self.name)
-            systemd.stopping()
-            self.ctx.stop()
+        """Stop the loop (once): ``on_stop`` first, then the Context."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("%s: stopping", self.name)
+        systemd.stopping()
+        if self.on_stop is not None:
+            try:
+                self.on_stop()
+            except Exception:
+                log.exception("%s: on_stop failed", self.name)
+        self.ctx.stop()
 
     def close(self) -> None:
         """Close every descriptor; remove our services' sockets and locks."""
+        self._owners.clear()
         self.ctx.close_all()
 
     def reload(self) -> None:
@@ -317,38 +384,34 @@ class Daemon:
         self.ctx.call_later(self._watchdog / 2, self._kick_watchdog)
 
     def handle(self, event: Event) -> None:
-        """Dispatch one Context event."""
+        """Dispatch one Context event to the owner of its descriptor."""
         fd = event.fd
-        if event.type == EventType.EXTERNAL:
-            if fd in self._pending:
-                self._on_handshake_data(self._pending[fd])
-            elif fd in self._listeners:
-                self._accept(fd)
-            elif fd in self._http:
-                self._on_http(fd)
-            elif fd in self._metric_listeners:
-                self._accept_metrics(fd)
-            else:
-                self._dispatch_extra(event)
-        elif event.type == EventType.DISCONNECTION:
-            self._idle.pop(fd, None)
-            if self._network_closed(fd) and event.reason:
-                self.metrics.errors.inc(kind=_error_kind(event.reason))
-            pending = self._pending.pop(fd, None)
-            if pending is not None:
-                self._cancel(pending)
-                self._count_failure("peer closed", pending, event.reason or "closed")
-            self._http.pop(fd, None)
-            self._dispatch_extra(event)
+        etype = event.type
+        if etype is EventType.DISCONNECTION:
+            self._closed(event)
+            owner = self._owners.pop(fd, None)
+        elif etype is EventType.CONNECTION:
+            owner = self._owners.get(event.origin)
         else:
-            self._dispatch_extra(event)
+            owner = self._owners.get(fd)
+        if owner is not None:
+            owner(event)
 
-    def _dispatch_extra(self, event: Event) -> None:
-        for handler in self.handlers:
-            if handler(event):
-                return
+    def _closed(self, event: Event) -> None:
+        """The engine's own bookkeeping for any closed descriptor."""
+        self._idle.pop(event.fd, None)
+        if self._network_closed(event.fd) and event.reason:
+            self.metrics.errors.inc(kind=_error_kind(event))
+
+    def relayed(self, event: Event) -> None:
+        """The owner of a switched pair's ends: the Context relays without the
+        engine, and :meth:`_closed` already did the bookkeeping."""
 
     # -------------------------------------------------------------- accept
+
+    def _on_listener(self, event: Event) -> None:
+        if event.type is EventType.EXTERNAL:
+            self._accept(event.fd)
 
     def _accept(self, lfd: int) -> None:
         lsock, factory = self._listeners[lfd]
@@ -359,7 +422,7 @@ class Daemon:
                 return
             except OSError as exc:
                 self._accept_failed(exc)
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
                     self._pause_accept(lfd)
                 return
             peer = _peer_name(addr)
@@ -372,46 +435,56 @@ class Daemon:
             try:
                 handshake = factory(peer)
             except Exception as exc:  # a bug or a configuration problem: not the peer's
-                self._refuse(peer, "internal", f"cannot start a handshake: {exc}")
+                self._refuse(peer, Failure.INTERNAL, f"cannot start a handshake: {exc}")
                 log.debug("%s: handshake factory failed", self.name, exc_info=True)
-                self.metrics.errors.inc(kind="internal")
+                self.metrics.errors.inc(kind=ErrorKind.INTERNAL)
                 sock.close()
                 continue
-            sock.setblocking(False)
-            tune_tcp(sock, self.peer_timeout)
-            fd = self.ctx.add_external(sock)
-            self._network_opened(fd, source)
-            pending = _Pending(fd, peer, handshake, time.monotonic())
-            pending.deadline = self.ctx.call_later(
-                self.handshake_timeout, lambda p=pending: self._timeout(p)
-            )
-            self._pending[fd] = pending
-            log.debug("%s: connection from %s (fd %d)", self.name, peer, fd)
+            self._start_handshake(sock, peer, source, handshake)
 
-    def _over_limit(self, source: str | None) -> tuple[str, str] | None:
+    def _start_handshake(
+        self, sock: socket.socket, peer: str, source: str | None, handshake: Handshake
+    ) -> None:
+        sock.setblocking(False)
+        tune_tcp(sock, self.peer_timeout)
+        fd = self.ctx.add_external(sock)
+        self._network_opened(fd, source)
+        p = _Pending(fd, peer, handshake, time.monotonic())
+        # Optional capabilities, decided once per connection, not per read.
+        if isinstance(handshake, Settles):
+            p.settles = handshake
+        if isinstance(handshake, NamesPeer):
+            p.names_peer = handshake
+        self._pending[fd] = p
+        self.own(fd, self._on_pending)
+        self._handshake_deadlines.start(fd, self.handshake_timeout, lambda: self._timeout(p))
+        log.debug("%s: connection from %s (fd %d)", self.name, peer, fd)
+
+    def _over_limit(self, source: str | None) -> tuple[Failure, str] | None:
         """``(kind, reason)`` if a new connection from ``source`` is one too many."""
         if len(self._network_fds) >= self.max_connections:
             return (
-                "too many connections",
+                Failure.TOO_MANY,
                 f"{plural(len(self._network_fds), 'connection')} open (--max-connections)",
             )
         cap = self.max_connections_per_ip
         if source is not None and cap and self._sources.get(source, 0) >= cap:
             return (
-                "too many from one address",
+                Failure.TOO_MANY_FROM_SOURCE,
                 f"{plural(cap, 'connection')} open from {source} (--max-connections-per-ip)",
             )
         return None
 
-    def _refuse(self, peer: str, kind: str, reason: str) -> None:
+    def _refuse(self, peer: str, kind: Failure, reason: str) -> None:
         """Count a connection closed at accept; log it, at most every few seconds
         per kind (one flooding peer must not flood the log too)."""
         self.metrics.handshake_failures.inc(reason=kind)
-        more = self._throttle(kind).due()
+        more = self.throttle(kind).due()
         if more is not None:
             log.warning("%s: refusing %s: %s%s", self.name, peer, reason, more)
 
-    def _throttle(self, kind: str) -> LogThrottle:
+    def throttle(self, kind: str) -> LogThrottle:
+        """The log throttle of one recurring condition (one per ``kind``)."""
         throttle = self._throttles.get(kind)
         if throttle is None:
             throttle = self._throttles[kind] = LogThrottle()
@@ -443,8 +516,8 @@ class Daemon:
     def _accept_failed(self, exc: OSError) -> None:
         """Log accept errors at most every few seconds: at the descriptor limit
         the listener is retried every 100 ms and would flood the log."""
-        self.metrics.errors.inc(kind="accept")
-        more = self._throttle("accept").due()
+        self.metrics.errors.inc(kind=ErrorKind.ACCEPT)
+        more = self.throttle(ErrorKind.ACCEPT).due()
         if more is not None:
             hint = ""
             if exc.errno == errno.EMFILE:
@@ -458,44 +531,50 @@ class Daemon:
     def _pause_accept(self, lfd: int) -> None:
         """Stop accepting for 100 ms (EMFILE: the backlog stays readable, and
         retrying at once would spin)."""
-        if lfd in self._listeners:
-            sock, factory = self._listeners.pop(lfd)
-            self.ctx.remove_external(lfd)
+        owner = self._owners.get(lfd)
+        entry = self._listeners.pop(lfd, None)
+        sock = entry[0] if entry is not None else self.ctx.socket_of(lfd)
+        self.disown(lfd)
+        self.ctx.remove_external(lfd)
 
-            def resume() -> None:
-                if not self._stopping:
-                    fd = self.ctx.add_external(sock)
-                    self._listeners[fd] = (sock, factory)
-
-        else:
-            sock = self.ctx.socket_of(lfd)
-            self._metric_listeners.discard(lfd)
-            self.ctx.remove_external(lfd)
-
-            def resume() -> None:
-                if not self._stopping:
-                    self._metric_listeners.add(self.ctx.add_external(sock))
+        def resume() -> None:
+            if self._stopping:
+                return
+            if entry is not None:
+                self._add_listener(sock, entry[1])
+            elif owner is not None:
+                self.own(self.ctx.add_external(sock), owner)
 
         self.ctx.call_later(0.1, resume)
 
     # ----------------------------------------------------------- handshake
 
+    def _on_pending(self, event: Event) -> None:
+        p = self._pending.get(event.fd)
+        if p is None:
+            return
+        if event.type is EventType.EXTERNAL:
+            self._on_handshake_data(p)
+        elif event.type is EventType.DISCONNECTION:
+            del self._pending[event.fd]
+            self._cancel(p)
+            self._count_failure(Failure.PEER_CLOSED, p, event.reason or "closed")
+
     def _on_handshake_data(self, p: _Pending) -> None:
-        sock = self._sock(p.fd)
         try:
-            data = sock.recv(_RECV_SIZE)
+            data = self.ctx.socket_of(p.fd).recv(_RECV_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:
-            self._fail(p, "read error", f"read failed: {exc.strerror or exc}", flush=False)
+            self._fail(p, Failure.READ_ERROR, f"read failed: {exc.strerror or exc}", flush=False)
             return
         try:
             p.handshake.receive_data(data)
         except PeerClosed:
-            self._fail(p, "peer closed", "closed the connection during the handshake")
+            self._fail(p, Failure.PEER_CLOSED, "closed the connection during the handshake")
             return
         except ProtocolError as exc:
-            self._fail(p, "protocol error", str(exc))
+            self._fail(p, Failure.PROTOCOL_ERROR, str(exc))
             return
         self._flush(p)
         if p.fd not in self._pending:
@@ -506,76 +585,64 @@ class Daemon:
         if p.handshake.service is not None:
             self._connect_local(p, p.handshake.service)
             return
-        settle_after = getattr(p.handshake, "settle_after", None)
-        if settle_after is not None:
-            if p.settle is not None:
-                p.settle.cancel()
-            p.settle = self.ctx.call_later(settle_after, lambda: self._settle(p))
+        if p.settles is not None:
+            settle_after = p.settles.settle_after
+            if settle_after is not None:
+                self._settles.start(p.fd, settle_after, lambda: self._settle(p))
 
     def _settle(self, p: _Pending) -> None:
         """The peer paused mid-handshake (TCPd name without terminator)."""
-        p.settle = None
-        if self._pending.get(p.fd) is not p:
+        if self._pending.get(p.fd) is not p or p.settles is None:
             return
         try:
-            p.handshake.settle()  # type: ignore[attr-defined]
+            p.settles.settle()
         except ProtocolError as exc:
-            self._fail(p, "protocol error", str(exc))
+            self._fail(p, Failure.PROTOCOL_ERROR, str(exc))
             return
         if p.handshake.service is not None:
             self._connect_local(p, p.handshake.service)
 
     def _connect_local(self, p: _Pending, service: str) -> None:
-        # A refused name is answered exactly like a name that does not exist
-        # (same status, same path through the handshake): a peer learns
-        # nothing of what runs here. The log keeps the real reason.
-        refusal = network_refusal(self.access, service, self.ctx.rundir)
-        if refusal is not None:
-            self._reject(p, "refused", refusal, NOT_FOUND)
-            return
+        """The peer named ``service``: policy, connection, then the switch."""
         try:
-            path = socket_path(service, self.ctx.rundir)
-        except IPCError as exc:  # e.g. too long for a socket path here
-            self._reject(p, "refused", str(exc), NOT_FOUND)
-            return
-        try:
-            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as exc:  # EMFILE/ENFILE: refuse this peer, keep serving
-            self._reject(
-                p, "service unavailable", f"service {service!r}: {exc.strerror or exc}", UNAVAILABLE
-            )
-            return
-        local.setblocking(False)
-        try:
-            local.connect(os.fsencode(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            local.close()
-            self._reject(p, "unknown service", f"no local service {service!r}", NOT_FOUND)
-            return
-        except (BlockingIOError, OSError) as exc:
-            local.close()
-            reason = exc.strerror or str(exc)
-            if isinstance(exc, BlockingIOError):
-                reason = "its backlog is full"
-            self._reject(p, "service unavailable", f"service {service!r}: {reason}", UNAVAILABLE)
+            local = self._open_local(service)
+        except LocalRefused as exc:
+            self._reject(p, exc.failure, exc.reason)
             return
         try:
             layer, early = p.handshake.accept()
         except IPCError as exc:
             local.close()
-            self._fail(p, "protocol error", str(exc))
+            self._fail(p, Failure.PROTOCOL_ERROR, str(exc))
             return
         except Exception:
             local.close()
             raise
-        self._pending.pop(p.fd, None)
-        self._cancel(p)
+        self._switch(p, local, layer, early, service)
+
+    def _open_local(self, service: str) -> socket.socket:
+        """A connection to ``service`` for a network peer. A name the policy
+        refuses is answered exactly like a name that does not exist (same
+        status, same path through the handshake): a peer learns nothing of
+        what runs here. The log keeps the real reason."""
+        refusal = network_refusal(self.access, service, self.ctx.rundir)
+        if refusal is not None:
+            raise LocalRefused(Failure.REFUSED, refusal)
+        return connect_local(service, self.ctx.rundir)
+
+    def _switch(
+        self, p: _Pending, local: socket.socket, layer: Layer | None, early: bytes, service: str
+    ) -> None:
+        """Hand the pair to the Context, which relays from then on."""
+        self._forget_pending(p)
         self._flush(p)  # the success reply goes out before any relayed byte
         ctx = self.ctx
         if p.fd not in ctx:  # the peer vanished while we answered (reset)
             local.close()
             return
         ctx.add_switch(p.fd, local)
+        self.own(p.fd, self.relayed)
+        self.own(local.fileno(), self.relayed)
         ctx.set_tag(p.fd, "network")
         ctx.set_tag(local.fileno(), "local")
         if layer is not None:
@@ -583,11 +650,11 @@ class Daemon:
         if early:
             ctx.feed_switch(p.fd, early)
         self.metrics.switched_total.inc()
-        self.watch_idle(p.fd, _peer(p))
+        self.watch_idle(p.fd, p.who)
         log.info(
             "%s: %s -> %r (%.1f ms)",
             self.name,
-            _peer(p),
+            p.who,
             service,
             (time.monotonic() - p.started) * 1000,
         )
@@ -595,27 +662,23 @@ class Daemon:
             try:
                 self.on_switched(p.fd, p.handshake, layer)
             except Exception:
-                log.exception("%s: on_switched failed for %s", self.name, _peer(p))
+                log.exception("%s: on_switched failed for %s", self.name, p.who)
 
-    def _reject(self, p: _Pending, kind: str, reason: str, status: int) -> None:
+    def _reject(self, p: _Pending, kind: Failure, reason: str, status: int | None = None) -> None:
         with contextlib.suppress(IPCError):
-            p.handshake.reject(reason, status)
+            p.handshake.reject(reason, kind.status if status is None else status)
         self._fail(p, kind, reason)
 
-    def _fail(self, p: _Pending, kind: str, reason: str, flush: bool = True) -> None:
+    def _fail(self, p: _Pending, kind: Failure, reason: str, *, flush: bool = True) -> None:
         """Log, count, flush what the handshake wants to say, close."""
         self._count_failure(kind, p, reason)
-        self._pending.pop(p.fd, None)
-        self._cancel(p)
+        self._forget_pending(p)
         if flush:
             self._flush(p)
-        self.ctx.close(p.fd, flush=flush)
-        if not flush:  # closed without a DISCONNECTION event
-            self._network_closed(p.fd)
+        self.drop(p.fd, flush=flush)
 
     def _finish(self, p: _Pending) -> None:
-        self._pending.pop(p.fd, None)
-        self._cancel(p)
+        self._forget_pending(p)
         # An answer may come in pieces (ipc-websocketd: a static file): the
         # Context asks for the next one each time the last is written, so a
         # peer that reads slowly (or never) holds one piece, not the file.
@@ -624,32 +687,38 @@ class Daemon:
             self.ctx.send_raw(p.fd, data)
         self.ctx.close(p.fd, flush=True, refill=p.handshake.data_to_send)
 
-    def _count_failure(self, kind: str, p: _Pending, reason: str) -> None:
+    def _count_failure(self, kind: Failure, p: _Pending, reason: str) -> None:
         self.metrics.handshake_failures.inc(reason=kind)
-        log.warning("%s: %s: %s", self.name, _peer(p), reason)
+        log.warning("%s: %s: %s", self.name, p.who, reason)
 
     def _timeout(self, p: _Pending) -> None:
         if self._pending.get(p.fd) is p:
-            p.deadline = None
             self._reject(
-                p, "timeout", f"handshake not finished after {self.handshake_timeout} s", 408
+                p,
+                Failure.TIMEOUT,
+                f"handshake not finished after {self.handshake_timeout} s",
+                408,
             )
 
+    def _forget_pending(self, p: _Pending) -> None:
+        if self._pending.get(p.fd) is p:
+            del self._pending[p.fd]
+        self._cancel(p)
+
     def _cancel(self, p: _Pending) -> None:
-        for handle in (p.deadline, p.settle):
-            if handle is not None:
-                handle.cancel()
-        p.deadline = p.settle = None
+        self._handshake_deadlines.done(p.fd)
+        self._settles.done(p.fd)
 
     def _flush(self, p: _Pending) -> None:
         data = p.handshake.data_to_send()
         if data and p.fd in self.ctx:
             self.ctx.send_raw(p.fd, data)
 
-    def _sock(self, fd: int) -> socket.socket:
-        return self.ctx.socket_of(fd)
-
     # ------------------------------------------------------------- metrics
+
+    def _on_metrics_listener(self, event: Event) -> None:
+        if event.type is EventType.EXTERNAL:
+            self._accept_metrics(event.fd)
 
     def _accept_metrics(self, lfd: int) -> None:
         lsock = self.ctx.socket_of(lfd)
@@ -660,12 +729,12 @@ class Daemon:
                 return
             except OSError as exc:
                 self._accept_failed(exc)
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
                     self._pause_accept(lfd)
                 return
             if len(self._http) >= MAX_HTTP_CONNECTIONS:
-                self.metrics.errors.inc(kind="metrics busy")
-                more = self._throttle("metrics").due()
+                self.metrics.errors.inc(kind=ErrorKind.METRICS_BUSY)
+                more = self.throttle("metrics").due()
                 if more is not None:
                     log.warning(
                         "%s: refusing metrics client %s: %d open already%s",
@@ -678,15 +747,20 @@ class Daemon:
                 continue
             sock.setblocking(False)
             fd = self.ctx.add_external(sock)
-            responder = HttpResponder(self.metrics.registry, health=self._health)
-            self._http[fd] = responder
-            # The timer knows its responder: it must not close a newer
-            # connection that got the same descriptor number.
-            self.ctx.call_later(
-                self.handshake_timeout, lambda fd=fd, r=responder: self._http_timeout(fd, r)
+            self._http[fd] = HttpResponder(self.metrics.registry, health=self._health)
+            self.own(fd, self._on_http)
+            self._http_deadlines.start(
+                fd, self.handshake_timeout, lambda fd=fd: self._drop_http(fd)
             )
 
-    def _on_http(self, fd: int) -> None:
+    def _on_http(self, event: Event) -> None:
+        fd = event.fd
+        if event.type is EventType.DISCONNECTION:
+            self._http.pop(fd, None)
+            self._http_deadlines.done(fd)
+            return
+        if event.type is not EventType.EXTERNAL:
+            return
         try:
             data = self.ctx.socket_of(fd).recv(_RECV_SIZE)
         except BlockingIOError:
@@ -700,12 +774,12 @@ class Daemon:
             self.ctx.send_raw(fd, out)
         if responder.done:
             self._http.pop(fd, None)
+            self._http_deadlines.done(fd)
             self.ctx.close(fd, flush=True)
 
-    def _http_timeout(self, fd: int, responder: HttpResponder) -> None:
-        if self._http.get(fd) is responder:
-            del self._http[fd]
-            self.ctx.close(fd)
+    def _drop_http(self, fd: int) -> None:
+        self._http.pop(fd, None)
+        self.drop(fd)
 
     # ---------------------------------------------------------------- idle
 
@@ -739,7 +813,7 @@ class Daemon:
                 idle,
                 self.idle_timeout,
             )
-            self.ctx.close(fd)
+            self.drop(fd)
 
     def _health(self) -> str | None:
         return "stopping" if self._stopping else None
@@ -755,10 +829,19 @@ class Daemon:
             self._last_stats[tag] = list(now)
 
 
-def _peer(p: _Pending) -> str:
-    """The peer name for log lines: a handshake may know better than the
-    socket (ipc-websocketd --trust-proxy: X-Forwarded-For) by setting ``peer``."""
-    return getattr(p.handshake, "peer", None) or p.peer
+def _error_kind(event: Event) -> ErrorKind:
+    """The kind of error a DISCONNECTION reports.
+
+    Interim: the Context reports a reason text only, so the kind is read from
+    it; to be replaced by the value the Context carries with the event."""
+    reason = event.reason or ""
+    if "too large" in reason or "limit is" in reason:
+        return ErrorKind.OVERSIZE
+    if "not reading" in reason:
+        return ErrorKind.SLOW_PEER
+    if "tls" in reason or "websocket" in reason:
+        return ErrorKind.PROTOCOL
+    return ErrorKind.IO
 
 
 def _peer_name(addr: Any) -> str:
@@ -810,13 +893,3 @@ def tcp_idle_seconds(sock: socket.socket) -> float | None:
         return None
     sent, received = _TCP_INFO_LAST.unpack_from(info, 44)
     return min(sent, received) / 1000
-
-
-def _error_kind(reason: str) -> str:
-    if "too large" in reason or "limit is" in reason:
-        return "oversize"
-    if "not reading" in reason:
-        return "slow peer"
-    if "tls" in reason or "websocket" in reason:
-        return "protocol"
-    return "io"

@@ -9,7 +9,7 @@ ipc-websocketd's upgrade); the engine (:mod:`daemons.engine.daemon`,
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ipc_core import Layer
 
@@ -23,6 +23,8 @@ __all__ = [
     "ConnectorFactory",
     "Handshake",
     "HandshakeFactory",
+    "NamesPeer",
+    "Settles",
 ]
 
 
@@ -44,6 +46,29 @@ class Handshake(Protocol):
     def accept(self) -> tuple[Layer | None, bytes]: ...
 
     def reject(self, reason: str, status: int) -> None: ...
+
+
+@runtime_checkable
+class Settles(Protocol):
+    """Optional: a handshake whose end may be a pause (TCPd's name without a
+    terminator). While ``settle_after`` is not None, the engine calls
+    :meth:`settle` once no byte has come for that many seconds.
+
+    Checked once per connection (``isinstance`` at accept), not per read."""
+
+    @property
+    def settle_after(self) -> float | None: ...
+
+    def settle(self) -> None: ...
+
+
+@runtime_checkable
+class NamesPeer(Protocol):
+    """Optional: a handshake that knows the peer better than the socket
+    (ipc-websocketd ``--trust-proxy``: X-Forwarded-For); None: ask the socket."""
+
+    @property
+    def peer(self) -> str | None: ...
 
 
 HandshakeFactory = Callable[[str], Handshake]

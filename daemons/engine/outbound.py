@@ -27,7 +27,7 @@ from ipc_core import Event, EventType, PeerClosed, ProtocolError
 
 from .addresses import Uri, parse_uri
 from .daemon import Daemon
-from .deadlines import RequestDeadlines
+from .deadlines import Deadlines, RequestDeadlines
 from .handshake import Connector, ConnectorFactory
 from .listeners import tune_tcp
 
@@ -43,7 +43,6 @@ class _Attempt:
     connector: Connector
     started: float
     remote_fd: int = -1
-    deadline: Any = None
     received: bool = False  # a byte came back: the TCP connection was made
 
 
@@ -67,43 +66,46 @@ class Outbound:
         self._clients = RequestDeadlines(daemon, service_name)
         self._by_client: dict[int, _Attempt] = {}
         self._by_remote: dict[int, _Attempt] = {}
+        self._deadlines: Deadlines[int] = Deadlines(self.ctx)  # by client fd
         self._resolver = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="resolve")
         registry = daemon.metrics.registry
         self.outbound_total = registry.counter(
             "ipc_outbound_total", "Outbound connection attempts, by result.", ["result"]
         )
-        daemon.handlers.append(self.handle)
+        daemon.own(self.service_fd, self._on_service)
         log.info("%s: outbound service %r ready", daemon.name, service_name)
 
-    def handle(self, event: Event) -> bool:
+    def _on_service(self, event: Event) -> None:
+        """A local client connected: it owes us a URI."""
+        if event.type is EventType.CONNECTION:
+            self.daemon.own(event.fd, self._on_client)
+            self._clients.start(event.fd)
+
+    def _on_client(self, event: Event) -> None:
         fd = event.fd
-        if event.type == EventType.CONNECTION and event.origin == self.service_fd:
-            self._clients.start(fd)
-            return True
-        if event.type == EventType.MESSAGE_RX and fd in self._clients:
-            self._clients.done(fd)
+        if event.type is EventType.MESSAGE_RX:
             assert event.message is not None
-            self._request(fd, event.message)
-            return True
-        if event.type == EventType.MESSAGE_RX and fd in self._by_client:
-            self._fail(self._by_client[fd], "client sent a message before 'ok'")
-            return True
-        if event.type == EventType.EXTERNAL and fd in self._by_remote:
-            self._on_remote(self._by_remote[fd])
-            return True
-        if event.type == EventType.DISCONNECTION:
+            if self._clients.done(fd):
+                self._request(fd, event.message)
+            elif fd in self._by_client:
+                self._fail(self._by_client[fd], "client sent a message before 'ok'")
+        elif event.type is EventType.DISCONNECTION:
             self._clients.done(fd)
-            attempt = self._by_remote.get(fd)
-            if attempt is not None:
-                attempt.remote_fd = -1
-                self._fail(attempt, _lost_reason(attempt, event.reason))
-                return True
             attempt = self._by_client.get(fd)
             if attempt is not None:
                 log.info("%s: client left before %s answered", self.daemon.name, attempt.uri)
                 self._drop(attempt)
-                return True
-        return False
+
+    def _on_remote_event(self, event: Event) -> None:
+        attempt = self._by_remote.get(event.fd)
+        if attempt is None:
+            return
+        if event.type is EventType.EXTERNAL:
+            self._on_remote(attempt)
+        elif event.type is EventType.DISCONNECTION:
+            attempt.remote_fd = -1
+            self._by_remote.pop(event.fd, None)
+            self._fail(attempt, _lost_reason(attempt, event.reason))
 
     # ------------------------------------------------------------- request
 
@@ -120,7 +122,8 @@ class Outbound:
             return
         attempt = _Attempt(client_fd, uri, factory(uri), time.monotonic())
         self._by_client[client_fd] = attempt
-        attempt.deadline = self.ctx.call_later(
+        self._deadlines.start(
+            client_fd,
             self.connect_timeout,
             lambda: self._fail(attempt, f"no answer within {self.connect_timeout} s"),
         )
@@ -154,6 +157,7 @@ class Outbound:
             return
         attempt.remote_fd = self.ctx.add_external(sock)
         self._by_remote[attempt.remote_fd] = attempt
+        self.daemon.own(attempt.remote_fd, self._on_remote_event)
         self._send(attempt)  # queued until the connection is established
 
     def _send(self, attempt: _Attempt) -> None:
@@ -191,9 +195,11 @@ class Outbound:
         ):
             # One side vanished at the last moment: close the other, nothing to switch.
             for fd in (attempt.client_fd, attempt.remote_fd):
-                ctx.close(fd)
+                self.daemon.drop(fd)
             return
         ctx.add_switch(attempt.remote_fd, attempt.client_fd)
+        for fd in (attempt.remote_fd, attempt.client_fd):
+            self.daemon.own(fd, self.daemon.relayed)
         ctx.set_tag(attempt.remote_fd, "network")
         ctx.set_tag(attempt.client_fd, "local")
         if layer is not None:
@@ -222,14 +228,12 @@ class Outbound:
     def _drop(self, attempt: _Attempt) -> None:
         self._forget(attempt)
         if attempt.remote_fd >= 0:
-            self.ctx.close(attempt.remote_fd)
+            self.daemon.drop(attempt.remote_fd)
 
     def _forget(self, attempt: _Attempt) -> None:
         self._by_client.pop(attempt.client_fd, None)
         self._by_remote.pop(attempt.remote_fd, None)
-        if attempt.deadline is not None:
-            attempt.deadline.cancel()
-            attempt.deadline = None
+        self._deadlines.done(attempt.client_fd)
 
     def _answer_error(self, client_fd: int, reason: str) -> None:
         if client_fd in self.ctx:

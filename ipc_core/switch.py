@@ -49,27 +49,49 @@ class Layer(Protocol):
     given a memoryview of the loop's read buffer, valid only during the call:
     copy whatever is kept.
 
-    Optional fast hooks (looked up with getattr, used only when the partner
-    end carries the plain LibIPC stream): ``fast_receive(data)`` gets exactly
-    one read's bytes and returns the (non-empty) LibIPC stream they decode to
-    when nothing else came of them (nothing to send back, no close, no
-    error); on None the loop calls ``receive_data(data)`` with the same
-    bytes, which must then finish the job (a hook may have consumed them).
-    ``fast_send(data)`` gets exactly one whole LibIPC message and returns its
-    wire bytes, or None having consumed nothing (the loop calls ``send``).
-    They save the interactive case a round of calls.
+    A layer may also offer the optional fast hooks :class:`FastReceive` and
+    :class:`FastSend`, used only when the partner end carries the plain
+    LibIPC stream; the loop looks for them once, when the layer is set.
     """
 
     def receive_data(self, data: bytes) -> bytes: ...
 
-    def send(self, data: bytes | memoryview) -> None: ...
+    def send(self, data: bytes | bytearray | memoryview) -> None: ...
 
     def data_to_send(self) -> bytes: ...
 
     def close(self) -> None: ...
 
 
-_FAST_HOOKS = ("fast_receive", "fast_send")
+#: A fast hook's shape: one read's or one message's bytes in, bytes or None out.
+FastHook = Callable[["bytes | bytearray | memoryview"], "bytes | None"]
+
+
+@runtime_checkable
+class FastReceive(Protocol):
+    """A :class:`Layer` that can decode one read in one call.
+
+    ``fast_receive(data)`` gets exactly one read's bytes and returns the
+    (non-empty) LibIPC stream they decode to when nothing else came of them
+    (nothing to send back, no close, no error); on None the loop calls
+    ``receive_data(data)`` with the same bytes, which must then finish the
+    job (the hook may have consumed them). It saves the interactive case a
+    round of calls.
+    """
+
+    def fast_receive(self, data: bytes | bytearray | memoryview) -> bytes | None: ...
+
+
+@runtime_checkable
+class FastSend(Protocol):
+    """A :class:`Layer` that can encode one whole message in one call.
+
+    ``fast_send(data)`` gets exactly one whole LibIPC message (header and
+    payload) and returns its wire bytes, or None having consumed nothing (the
+    loop then calls ``send``).
+    """
+
+    def fast_send(self, data: bytes | bytearray | memoryview) -> bytes | None: ...
 
 
 class StackedLayer:
@@ -87,9 +109,17 @@ class StackedLayer:
         # Plaintext the lower layer's fast_receive produced but the upper's
         # declined: the receive_data call that follows starts from it.
         self._plain: bytes | None = None
-        hooks = [getattr(layer, name, None) for layer in (lower, upper) for name in _FAST_HOOKS]
-        if all(hooks):
-            self._lower_receive, self._lower_send, self._upper_receive, self._upper_send = hooks
+        if (
+            isinstance(lower, FastReceive)
+            and isinstance(lower, FastSend)
+            and isinstance(upper, FastReceive)
+            and isinstance(upper, FastSend)
+        ):
+            self._lower_receive: FastHook = lower.fast_receive
+            self._lower_send: FastHook = lower.fast_send
+            self._upper_receive: FastHook = upper.fast_receive
+            self._upper_send: FastHook = upper.fast_send
+            # Set on the instance: isinstance(stack, FastReceive) holds only then.
             self.fast_receive = self._fast_receive
             self.fast_send = self._fast_send
 
@@ -125,7 +155,7 @@ class StackedLayer:
             self._push_down()
         return out
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray | memoryview) -> None:
         self.upper.send(data)
         self._push_down()
 

@@ -91,7 +91,7 @@ class FrameDecoder:
             del buf[:consumed]
         return out
 
-    def _parse(self, data: bytes | memoryview) -> tuple[list[bytes], int]:
+    def _parse(self, data: bytes | bytearray | memoryview) -> tuple[list[bytes], int]:
         out: list[bytes] = []
         pos = 0
         end = len(data)

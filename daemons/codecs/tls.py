@@ -231,7 +231,7 @@ class TLSLayer:
 
     # -- local side --------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` for the peer (held until the handshake completes).
 
         Data sent after close() or after the connection failed is dropped: in
@@ -317,7 +317,7 @@ class TLSLayer:
             return data
         raise _fresh(err)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         try:
             # With a MemoryBIO, write() takes everything (the BIO grows).
             self._ssl.write(data)

@@ -598,7 +598,7 @@ class WebSocketServerLayer:
 
     # -- local side --------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray | memoryview) -> None:
         """Carry LibIPC stream bytes (any chunking) as one WS message each.
 
         Data arriving once the connection is closing is dropped: in a relay

@@ -39,6 +39,8 @@ from ipc_core import encode
 from ipc_core.rundir import LOCK_SUFFIX, ensure_rundir, service_alive
 from ipc_core.rundir import rundir as default_rundir
 
+from .engine.options import LibipcCommand, rundir_option
+
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 15.0
 STOP_GRACE = 5.0
@@ -301,6 +303,7 @@ def _websocketd_available() -> bool:
 
 
 @click.command(
+    cls=LibipcCommand,
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="""\b
 Examples:
@@ -309,13 +312,7 @@ Examples:
   make run DEMO_ARGS="--no-websocket"          the same through make
 """,
 )
-@click.option(
-    "--rundir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    metavar="DIR",
-    help="Run directory shared by the stack.  [env RUNDIR; default: /tmp/.libipc-run]",
-)
+@rundir_option
 @click.option(
     "--host",
     default="127.0.0.1",

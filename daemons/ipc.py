@@ -21,8 +21,8 @@ import click
 from ipc_core import Context, EventType, IPCError, list_services
 from ipc_core import rundir as default_rundir
 
-from .engine.options import HELP_SETTINGS, LibipcGroup, help_epilog, seconds
-from .ipc_status import rundir_option, status
+from .engine.options import HELP_SETTINGS, LibipcGroup, help_epilog, rundir_option, seconds
+from .ipc_status import status
 
 log = logging.getLogger("ipc")
 
@@ -58,6 +58,7 @@ class _Commands(LibipcGroup):
 
 @click.group(
     cls=_Commands,
+    prog="ipc",
     context_settings=HELP_SETTINGS,
     epilog=help_epilog(
         [

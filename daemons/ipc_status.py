@@ -24,9 +24,9 @@ from ipc_core import Context, IPCError, list_services
 from ipc_core import rundir as default_rundir
 from ipc_core.routing import connect_direct
 
-from .engine.options import LibipcCommand, help_epilog, seconds
+from .engine.options import LibipcCommand, help_epilog, rundir_option, seconds
 
-__all__ = ["query", "rundir_option", "status", "summarize"]
+__all__ = ["query", "status", "summarize"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -93,19 +93,6 @@ def _cell(value: Any) -> str:
 
 def _control_services(directory: Path) -> list[str]:
     return [n for n, alive in list_services(directory) if alive and n.endswith(CONTROL_SUFFIX)]
-
-
-def rundir_option(func: F) -> F:
-    """``--rundir DIR`` of the ``ipc`` commands (``$RUNDIR`` too)."""
-    option = click.option(
-        "--rundir",
-        envvar="RUNDIR",
-        type=click.Path(path_type=Path, readable=False),
-        default=None,
-        metavar="DIR",
-        help="Run directory. Default: /tmp/.libipc-run.",
-    )
-    return option(func)  # type: ignore[no-any-return]
 
 
 @click.command(

@@ -25,9 +25,9 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -39,8 +39,9 @@ from .engine.deadlines import Deadlines, RequestDeadlines
 from .engine.errors import Failure, LocalRefused
 from .engine.local import connect_local
 from .engine.log import LOG_FORMATS, setup_logging
-from .engine.options import libipc_command, seconds
+from .engine.options import libipc_command, rundir_option, seconds
 from .engine.policy import ServiceAccess
+from .engine.startup import starting
 
 log = logging.getLogger("ipc.ipcd")
 
@@ -251,6 +252,7 @@ class Router:
 
 
 @libipc_command(
+    prog="ipcd",
     env_prefix="IPCD",
     examples=[
         ("ipcd", "serve the router 'ipc' in $RUNDIR (default /tmp/.libipc-run)"),
@@ -266,13 +268,7 @@ class Router:
         "$RUNDIR/ipc (and ipc.ctl for ipc status).",
     ],
 )
-@click.option(
-    "--rundir",
-    envvar="RUNDIR",
-    default=None,
-    metavar="DIR",
-    help="LibIPC run directory. Default: /tmp/.libipc-run.",
-)
+@rundir_option
 @click.option(
     "--service-name",
     default=ROUTER_SERVICE,
@@ -310,7 +306,7 @@ class Router:
     help="Fewer logs: -q warnings and errors only, -qq errors only.",
 )
 def main(
-    rundir: str | None,
+    rundir: Path | None,
     service_name: str,
     timeout: float,
     handshake_timeout: float,
@@ -325,19 +321,15 @@ def main(
     for tcp:// routes) and passes the connected descriptor to the client.
     """
     setup_logging(verbose - quiet, log_format)
-    try:
+    with starting():
         ctx = Context(rundir_path=rundir)
         daemon = Daemon("ipcd", ctx, ServiceAccess(), handshake_timeout=handshake_timeout)
-    except (IPCError, OSError) as exc:
-        click.echo(f"ipcd: {exc}", err=True)
-        sys.exit(1)
-    try:
-        Router(daemon, service_name, timeout)
-        daemon.serve_control(f"{service_name}.ctl")
-    except (IPCError, OSError) as exc:
-        daemon.close()  # no socket or lock left behind
-        click.echo(f"ipcd: {exc}", err=True)
-        sys.exit(1)
+        try:
+            Router(daemon, service_name, timeout)
+            daemon.serve_control(f"{service_name}.ctl")
+        except BaseException:
+            daemon.close()  # no socket or lock left behind
+            raise
     log.info("ipcd: serving %r in %s", service_name, ctx.rundir)
     try:
         daemon.run()

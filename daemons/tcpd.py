@@ -9,11 +9,8 @@ daemon is the local service ``tcp`` (``--service-name``); a client's message
 from __future__ import annotations
 
 import logging
-import sys
 
 import click
-
-from ipc_core import IPCError
 
 from .codecs.tcp import TcpdClient, TcpdHandshake
 from .engine.options import (
@@ -23,7 +20,7 @@ from .engine.options import (
     idle_timeout_option,
     libipc_command,
 )
-from .engine.startup import start_daemon
+from .engine.startup import start_daemon, starting
 
 log = logging.getLogger("ipc.tcpd")
 
@@ -31,6 +28,7 @@ DEFAULT_LISTEN = "127.0.0.1:9000"
 
 
 @libipc_command(
+    prog="ipc-tcpd",
     env_prefix="IPC_TCPD",
     examples=[
         ("ipc-tcpd", f"{DEFAULT_LISTEN}; every local service but the protected ones"),
@@ -66,7 +64,7 @@ def main(
     takes a message tcp://HOST:PORT/SERVICE, dials it and becomes that
     connection (ipcd uses it for IPC_NETWORK routes).
     """
-    try:
+    with starting():
         daemon, outbound = start_daemon(
             "ipc-tcpd",
             common,
@@ -77,9 +75,6 @@ def main(
             connect_timeout=connect_timeout,
             idle_timeout=idle_timeout,
         )
-    except (IPCError, OSError, ValueError) as exc:
-        click.echo(f"ipc-tcpd: {exc}", err=True)
-        sys.exit(1)
     try:
         daemon.run()
     finally:

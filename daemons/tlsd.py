@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import logging
 import ssl
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-
-from ipc_core import IPCError
 
 from .codecs.tcp import TcpdClient, TcpdHandshake
 from .codecs.tlswrap import TLSConnector, TLSHandshake, describe_identity
@@ -51,8 +48,8 @@ from .engine.options import (
     idle_timeout_option,
     libipc_command,
 )
-from .engine.startup import start_daemon
-from .engine.tlsconfig import ServerPolicy, TLSConfigError, client_context, server_policy_options
+from .engine.startup import describe_error, start_daemon, starting
+from .engine.tlsconfig import ServerPolicy, client_context, server_policy_options
 
 log = logging.getLogger("ipc.tlsd")
 
@@ -99,7 +96,9 @@ class Contexts:
             server, client = self.files.server_context(), self.files.client_context()
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error(
-                "%s: reload failed, keeping the previous certificates: %s", NAME, _file_error(exc)
+                "%s: reload failed, keeping the previous certificates: %s",
+                NAME,
+                describe_error(exc),
             )
             return False
         self.server, self.client = server, client
@@ -110,17 +109,6 @@ class Contexts:
             _crl_summary(self.files.policy.crl),
         )
         return True
-
-
-def _file_error(exc: BaseException) -> str:
-    if isinstance(exc, TLSConfigError):
-        return str(exc)  # names the flag and the file
-    if isinstance(exc, OSError) and exc.filename:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    if isinstance(exc, ssl.SSLError):
-        reason = (exc.reason or str(exc)).lower().replace("_", " ")
-        return f"a certificate, key or CA file does not load (or key and cert differ): {reason}"
-    return str(exc)
 
 
 def _cert_summary(path: Path | None) -> str:
@@ -225,6 +213,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 
 
 @libipc_command(
+    prog=NAME,
     env_prefix="IPC_TLSD",
     examples=[
         (
@@ -345,13 +334,10 @@ def main(
         cert, key, client_ca, ca, client_cert, client_key, insecure_skip_verify, tls_policy
     )
     _check_flags(files, not no_listen, allow_client)
-    try:
+    with starting():
         contexts = Contexts(files)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        click.echo(f"{NAME}: {_file_error(exc)}", err=True)
-        sys.exit(1)
     mtls = client_ca is not None
-    try:
+    with starting():
         daemon, outbound = start_daemon(
             NAME,
             common,
@@ -363,9 +349,6 @@ def main(
             listen=not no_listen,
             idle_timeout=idle_timeout,
         )
-    except (IPCError, OSError, ValueError) as exc:
-        click.echo(f"{NAME}: {exc}", err=True)
-        sys.exit(1)
     if cert is not None:
         log.info(
             "%s: serving TLS %s%s%s%s",

@@ -39,7 +39,6 @@ import mimetypes
 import os
 import socket
 import ssl
-import sys
 import time
 import urllib.parse
 import weakref
@@ -70,7 +69,7 @@ from .engine.handshake import Handshake, NamesPeer
 from .engine.log import setup_logging
 from .engine.options import CommonOptions, common_options, libipc_command, seconds
 from .engine.policy import service_name_error
-from .engine.startup import open_listeners
+from .engine.startup import new_daemon, open_listeners, starting
 from .engine.tlsconfig import ServerPolicy, server_policy_options
 
 __all__ = [
@@ -823,17 +822,7 @@ def build_daemon(
     Like :func:`daemons.tcpd.start_daemon` without the outbound side: a
     browser gateway only accepts.
     """
-    ctx = Context(rundir_path=common.rundir, max_message_size=common.max_message_size)
-    access = common.access()
-    daemon = Daemon(
-        NAME,
-        ctx,
-        access,
-        handshake_timeout=common.handshake_timeout,
-        max_connections=common.max_connections,
-        peer_timeout=common.peer_timeout,
-        max_connections_per_ip=common.max_connections_per_ip,
-    )
+    daemon = new_daemon(NAME, common)
     mtls = tls is not None and tls.client_ca is not None
     pool = HoldPool(hold_pool)
     hosts = HostPolicy(extra=options.hosts)  # replaced once the listeners are open
@@ -868,6 +857,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 
 
 @libipc_command(
+    prog=NAME,
     env_prefix="IPC_WEBSOCKETD",
     examples=[
         (
@@ -1044,7 +1034,7 @@ def main(
         raise click.UsageError("--static and --no-static contradict each other")
     setup_logging(common.verbosity, common.log_format)
     frame_log.setLevel(logging.DEBUG if common.verbosity >= 2 else logging.WARNING)
-    try:
+    with starting():
         static = None if no_static else StaticFiles(static_dir or DEMO_DIR)
         tls = (
             None
@@ -1069,9 +1059,6 @@ def main(
             control_name=control_name,
             hold_pool=hold_pool,
         )
-    except (IPCError, OSError, ssl.SSLError, ValueError) as exc:
-        click.echo(f"{NAME}: {exc}", err=True)
-        sys.exit(1)
     log.info(
         "%s: %s, replies as %s, origins: %s, static files: %s",
         NAME,

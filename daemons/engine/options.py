@@ -13,16 +13,19 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE
 
+from .errors import StartupError
 from .listeners import ListenAddress, parse_listen
 from .log import LOG_FORMATS
 from .policy import ServiceAccess
@@ -43,7 +46,9 @@ __all__ = [
     "idle_timeout_option",
     "libipc_command",
     "listen_specs",
+    "rundir_option",
     "seconds",
+    "version",
 ]
 
 # --------------------------------------------------------------------------
@@ -93,7 +98,60 @@ def seconds(
     return FiniteFloatRange(min=min, min_open=min_open, max=max)
 
 
-class LibipcCommand(click.Command):
+#: The distribution whose version ``--version`` prints.
+DISTRIBUTION = "libipc"
+
+
+def version() -> str:
+    """The installed distribution's version (``0+unknown`` when run from a
+    source tree that was never installed)."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def prog_name(ctx: click.Context) -> str:
+    """The program's name for messages: the command's ``prog`` if it has one
+    (``python -m daemons.tcpd`` is still ``ipc-tcpd``), else how it was run."""
+    root = ctx.find_root()
+    return getattr(root.command, "prog", None) or root.info_name or "ipc"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"{prog_name(ctx)}, version {version()}")
+    ctx.exit()
+
+
+def _version_option() -> click.Option:
+    return click.Option(
+        ["--version"],
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_print_version,
+        help="Show the version and exit.",
+    )
+
+
+class _Style:
+    """What every command of the suite shares, as a mixin of click's classes:
+    ``--version``, and a :class:`StartupError` printed as ``PROG: reason``
+    with exit status 1, in this one place (never a traceback)."""
+
+    prog: str | None = None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)  # type: ignore[misc]
+        except StartupError as exc:
+            click.echo(f"{prog_name(ctx)}: {exc}", err=True)
+            ctx.exit(1)
+
+
+class LibipcCommand(_Style, click.Command):
     """A click command in the suite's one style.
 
     * errors name what the user actually typed: a bad value that came from
@@ -102,11 +160,14 @@ class LibipcCommand(click.Command):
     * every option shows its environment variable (``[env var: ...]``),
       including the ones ``auto_envvar_prefix`` makes up; defaults are shown
       through ``context_settings={"show_default": True}`` (see
-      :func:`libipc_command`).
+      :func:`libipc_command`);
+    * ``--version``; a :class:`StartupError` becomes ``PROG: reason``, exit 1.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, prog: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.prog = prog
+        self.params.append(_version_option())
         for param in self.params:
             if isinstance(param, click.Option) and param.allow_from_autoenv:
                 param.show_envvar = True
@@ -123,12 +184,17 @@ class LibipcCommand(click.Command):
             raise
 
 
-class LibipcGroup(click.Group):
+class LibipcGroup(_Style, click.Group):
     """A group whose subcommands are all :class:`LibipcCommand` (and whose
-    subgroups are LibipcGroups)."""
+    subgroups are LibipcGroups); ``--version`` like every command."""
 
     command_class = LibipcCommand
     group_class = type
+
+    def __init__(self, *args: Any, prog: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prog = prog
+        self.params.append(_version_option())
 
 
 #: click's settings for every command of the suite.
@@ -162,6 +228,7 @@ def env_note(prefix: str) -> str:
 def libipc_command(
     name: str | None = None,
     *,
+    prog: str | None = None,
     env_prefix: str | None = None,
     examples: Sequence[tuple[str, str]] = (),
     notes: Sequence[str] = (),
@@ -169,7 +236,8 @@ def libipc_command(
     """``@click.command`` in the suite's style: :class:`LibipcCommand`, ``-h``,
     defaults shown and, with ``env_prefix``, every option an environment
     variable ``PREFIX_OPTION`` (named in the help and in errors). The
-    function's docstring is the help; its first line the summary."""
+    function's docstring is the help; its first line the summary. ``prog``
+    names the program in ``--version`` and start-up errors."""
     settings = dict(HELP_SETTINGS)
     if env_prefix:
         settings["auto_envvar_prefix"] = env_prefix
@@ -179,6 +247,7 @@ def libipc_command(
         cls=LibipcCommand,
         context_settings=settings,
         epilog=help_epilog(examples, notes),
+        prog=prog,
     )
 
 
@@ -223,7 +292,7 @@ class CommonOptions:
     listen: tuple[ListenAddress, ...]
     allow: tuple[str, ...]
     deny: tuple[str, ...]
-    rundir: str | None
+    rundir: Path | None
     log_format: str
     verbose: int
     quiet: int
@@ -255,6 +324,23 @@ MAX_CONNECTIONS = 1_000_000
 #: --peer-timeout becomes TCP_KEEPIDLE, which Linux caps at 32767 s.
 MAX_PEER_TIMEOUT = 32767.0
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _rundir_param() -> Callable[[F], F]:
+    return click.option(
+        "--rundir",
+        envvar="RUNDIR",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        metavar="DIR",
+        help="LibIPC run directory. Default: /tmp/.libipc-run.",
+    )
+
+
+def rundir_option(func: F) -> F:
+    """``--rundir DIR`` (``$RUNDIR`` too), the same on every command: the
+    value is a :class:`~pathlib.Path` or None (the library's default)."""
+    return _rundir_param()(func)
 
 
 def common_options(func: F | None = None, *, default_listen: str | None = None) -> Any:
@@ -312,13 +398,7 @@ def _add_common_options(func: F, default_listen: str | None = None) -> F:
             metavar="GLOB",
             help="Local services remote peers may never reach (wins over --allow). Repeatable.",
         ),
-        click.option(
-            "--rundir",
-            envvar="RUNDIR",
-            default=None,
-            metavar="DIR",
-            help="LibIPC run directory. Default: /tmp/.libipc-run.",
-        ),
+        _rundir_param(),
         click.option(
             "--log-format",
             type=click.Choice(LOG_FORMATS),

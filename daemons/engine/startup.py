@@ -1,31 +1,87 @@
 """Starting a daemon: listeners (socket activation first), the outbound
 service, the control service; failures as :class:`StartupError` naming the
 flag at fault, with nothing left behind (no socket, no lock).
+
+Startup failures have one style: whatever fails while a daemon starts (a
+busy port, a certificate that does not load, a service name already taken,
+an unusable run directory) becomes a :class:`StartupError` (:func:`starting`
+converts the library's and the system's errors at the boundary), and the one
+place that prints it is the suite's command class
+(:class:`~daemons.engine.options.LibipcCommand`): ``PROG: reason``, exit
+status 1, never a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ipc_core import Context, IPCError
 
 from . import systemd
 from .daemon import Daemon
+from .errors import StartupError
 from .handshake import HandshakeFactory
 from .listeners import open_listener
 from .log import setup_logging
 from .options import DEFAULT_IDLE_TIMEOUT, CommonOptions
 from .outbound import ConnectorFactory, Outbound
-from .policy import ServiceAccess
 
-__all__ = ["StartupError", "bind_error", "open_listeners", "start_daemon"]
+__all__ = [
+    "StartupError",
+    "bind_error",
+    "describe_error",
+    "new_daemon",
+    "open_listeners",
+    "start_daemon",
+    "starting",
+]
 
 
-class StartupError(IPCError):
-    """A daemon could not start; the message names the flag and value at fault."""
+def describe_error(exc: BaseException) -> str:
+    """One line for a start-up failure: what a configuration error says (it
+    names the flag and the file), the file an OS error is about, or what
+    OpenSSL objects to."""
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
+        reason = (exc.reason or str(exc)).lower().replace("_", " ")
+        return f"a certificate, key or CA file does not load (or key and cert differ): {reason}"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
+@contextlib.contextmanager
+def starting() -> Iterator[None]:
+    """Run a daemon's start-up: the library's and the system's errors
+    (IPCError, OSError, ssl.SSLError, ValueError) leave as StartupError."""
+    try:
+        yield
+    except StartupError:
+        raise
+    except (IPCError, OSError, ValueError) as exc:
+        raise StartupError(describe_error(exc)) from None
+
+
+def new_daemon(
+    name: str, common: CommonOptions, *, protected: Sequence[str] = (), idle_timeout: float = 0.0
+) -> Daemon:
+    """A Context and a Daemon configured by the common flags; ``protected``
+    names our own services (never reachable unless ``--allow`` names them)."""
+    ctx = Context(rundir_path=common.rundir, max_message_size=common.max_message_size)
+    return Daemon(
+        name,
+        ctx,
+        common.access(*protected),
+        handshake_timeout=common.handshake_timeout,
+        max_connections=common.max_connections,
+        peer_timeout=common.peer_timeout,
+        max_connections_per_ip=common.max_connections_per_ip,
+        idle_timeout=idle_timeout,
+    )
 
 
 def start_daemon(
@@ -47,18 +103,7 @@ def start_daemon(
     On failure nothing is left behind (no socket, no lock) and the error
     names the flag at fault (:class:`daemons.engine.startup.StartupError`)."""
     setup_logging(common.verbosity, common.log_format)
-    ctx = Context(rundir_path=common.rundir, max_message_size=common.max_message_size)
-    access: ServiceAccess = common.access(service_name)
-    daemon = Daemon(
-        name,
-        ctx,
-        access,
-        handshake_timeout=common.handshake_timeout,
-        max_connections=common.max_connections,
-        peer_timeout=common.peer_timeout,
-        max_connections_per_ip=common.max_connections_per_ip,
-        idle_timeout=idle_timeout,
-    )
+    daemon = new_daemon(name, common, protected=(service_name,), idle_timeout=idle_timeout)
     try:
         # Local services first: a double start fails before any port is opened.
         outbound = Outbound(daemon, service_name, connectors, connect_timeout)

@@ -230,3 +230,62 @@ def test_negative_flag_values_are_refused_by_the_programs(tmp_path) -> None:
         )
         assert out.returncode == 2, out.stderr
         assert f"Invalid value for '{argv[1]}'" in out.stderr
+
+
+# -- one source of truth: --version, --rundir, start-up failures (issue 13) ---------
+
+
+@pytest.mark.parametrize("program", ["ipc", "ipcd", "ipc-tcpd", "ipc-tlsd", "ipc-websocketd"])
+def test_every_program_prints_its_version(program: str) -> None:
+    """``PROG, version X`` from the installed distribution's metadata."""
+    import importlib.metadata
+
+    out = subprocess.run(
+        [str(BIN / program), "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{program}, version {importlib.metadata.version('libipc')}\n"
+
+
+@pytest.mark.parametrize(("name", "command"), COMMANDS, ids=IDS)
+def test_every_command_has_version(name: str, command: click.Command) -> None:
+    assert "--version" in _help(name, command)
+
+
+def test_rundir_is_declared_once() -> None:
+    """Every command that takes --rundir takes the same one: $RUNDIR, a Path."""
+    from pathlib import Path
+
+    from daemons import demo
+
+    found = []
+    for name, command in [*COMMANDS, ("demo", demo.main)]:
+        for param in command.params:
+            if param.name == "rundir":
+                found.append(name)
+                assert isinstance(param, click.Option) and param.envvar == "RUNDIR", name
+                assert isinstance(param.type, click.Path), name
+                assert param.type.type is Path, name
+                assert param.metavar == "DIR", name
+    assert {"ipcd", "ipc-tcpd", "ipc-tlsd", "ipc-websocketd", "ipc status", "demo"} <= set(found)
+
+
+@pytest.mark.parametrize(("name", "command"), list(DAEMONS.items()), ids=list(DAEMONS))
+def test_a_startup_error_is_one_line_naming_the_program(name: str, command: click.Command) -> None:
+    """Wherever a daemon's start fails, the one place that reports it says
+    ``PROG: reason`` and exits 1: no traceback, no click ``Error:`` style."""
+    from click.testing import CliRunner
+
+    from daemons.engine.errors import StartupError
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise StartupError("--listen 192.0.2.1:9: address not available on this host")
+
+    original = command.callback
+    command.callback = fail
+    try:
+        result = CliRunner().invoke(command, [], prog_name="whatever")
+    finally:
+        command.callback = original
+    assert result.exit_code == 1
+    assert result.output == f"{name}: --listen 192.0.2.1:9: address not available on this host\n"

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import stat
+from pathlib import Path
 
 import click
 import pytest
@@ -561,7 +562,7 @@ def test_common_options_flags() -> None:
     assert result.exit_code == 0, result.output
     (opts,) = seen
     assert opts.listen == (parse_listen(":0"), parse_listen("unix:/tmp/x.sock"))
-    assert (opts.allow, opts.deny, opts.rundir) == (("pong*",), ("pong-x",), "/tmp/r")
+    assert (opts.allow, opts.deny, opts.rundir) == (("pong*",), ("pong-x",), Path("/tmp/r"))
     assert (opts.log_format, opts.verbosity) == ("json", 1)
     assert (opts.handshake_timeout, opts.max_connections, opts.max_message_size) == (0.5, 3, 0)
     assert opts.metrics == parse_listen("127.0.0.1:0")
@@ -587,7 +588,7 @@ def test_common_options_env_vars() -> None:
     (opts,) = seen
     assert opts.listen == (parse_listen(":1"), parse_listen("[::1]:2"))
     assert opts.allow == ("a", "b")
-    assert (opts.verbose, opts.max_connections, opts.rundir) == (2, 7, "/run/ipc")
+    assert (opts.verbose, opts.max_connections, opts.rundir) == (2, 7, Path("/run/ipc"))
     # --listen from the environment wins over ADDRESS
     assert opts.listen_addresses(env=env) == list(opts.listen)
 

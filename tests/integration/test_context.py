@@ -672,3 +672,205 @@ def test_a_failing_refill_closes_only_that_connection():
     theirs.settimeout(5)
     assert theirs.recv(10) == b""
     theirs.close()
+
+
+# ----------------------------------------------- paths that had no test (issue 13)
+
+
+def _fill_until_refused(ctx: Context, fd: int, limit: int) -> int:
+    """Write 16 KiB messages to a peer that does not read until the context
+    refuses (write() returns False); return the bytes accepted."""
+    payload = b"q" * 16 * 1024
+    accepted = 0
+    for _ in range(4 * limit // len(payload) + 1000):  # bounded: the kernel buffers too
+        if not ctx.write(fd, payload):
+            return accepted
+        accepted += len(payload) + 4
+    raise AssertionError(f"no hard limit after {accepted} bytes")
+
+
+def test_hard_limit_disconnects_only_the_peer_that_does_not_read(rundir, caplog):
+    """A peer whose send queue passes queue_hard_limit is disconnected with
+    the reason (logged once, in one line); another peer is served as usual."""
+    high, hard = 32 * 1024, 256 * 1024
+    with Context(queue_high_water=high, queue_hard_limit=hard) as ctx:
+        ctx.service_init("pong")
+        sleeper, reader = client(rundir), client(rundir)
+        fds = [ctx.wait_event(timeout=5) for _ in range(2)]
+        assert [e.type for e in fds] == [EventType.CONNECTION] * 2
+        slow, fast = fds[0].fd, fds[1].fd
+        with caplog.at_level("WARNING", logger="ipc_core"):
+            accepted = _fill_until_refused(ctx, slow, hard)
+        assert accepted >= hard  # the kernel took some; the queue took the hard limit
+        event = ctx.wait_event(timeout=5)
+        assert event.type == EventType.DISCONNECTION and event.fd == slow
+        assert event.reason == f"send queue over {hard} bytes: peer is not reading"
+        lines = [r.getMessage() for r in caplog.records if "send queue over" in r.getMessage()]
+        assert lines == [f"descriptor {slow}: {event.reason}; closing it"]
+        assert slow not in ctx.descriptors and fast in ctx.descriptors
+        # The other peer is unaffected: it talks both ways.
+        reader.sendall(encode(b"still here"))
+        event = ctx.wait_event(timeout=5)
+        assert (event.type, event.fd, event.message) == (EventType.MESSAGE_RX, fast, b"still here")
+        assert ctx.write(fast, b"yes")
+        assert recv_msg(reader) == b"yes"
+        # The disconnected peer reads what the kernel held, then the end.
+        sleeper.settimeout(5)
+        got = 0
+        while chunk := sleeper.recv(1 << 20):
+            got += len(chunk)
+        assert got < accepted  # the queued part was dropped, not delivered
+        sleeper.close()
+        reader.close()
+
+
+def _serve_until(ctx: Context, done, timeout: float) -> list[Event]:
+    seen: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while not done(seen):
+        assert time.monotonic() < deadline, f"timed out; events: {seen}"
+        with suppress(TimeoutError):
+            seen.append(ctx.wait_event(timeout=0.02))
+    return seen
+
+
+def test_close_flush_writes_the_queue_before_closing():
+    """close(fd, flush=True) with data queued: the peer reads every byte,
+    then the end; the DISCONNECTION comes once the queue is written."""
+    ours, theirs = socket.socketpair()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    messages = [bytes([i]) * 30_000 for i in range(40)]  # 1.2 MB: most of it queued
+    with Context() as ctx:
+        fd = ctx.adopt(ours)
+        for m in messages:
+            assert ctx.write(fd, m)
+        assert ctx.pending_bytes(fd) > 500_000
+        ctx.close(fd, flush=True)
+        assert fd in ctx  # lingering, not closed yet
+        got = bytearray()
+        theirs.setblocking(False)
+        disconnections: list[Event] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with suppress(TimeoutError):
+                ev = ctx.wait_event(timeout=0.01)
+                if ev.type == EventType.DISCONNECTION:
+                    disconnections.append(ev)
+            try:
+                chunk = theirs.recv(65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            got += chunk
+        assert [(e.fd, e.reason) for e in disconnections] == [(fd, None)]
+    theirs.close()
+    assert bytes(got) == b"".join(encode(m) for m in messages)
+
+
+def test_close_flush_to_a_peer_that_never_reads_ends_at_the_linger_deadline(monkeypatch):
+    """A peer that never reads cannot hold a flushing close open: at the
+    linger deadline the connection closes with its reason; others go on."""
+    import ipc_core._connections as connections
+
+    monkeypatch.setattr(connections, "LINGER_SECONDS", 0.3)
+    ours, theirs = socket.socketpair()
+    other_ours, other_theirs = socket.socketpair()
+    with Context() as ctx:
+        fd = ctx.adopt(ours)
+        other = ctx.adopt(other_ours)
+        while ctx.pending_bytes(fd) == 0:  # fill the kernel's buffer, then queue
+            assert ctx.write(fd, b"z" * 65536)
+        start = time.monotonic()
+        ctx.close(fd, flush=True)
+        seen = _serve_until(ctx, lambda s: any(e.type == EventType.DISCONNECTION for e in s), 5)
+        elapsed = time.monotonic() - start
+        (event,) = [e for e in seen if e.type == EventType.DISCONNECTION]
+        assert (event.fd, event.reason) == (fd, "linger timeout: peer not reading")
+        assert 0.25 <= elapsed < 3, elapsed
+        other_theirs.sendall(encode(b"ping"))
+        event = ctx.wait_event(timeout=5)
+        assert (event.type, event.fd, event.message) == (EventType.MESSAGE_RX, other, b"ping")
+    for s in (theirs, other_theirs):
+        s.close()
+
+
+_EMFILE_CHILD = r"""
+import os, resource, sys, time
+from ipc_core import Context, EventType
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+with Context(rundir_path=sys.argv[1]) as ctx:
+    ctx.service_init("pong")
+    print("ready", flush=True)
+
+    def wait(kind, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ev = ctx.wait_event(timeout=0.05)
+            if ev.type == kind:
+                return ev
+        raise SystemExit(f"no {kind.name} within {seconds} s")
+
+    # One descriptor left: the first client takes it, the second cannot be
+    # accepted (EMFILE) until the limit is raised again.
+    used = len(os.listdir("/proc/self/fd")) - 1  # listdir's own descriptor is gone
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used + 1, hard))
+    print("limited", flush=True)
+    wait(EventType.CONNECTION, 10)
+    print("first", flush=True)
+    sys.stdin.readline()  # the parent has connected the second client
+    cpu = time.process_time()
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        ev = ctx.wait_event(timeout=0.05)
+        assert ev.type != EventType.CONNECTION, "accepted past the limit"
+    print(f"cpu {time.process_time() - cpu:.3f}", flush=True)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    wait(EventType.CONNECTION, 5)
+    print("second", flush=True)
+"""
+
+
+def test_accept_out_of_descriptors_pauses_the_listener_then_resumes(rundir):
+    """accept() failing with EMFILE pauses the listener (100 ms, then a retry)
+    instead of spinning on a listener that stays readable; the line is
+    logged once; the waiting client is accepted once descriptors are free."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    child = subprocess.Popen(
+        [sys.executable, "-c", _EMFILE_CHILD, str(rundir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    clients: list[socket.socket] = []
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "ready\n"
+        assert child.stdout.readline() == "limited\n"
+        clients.append(client(rundir))
+        assert child.stdout.readline() == "first\n"
+        clients.append(client(rundir))  # queued in the backlog; accept() gets EMFILE
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        cpu_line = child.stdout.readline()
+        assert cpu_line.startswith("cpu "), cpu_line
+        assert float(cpu_line.split()[1]) < 0.5  # a spinning loop burns ~1 s here
+        assert child.stdout.readline() == "second\n"
+        _, err = child.communicate(timeout=10)
+    finally:
+        for s in clients:
+            s.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)
+    assert child.returncode == 0, err
+    lines = [line for line in err.splitlines() if "cannot accept" in line]
+    assert len(lines) == 1 and "Too many open files; pausing 100 ms" in lines[0], err

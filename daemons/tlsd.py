@@ -49,7 +49,7 @@ from .engine.options import (
     libipc_command,
 )
 from .engine.startup import describe_error, start_daemon, starting
-from .engine.tlsconfig import ServerPolicy, client_context, server_policy_options
+from .engine.tlsconfig import ServerTLS, client_context, server_tls_options
 
 log = logging.getLogger("ipc.tlsd")
 
@@ -61,20 +61,17 @@ DEFAULT_LISTEN = "127.0.0.1:9443"
 class TLSFiles:
     """The certificate files, re-read on every reload."""
 
-    cert: Path | None = None
-    key: Path | None = None
-    client_ca: Path | None = None
+    server: ServerTLS = field(default_factory=ServerTLS)
     ca: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
     insecure: bool = False
-    policy: ServerPolicy = field(default_factory=ServerPolicy)
 
     def server_context(self) -> ssl.SSLContext | None:
         """The inbound context (None when not listening); mTLS with a client CA."""
-        if self.cert is None:
+        if self.server.cert is None:
             return None
-        return self.policy.context(self.cert, self.key, self.client_ca)
+        return self.server.context()
 
     def client_context(self) -> ssl.SSLContext:
         """The outbound context: verify (system store or --ca), maybe a client cert."""
@@ -105,8 +102,8 @@ class Contexts:
         log.info(
             "%s: reloaded certificates for new connections%s%s",
             NAME,
-            _cert_summary(self.files.cert),
-            _crl_summary(self.files.policy.crl),
+            _cert_summary(self.files.server.cert),
+            _crl_summary(self.files.server.policy.crl),
         )
         return True
 
@@ -180,29 +177,17 @@ def _connector_factory(contexts: Contexts, insecure: bool) -> Callable[[Uri], Co
     return make
 
 
-def _check_flags(files: TLSFiles, listen: bool, allow_client: Sequence[str]) -> None:
+def _check_flags(files: TLSFiles, listen: bool) -> None:
     """Refuse contradictory or incomplete flags before binding anything."""
-    if listen and (files.cert is None or files.key is None):
+    server = files.server
+    if listen and (server.cert is None or server.key is None):
         raise click.UsageError("--cert and --key are required to listen (or use --no-listen)")
-    if not listen and (
-        files.cert or files.key or files.client_ca or allow_client or files.policy != ServerPolicy()
-    ):
+    if not listen and server.given:
         raise click.UsageError(
             "--cert, --key, --client-ca, --allow-client, --crl, --min-tls and --ciphers "
             "are for listening; they make no sense with --no-listen"
         )
-    problem = files.policy.usage_error(files.client_ca)
-    if problem:
-        raise click.UsageError(problem)
-    if allow_client and files.client_ca is None:
-        raise click.UsageError(
-            "--allow-client needs --client-ca (client certificates "
-            "are only asked for with mutual TLS)"
-        )
-    for pattern in allow_client:
-        reason = certs.allow_pattern_error(pattern)
-        if reason:
-            raise click.BadParameter(reason, param_hint="--allow-client")
+    server.check()
     if files.insecure and files.ca is not None:
         raise click.UsageError("--ca and --insecure-skip-verify contradict each other")
     if (files.client_cert is None) != (files.client_key is None):
@@ -245,35 +230,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
     metavar="NAME",
     help="Local service name of the outbound side (clients send it tls:// URIs).",
 )
-@click.option(
-    "--cert",
-    type=_FILE,
-    default=None,
-    metavar="FILE",
-    help="Server certificate (PEM, chain allowed); required to listen.",
-)
-@click.option(
-    "--key",
-    type=_FILE,
-    default=None,
-    metavar="FILE",
-    help="Private key of --cert (PEM); required to listen.",
-)
-@click.option(
-    "--client-ca",
-    type=_FILE,
-    default=None,
-    metavar="FILE",
-    help="Mutual TLS: require client certificates signed by these CAs.",
-)
-@click.option(
-    "--allow-client",
-    multiple=True,
-    metavar="PATTERN",
-    help="Only these client certificates (name, CN:name or CN=name, DNS:name, "
-    "IP:addr or a SHA-256 fingerprint). Repeatable; needs --client-ca.",
-)
-@server_policy_options
+@server_tls_options(purpose="required to listen")
 @click.option(
     "--no-listen",
     is_flag=True,
@@ -310,11 +267,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 def main(
     common: CommonOptions,
     service_name: str,
-    cert: Path | None,
-    key: Path | None,
-    client_ca: Path | None,
-    allow_client: tuple[str, ...],
-    tls_policy: ServerPolicy,
+    server_tls: ServerTLS,
     no_listen: bool,
     ca: Path | None,
     insecure_skip_verify: bool,
@@ -330,33 +283,33 @@ def main(
     takes a message tls://HOST:PORT/SERVICE and dials it, verifying the
     server against the system store or --ca.
     """
-    files = TLSFiles(
-        cert, key, client_ca, ca, client_cert, client_key, insecure_skip_verify, tls_policy
-    )
-    _check_flags(files, not no_listen, allow_client)
+    files = TLSFiles(server_tls, ca, client_cert, client_key, insecure_skip_verify)
+    _check_flags(files, not no_listen)
     with starting():
         contexts = Contexts(files)
-    mtls = client_ca is not None
+    mtls = server_tls.mtls
     with starting():
         daemon, outbound = start_daemon(
             NAME,
             common,
             service_name=service_name,
             default_listen=DEFAULT_LISTEN,
-            make_handshake=lambda daemon: _handshake_factory(daemon, contexts, allow_client, mtls),
+            make_handshake=lambda daemon: _handshake_factory(
+                daemon, contexts, server_tls.allow_client, mtls
+            ),
             connectors={"tls": _connector_factory(contexts, insecure_skip_verify)},
             connect_timeout=connect_timeout,
             listen=not no_listen,
             idle_timeout=idle_timeout,
         )
-    if cert is not None:
+    if server_tls.cert is not None:
         log.info(
             "%s: serving TLS %s%s%s%s",
             NAME,
-            "1.3" if tls_policy.min_tls == "1.3" else "1.2 and 1.3",
-            _cert_summary(cert),
+            "1.3" if server_tls.policy.min_tls == "1.3" else "1.2 and 1.3",
+            _cert_summary(server_tls.cert),
             ", client certificates required" if mtls else "",
-            _crl_summary(tls_policy.crl),
+            _crl_summary(server_tls.policy.crl),
         )
     if insecure_skip_verify:
         log.warning(

@@ -70,7 +70,7 @@ from .engine.log import setup_logging
 from .engine.options import CommonOptions, common_options, libipc_command, seconds
 from .engine.policy import service_name_error
 from .engine.startup import new_daemon, open_listeners, starting
-from .engine.tlsconfig import ServerPolicy, server_policy_options
+from .engine.tlsconfig import ServerTLS, server_tls_options
 
 __all__ = [
     "HostPolicy",
@@ -740,22 +740,16 @@ class Keepalive:
 
 
 class ServerCertificates:
-    """``--cert/--key/--client-ca`` with ``--min-tls/--ciphers/--crl``: the
-    files (the CRL too) are re-read on SIGHUP, the old context kept on error."""
+    """The wss server's TLS flags (:class:`ServerTLS`): the files (the CRL
+    too) are re-read on SIGHUP, the old context kept on error."""
 
-    def __init__(
-        self,
-        cert: Path,
-        key: Path,
-        client_ca: Path | None,
-        policy: ServerPolicy | None = None,
-    ) -> None:
-        self.cert, self.key, self.client_ca = cert, key, client_ca
-        self.policy = policy or ServerPolicy()
+    def __init__(self, server: ServerTLS) -> None:
+        self.server = server
+        self.client_ca = server.client_ca
         self.context = self._load()
 
     def _load(self) -> ssl.SSLContext:
-        return self.policy.context(self.cert, self.key, self.client_ca)
+        return self.server.context()
 
     def reload(self) -> None:
         try:
@@ -853,9 +847,6 @@ def build_daemon(
     return daemon
 
 
-_FILE = click.Path(dir_okay=False, path_type=Path)
-
-
 @libipc_command(
     prog=NAME,
     env_prefix="IPC_WEBSOCKETD",
@@ -946,37 +937,13 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
     "names (loopback, localhost, listen addresses, this machine's name) get 421: "
     "the defence against DNS rebinding. Repeatable.",
 )
-@click.option(
-    "--cert",
-    type=_FILE,
-    default=None,
-    metavar="FILE",
-    help="Serve wss://: server certificate (PEM, chain allowed).",
-)
-@click.option(
-    "--key", type=_FILE, default=None, metavar="FILE", help="Private key of --cert (PEM)."
-)
-@click.option(
-    "--client-ca",
-    type=_FILE,
-    default=None,
-    metavar="FILE",
-    help="Mutual TLS: require client certificates signed by these CAs.",
-)
-@server_policy_options
+@server_tls_options(purpose="serves wss://")
 @click.option(
     "--control-name",
     default="ws",
     metavar="NAME",
     help="Counters are served on the local service NAME.ctl (ipc status NAME); "
     "give each instance sharing a run directory its own.",
-)
-@click.option(
-    "--allow-client",
-    multiple=True,
-    metavar="PATTERN",
-    help="Only these client certificates (CN, CN:name, DNS:name, IP:addr or a "
-    "SHA-256 fingerprint). Repeatable; needs --client-ca.",
 )
 def main(
     common: CommonOptions,
@@ -989,12 +956,8 @@ def main(
     trust_proxy: bool,
     hold_pool: int,
     hosts: tuple[str, ...],
-    cert: Path | None,
-    key: Path | None,
-    client_ca: Path | None,
-    allow_client: tuple[str, ...],
+    server_tls: ServerTLS,
     control_name: str,
-    tls_policy: ServerPolicy,
 ) -> None:
     """Let browsers reach local LibIPC services: ws://HOST:PORT/SERVICE.
 
@@ -1002,21 +965,13 @@ def main(
     reply one WebSocket message back. Plain HTTP on the same port serves the
     demo page (or --static DIR). -vv logs every frame.
     """
-    if (cert is None) != (key is None):
+    if (server_tls.cert is None) != (server_tls.key is None):
         raise click.UsageError("--cert and --key go together")
-    if cert is None and (client_ca or allow_client):
-        raise click.UsageError("--client-ca and --allow-client need --cert/--key (wss)")
-    if allow_client and client_ca is None:
-        raise click.UsageError("--allow-client needs --client-ca")
-    policy_error = tls_policy.usage_error(client_ca)
-    if policy_error:
-        raise click.UsageError(policy_error)
-    if cert is None and (tls_policy.crl or tls_policy.ciphers or tls_policy.min_tls != "1.2"):
-        raise click.UsageError("--min-tls, --ciphers and --crl need --cert/--key (wss)")
-    for pattern in allow_client:
-        problem = certs.allow_pattern_error(pattern)
-        if problem:
-            raise click.BadParameter(problem, param_hint="--allow-client")
+    server_tls.check()
+    if server_tls.cert is None and server_tls.given:
+        raise click.UsageError(
+            "--client-ca, --allow-client, --min-tls, --ciphers and --crl need --cert/--key (wss)"
+        )
     for origin in origins:
         if origin not in ("*", "null") and "://" not in origin:
             raise click.BadParameter(
@@ -1036,11 +991,7 @@ def main(
     frame_log.setLevel(logging.DEBUG if common.verbosity >= 2 else logging.WARNING)
     with starting():
         static = None if no_static else StaticFiles(static_dir or DEMO_DIR)
-        tls = (
-            None
-            if cert is None or key is None
-            else ServerCertificates(cert, key, client_ca, tls_policy)
-        )
+        tls = None if server_tls.cert is None else ServerCertificates(server_tls)
         options = WebSocketOptions(
             max_message_size=common.max_message_size,
             text_replies=text_replies,
@@ -1055,7 +1006,7 @@ def main(
             ping_interval=ping_interval,
             idle_timeout=idle_timeout,
             tls=tls,
-            allow_client=allow_client,
+            allow_client=server_tls.allow_client,
             control_name=control_name,
             hold_pool=hold_pool,
         )

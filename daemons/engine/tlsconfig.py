@@ -10,7 +10,7 @@ import functools
 import os
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,14 +20,18 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from .certs import allow_pattern_error
+
 __all__ = [
     "INTERMEDIATE_CIPHERS",
     "MIN_TLS_VERSIONS",
     "ServerPolicy",
+    "ServerTLS",
     "TLSConfigError",
     "client_context",
     "server_context",
     "server_policy_options",
+    "server_tls_options",
 ]
 
 StrPath = str | os.PathLike[str]
@@ -366,3 +370,106 @@ def server_policy_options(func: F) -> F:
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """A TLS server's flags, declared once for ipc-tlsd and ipc-websocketd
+    (wss): ``--cert``, ``--key``, ``--client-ca``, ``--allow-client`` and the
+    :class:`ServerPolicy` (see :func:`server_tls_options`)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    allow_client: tuple[str, ...] = ()
+    policy: ServerPolicy = field(default_factory=ServerPolicy)
+
+    @property
+    def mtls(self) -> bool:
+        """Client certificates are required (a client CA is given)."""
+        return self.client_ca is not None
+
+    @property
+    def given(self) -> bool:
+        """Any server-side TLS flag was given."""
+        return (
+            bool(self.cert or self.key or self.client_ca or self.allow_client)
+            or self.policy != ServerPolicy()
+        )
+
+    def context(self) -> ssl.SSLContext:
+        """The server context (files read now: a reload calls it again)."""
+        if self.cert is None:
+            raise TLSConfigError("no --cert/--key to serve TLS with")
+        return self.policy.context(self.cert, self.key, self.client_ca)
+
+    def check(self) -> None:
+        """Refuse contradictory flags (``click.UsageError``/``BadParameter``),
+        before anything is bound: the rules both daemons share."""
+        problem = self.policy.usage_error(self.client_ca)
+        if problem:
+            raise click.UsageError(problem)
+        if self.allow_client and self.client_ca is None:
+            raise click.UsageError(
+                "--allow-client needs --client-ca (client certificates "
+                "are only asked for with mutual TLS)"
+            )
+        for pattern in self.allow_client:
+            reason = allow_pattern_error(pattern)
+            if reason:
+                raise click.BadParameter(reason, param_hint="--allow-client")
+
+
+_SERVER_TLS_NAMES = ("cert", "key", "client_ca", "allow_client")
+_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+def server_tls_options(*, purpose: str) -> Callable[[F], F]:
+    """Add the TLS server flags and pass them as ``server_tls: ServerTLS``;
+    ``purpose`` ends the help of --cert and --key (``required to listen``,
+    ``serves wss://``)."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in _SERVER_TLS_NAMES}
+            policy = kwargs.pop("tls_policy")
+            return func(*args, server_tls=ServerTLS(**values, policy=policy), **kwargs)
+
+        options = [
+            click.option(
+                "--cert",
+                type=_FILE,
+                default=None,
+                metavar="FILE",
+                help=f"Server certificate (PEM, chain allowed); {purpose}.",
+            ),
+            click.option(
+                "--key",
+                type=_FILE,
+                default=None,
+                metavar="FILE",
+                help=f"Private key of --cert (PEM); {purpose}.",
+            ),
+            click.option(
+                "--client-ca",
+                type=_FILE,
+                default=None,
+                metavar="FILE",
+                help="Mutual TLS: require client certificates signed by these CAs.",
+            ),
+            click.option(
+                "--allow-client",
+                multiple=True,
+                metavar="PATTERN",
+                help="Only these client certificates (name, CN:name or CN=name, "
+                "DNS:name, IP:addr or a SHA-256 fingerprint). Repeatable; needs "
+                "--client-ca.",
+            ),
+        ]
+        wrapped = server_policy_options(wrapper)  # type: ignore[arg-type]
+        for option in reversed(options):
+            wrapped = option(wrapped)
+        return wrapped  # type: ignore[no-any-return]
+
+    return decorate

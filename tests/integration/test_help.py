@@ -289,3 +289,32 @@ def test_a_startup_error_is_one_line_naming_the_program(name: str, command: clic
         command.callback = original
     assert result.exit_code == 1
     assert result.output == f"{name}: --listen 192.0.2.1:9: address not available on this host\n"
+
+
+TLS_SERVER_FLAGS = ("cert", "key", "client_ca", "allow_client", "min_tls", "ciphers", "crl")
+
+
+def test_the_tls_server_flags_are_declared_once() -> None:
+    """ipc-tlsd and ipc-websocketd (wss) take the same TLS server flags, with
+    the same types and words, and refuse the same contradictions alike."""
+    from click.testing import CliRunner
+
+    def flags(command: click.Command) -> dict[str, tuple[object, ...]]:
+        return {
+            p.name: (tuple(p.opts), type(p.type), p.metavar, p.multiple)
+            for p in command.params
+            if isinstance(p, click.Option) and p.name in TLS_SERVER_FLAGS
+        }
+
+    assert flags(tlsd.main) == flags(websocketd.main)
+    assert set(flags(tlsd.main)) == set(TLS_SERVER_FLAGS)
+    allow_help = {
+        p.help for c in (tlsd.main, websocketd.main) for p in c.params if p.name == "allow_client"
+    }
+    assert len(allow_help) == 1
+    args = ["--cert", "c.pem", "--key", "k.pem", "--allow-client", "CN:x"]
+    outputs = {
+        CliRunner().invoke(c, args).output.splitlines()[-1] for c in (tlsd.main, websocketd.main)
+    }
+    assert len(outputs) == 1, outputs
+    assert "--allow-client needs --client-ca" in outputs.pop()

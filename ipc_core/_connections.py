@@ -38,7 +38,14 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import IPCError, MessageTooLarge, PeerClosed, ProtocolError, UsageError
+from .errors import (
+    IPCError,
+    MessageTooLarge,
+    PeerClosed,
+    PeerNotReading,
+    ProtocolError,
+    UsageError,
+)
 from .events import Event, EventType
 
 if TYPE_CHECKING:
@@ -310,9 +317,9 @@ class Connections:
             reason = f"send queue over {self.queue_hard_limit} bytes: peer is not reading"
             log.warning("descriptor %d: %s; closing it", conn.fd, reason)
             if conn.kind == SWITCHED:
-                self.close_pair(conn, reason)
+                self.close_pair(conn, reason, error=PeerNotReading)
             else:
-                self.close_conn(conn, reason)
+                self.close_conn(conn, reason, error=PeerNotReading)
             return False
         first = not conn.out
         conn.out.append([data, notify])
@@ -414,7 +421,8 @@ class Connections:
         if conn.linger is not None:
             conn.linger.cancel()
         conn.linger = self.timers.call_later(
-            LINGER_SECONDS, lambda: self.close_conn(conn, "linger timeout: peer not reading")
+            LINGER_SECONDS,
+            lambda: self.close_conn(conn, "linger timeout: peer not reading", error=PeerNotReading),
         )
 
     def refill(self, conn: Conn) -> bool:
@@ -434,9 +442,17 @@ class Connections:
         self.enqueue(conn, piece)
         return True
 
-    def close_conn(self, conn: Conn, reason: str | None, *, report: bool = True) -> None:
+    def close_conn(
+        self,
+        conn: Conn,
+        reason: str | None,
+        *,
+        report: bool = True,
+        error: type[BaseException] | None = None,
+    ) -> None:
         """Close one connection; ``report``: a DISCONNECTION event (with the
-        descriptor's number reserved until the application has taken it)."""
+        descriptor's number reserved until the application has taken it)
+        carrying ``reason`` and the ``error`` class behind it."""
         if self.conns.get(conn.fd) is not conn:
             return
         fd = conn.fd
@@ -468,16 +484,18 @@ class Connections:
         if report:
             if reason is not None:
                 log.debug("descriptor %d closed: %s", fd, reason)
-            self.events.append(Event(EventType.DISCONNECTION, fd, reason=reason))
+            self.events.append(Event(EventType.DISCONNECTION, fd, reason=reason, error=error))
         else:
             self.drop_events(fd)
 
-    def close_pair(self, conn: Conn, reason: str | None) -> None:
+    def close_pair(
+        self, conn: Conn, reason: str | None, *, error: type[BaseException] | None = None
+    ) -> None:
         """One end of a pair failed or closed: close it now and its partner as
         soon as what is queued for the partner is written (bounded by a linger
         deadline)."""
         partner = conn.partner
-        self.close_conn(conn, reason)
+        self.close_conn(conn, reason, error=error)
         if partner is None or partner.fd not in self.conns or partner.closing:
             return
         partner.partner = None
@@ -490,7 +508,7 @@ class Connections:
         if partner.fd not in self.conns:
             return
         if not partner.out:
-            self.close_conn(partner, reason)
+            self.close_conn(partner, reason, error=error)
             return
         self.linger(partner)
 

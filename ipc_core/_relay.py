@@ -319,7 +319,7 @@ class Relay:
             except ProtocolError as exc:
                 log.warning("descriptor %d: %s; closing the pair", conn.fd, exc)
                 self.table.flush_layer(conn)
-                self._close_pair(conn, str(exc))
+                self._close_pair(conn, str(exc), error=type(exc))
                 return
             pending = layer.data_to_send()  # e.g. a TLS alert or a pong
             if pending:
@@ -332,7 +332,7 @@ class Relay:
             log.warning("%s; closing the pair", bad_input(conn, exc))
             if exc.valid_bytes:  # deliver the good messages before the bad header
                 self._forward(conn, partner, data[: exc.valid_bytes])
-            self._close_pair(conn, str(exc))
+            self._close_pair(conn, str(exc), error=MessageTooLarge)
             return
         stats = conn.stats
         stats.bytes += len(data)
@@ -351,7 +351,7 @@ class Relay:
             except ProtocolError as exc:
                 log.warning("descriptor %d: %s; closing the pair", partner.fd, exc)
                 self.table.flush_layer(partner)
-                self._close_pair(partner, str(exc))
+                self._close_pair(partner, str(exc), error=type(exc))
                 return
             self.table.flush_layer(partner)
         elif partner.out_cb is not None:

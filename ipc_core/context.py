@@ -579,7 +579,7 @@ class Context:
             messages = conn.decoder.feed(self._view[:n])  # type: ignore[union-attr]
         except ProtocolError as exc:
             log.warning("%s; closing it", bad_input(conn, exc))
-            self._table.close_conn(conn, str(exc))
+            self._table.close_conn(conn, str(exc), error=type(exc))
             return
         fd = conn.fd
         append = self._events.append

@@ -9,7 +9,8 @@
     │   └── ServiceUnavailable    nothing listens under that name / route failed
     ├── ProtocolError             a peer broke the protocol (bad frame, oversize length)
     │   └── MessageTooLarge
-    └── PeerClosed                the peer went away (EOF, reset); not a bug of anyone's
+    ├── PeerClosed                the peer went away (EOF, reset); not a bug of anyone's
+    └── PeerNotReading            the peer stopped reading (send queue hard limit, linger)
 
 A misbehaving peer never makes ``Context.wait_event`` raise: the loop turns
 ProtocolError / PeerClosed into a DISCONNECTION event plus a log line. These
@@ -66,3 +67,8 @@ class MessageTooLarge(ProtocolError):
 
 class PeerClosed(IPCError):
     """The peer closed the connection (EOF or reset)."""
+
+
+class PeerNotReading(IPCError):
+    """The peer stopped reading: what is queued for it passed the hard limit,
+    or a flushing close found it still unread at the linger deadline."""

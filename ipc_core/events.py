@@ -11,6 +11,7 @@ An event is a frozen dataclass, so it can be matched::
 
 from __future__ import annotations
 
+import builtins
 import enum
 from dataclasses import dataclass
 
@@ -36,7 +37,10 @@ class Event:
     ``fd`` is the descriptor concerned (-1 for TIMER); ``message`` the payload
     of MESSAGE_RX; ``origin`` the listening service's descriptor for a
     CONNECTION; ``reason`` why a DISCONNECTION or ERROR happened (None for an
-    orderly close).
+    orderly close); ``error`` the class of the error behind a DISCONNECTION
+    (``MessageTooLarge``, ``ProtocolError``, ``PeerNotReading``, an
+    ``OSError``...; None when none), so a kind is a value, never read back
+    from ``reason``'s text.
     """
 
     type: EventType
@@ -44,6 +48,7 @@ class Event:
     message: bytes | None = None
     origin: int = -1
     reason: str | None = None
+    error: builtins.type[BaseException] | None = None  # ``type`` is a field here
 
 
 # A fast constructor for the hot path: a frozen dataclass __init__ goes through

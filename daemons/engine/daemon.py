@@ -401,7 +401,7 @@ class Daemon:
         """The engine's own bookkeeping for any closed descriptor."""
         self._idle.pop(event.fd, None)
         if self._network_closed(event.fd) and event.reason:
-            self.metrics.errors.inc(kind=_error_kind(event))
+            self.metrics.errors.inc(kind=ErrorKind.of(event.error))
 
     def relayed(self, event: Event) -> None:
         """The owner of a switched pair's ends: the Context relays without the
@@ -827,21 +827,6 @@ class Daemon:
             m.bytes.inc(now[0] - last[0], direction=direction)
             m.messages.inc(now[1] - last[1], direction=direction)
             self._last_stats[tag] = list(now)
-
-
-def _error_kind(event: Event) -> ErrorKind:
-    """The kind of error a DISCONNECTION reports.
-
-    Interim: the Context reports a reason text only, so the kind is read from
-    it; to be replaced by the value the Context carries with the event."""
-    reason = event.reason or ""
-    if "too large" in reason or "limit is" in reason:
-        return ErrorKind.OVERSIZE
-    if "not reading" in reason:
-        return ErrorKind.SLOW_PEER
-    if "tls" in reason or "websocket" in reason:
-        return ErrorKind.PROTOCOL
-    return ErrorKind.IO
 
 
 def _peer_name(addr: Any) -> str:

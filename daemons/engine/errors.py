@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 
-from ipc_core import IPCError, MessageTooLarge, ProtocolError
+from ipc_core import IPCError, MessageTooLarge, PeerNotReading, ProtocolError
 
 __all__ = ["ErrorKind", "Failure", "LocalRefused", "StartupError"]
 
@@ -62,13 +62,16 @@ class ErrorKind(enum.StrEnum):
     METRICS_BUSY = "metrics busy"
 
     @classmethod
-    def of(cls, error: BaseException | type[BaseException]) -> ErrorKind:
-        """The kind of an exception (or exception class) from a codec or the
-        relay: its class decides, not its message."""
-        kind = error if isinstance(error, type) else type(error)
-        if issubclass(kind, MessageTooLarge):
+    def of(cls, error: type[BaseException] | None) -> ErrorKind:
+        """The kind of the error class a DISCONNECTION carries
+        (``Event.error``): its class decides, never its message."""
+        if error is None:
+            return cls.IO
+        if issubclass(error, MessageTooLarge):
             return cls.OVERSIZE
-        if issubclass(kind, ProtocolError):
+        if issubclass(error, PeerNotReading):
+            return cls.SLOW_PEER
+        if issubclass(error, ProtocolError):
             return cls.PROTOCOL
         return cls.IO
 

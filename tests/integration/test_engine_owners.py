@@ -1,6 +1,6 @@
 """The engine's structure, driven in-process over real sockets: one owner per
 descriptor, one deadline helper, the on_stop hook, one way to reach a local
-service (issue 13, item 3)."""
+service, error kinds carried with the error (issue 13, item 3)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from daemons.engine.listeners import open_listener, parse_listen
 from daemons.engine.local import connect_local
 from daemons.engine.outbound import Outbound
 from daemons.engine.policy import ServiceAccess
-from ipc_core import Context, EventType, encode
+from ipc_core import Context, EventType, ProtocolError, encode
 from tests.helpers import recv_exact, recv_msg
 
 
@@ -137,3 +137,56 @@ def test_connect_local_failures_carry_their_kind(rundir):
         for sock in held:
             sock.close()
         server.close()
+
+
+class _StrictLayer:
+    """A codec that refuses the byte 0xFF, with a reason that names no
+    protocol (the old engine found kinds by searching "tls"/"websocket")."""
+
+    closed = False
+
+    def receive_data(self, data: bytes) -> bytes:
+        if b"\xff" in data:
+            raise ProtocolError("bad byte")
+        return data
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        self._out = bytes(data)
+
+    def data_to_send(self) -> bytes:
+        out, self._out = getattr(self, "_out", b""), b""
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _LayeredHandshake(TcpdHandshake):
+    def accept(self):  # type: ignore[override]
+        _layer, early = super().accept()
+        return _StrictLayer(), early
+
+
+@pytest.mark.parametrize(
+    ("sent", "kind"),
+    [
+        (b"\x00\x10\x00\x00", "oversize"),  # announces 1 MiB, the limit is 1 KiB
+        (b"\xff", "protocol"),
+    ],
+)
+def test_error_kinds_are_the_error_class_not_its_text(rundir, procs, sent, kind):
+    procs.pongd(rundir)
+    with Context(max_message_size=1024) as ctx:
+        daemon = Daemon("test", ctx, ServiceAccess(), handshake_timeout=5)
+        listener = open_listener(parse_listen("127.0.0.1:0"))
+        daemon.listen(listener, lambda _peer: _LayeredHandshake(daemon.reachable))
+        peer = socket.create_connection(listener.getsockname()[:2], timeout=5)
+        peer.sendall(b"pong\n")
+        pump(ctx, daemon, 0.1)
+        assert recv_exact(peer, 2) == b"ok"
+        peer.sendall(sent)
+        pump(ctx, daemon, 0.3)
+        assert daemon.metrics.errors.value(kind=kind) == 1
+        assert daemon.metrics.errors.value(kind="io") == 0
+        assert daemon.metrics.connections_open.value() == 0
+        peer.close()

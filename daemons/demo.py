@@ -35,9 +35,8 @@ from pathlib import Path
 
 import click
 
-from ipc_core import encode
-from ipc_core.rundir import LOCK_SUFFIX, ensure_rundir, service_alive
-from ipc_core.rundir import rundir as default_rundir
+from ipc_core import LOCK_SUFFIX, encode, ensure_rundir, service_alive
+from ipc_core import rundir as default_rundir
 
 from .engine.options import LibipcCommand, rundir_option
 

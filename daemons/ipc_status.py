@@ -20,9 +20,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ipc_core import Context, IPCError, list_services
+from ipc_core import Context, IPCError, connect_direct, list_services
 from ipc_core import rundir as default_rundir
-from ipc_core.routing import connect_direct
 
 from .engine.options import LibipcCommand, help_epilog, rundir_option, seconds
 

@@ -31,8 +31,17 @@ from pathlib import Path
 
 import click
 
-from ipc_core import Context, Event, EventType, IPCError, ProtocolError, encode
-from ipc_core.routing import ROUTER_SERVICE, parse_lookup, parse_network
+from ipc_core import (
+    ROUTER_SERVICE,
+    Context,
+    Event,
+    EventType,
+    IPCError,
+    ProtocolError,
+    encode,
+    parse_lookup,
+    parse_network,
+)
 
 from .engine.daemon import Daemon
 from .engine.deadlines import Deadlines, RequestDeadlines

@@ -50,6 +50,7 @@ import click
 from websockets.frames import CloseCode
 
 from ipc_core import (
+    DEFAULT_MAX_MESSAGE_SIZE,
     Context,
     Event,
     EventType,
@@ -59,7 +60,6 @@ from ipc_core import (
     ProtocolError,
     StackedLayer,
 )
-from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE
 
 from .codecs.tlswrap import TLSHandshake, describe_identity
 from .codecs.ws import HandshakeRequest, HoldPool, Phase, WebSocketServerLayer, origin_allowed

@@ -21,15 +21,26 @@ from .errors import (
 )
 from .events import Event, EventType
 from .fdpass import recv_fd, send_fd
-from .framing import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, FrameScanner, encode
-from .routing import parse_network
+from .framing import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    FrameDecoder,
+    FrameScanner,
+    check_limit,
+    encode,
+    header,
+)
+from .routing import ROUTER_SERVICE, connect_direct, parse_lookup, parse_network
 from .rundir import (
     DEFAULT_RUNDIR,
+    LOCK_SUFFIX,
+    SUN_PATH_MAX,
+    ensure_rundir,
     is_local_only,
     list_services,
     rundir,
     service_alive,
     socket_path,
+    validate_name,
 )
 from .switch import Layer, StackedLayer, SwitchResult
 from .typed import TypeRegistry
@@ -37,6 +48,9 @@ from .typed import TypeRegistry
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_RUNDIR",
+    "LOCK_SUFFIX",
+    "ROUTER_SERVICE",
+    "SUN_PATH_MAX",
     "Context",
     "ContextStopped",
     "Event",
@@ -59,13 +73,19 @@ __all__ = [
     "TimerHandle",
     "TypeRegistry",
     "UsageError",
+    "check_limit",
+    "connect_direct",
     "encode",
+    "ensure_rundir",
+    "header",
     "is_local_only",
     "list_services",
+    "parse_lookup",
     "parse_network",
     "recv_fd",
     "rundir",
     "send_fd",
     "service_alive",
     "socket_path",
+    "validate_name",
 ]

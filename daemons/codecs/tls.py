@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import ssl
 
-from ipc_core.errors import IPCError, PeerClosed, ProtocolError
+from ipc_core import IPCError, PeerClosed, ProtocolError
 
 __all__ = ["TLSLayer"]
 

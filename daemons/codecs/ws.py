@@ -80,8 +80,17 @@ try:  # websockets' C helper; the pure-Python one is a fallback
 except ImportError:  # pragma: no cover - depends on the wheel
     from websockets.utils import apply_mask
 
-from ipc_core.errors import IPCError, MessageTooLarge, PeerClosed, ProtocolError, UsageError
-from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, check_limit, header
+from ipc_core import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    FrameDecoder,
+    IPCError,
+    MessageTooLarge,
+    PeerClosed,
+    ProtocolError,
+    UsageError,
+    check_limit,
+    header,
+)
 
 __all__ = ["HandshakeRequest", "HoldPool", "Phase", "WebSocketServerLayer", "origin_allowed"]
 

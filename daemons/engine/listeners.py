@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ipc_core import SUN_PATH_MAX
+
 from .addresses import check_port, split_host_port
 
 __all__ = [
@@ -40,8 +42,6 @@ log = logging.getLogger("ipc.daemon")
 # --------------------------------------------------------------------------
 
 _LISTEN_HINT = "expected :PORT, HOST:PORT, [IPv6]:PORT or unix:PATH"
-#: ``sun_path`` is 108 bytes on Linux, including the terminating NUL.
-_MAX_UNIX_PATH = 107
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,8 @@ def _parse_listen(spec: str) -> ListenAddress:
         path = spec[5:]
         if not path or "\0" in path:
             raise ValueError("empty or invalid unix socket path")
-        if len(os.fsencode(path)) > _MAX_UNIX_PATH:
-            raise ValueError(f"unix socket path longer than {_MAX_UNIX_PATH} bytes")
+        if len(os.fsencode(path)) > SUN_PATH_MAX:
+            raise ValueError(f"unix socket path longer than {SUN_PATH_MAX} bytes")
         return ListenAddress(socket.AF_UNIX, path=path)
     if spec.isdigit():
         raise ValueError(f"missing ':' before the port (as in :{spec})")

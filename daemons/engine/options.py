@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ipc_core.framing import DEFAULT_MAX_MESSAGE_SIZE
+from ipc_core import DEFAULT_MAX_MESSAGE_SIZE
 
 from .errors import StartupError
 from .listeners import ListenAddress, parse_listen
@@ -330,7 +330,8 @@ def _rundir_param() -> Callable[[F], F]:
     return click.option(
         "--rundir",
         envvar="RUNDIR",
-        type=click.Path(file_okay=False, path_type=Path),
+        # The library checks the directory (and says what is wrong in one line).
+        type=click.Path(readable=False, path_type=Path),
         default=None,
         metavar="DIR",
         help="LibIPC run directory. Default: /tmp/.libipc-run.",

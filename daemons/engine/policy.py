@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ipc_core.rundir import is_local_only
+from ipc_core import InvalidServiceName, is_local_only, validate_name
 
 __all__ = [
     "DEFAULT_PROTECTED",
@@ -38,29 +38,33 @@ DEFAULT_PROTECTED: tuple[str, ...] = ("ipc", "tcp", "tls", "ws", "wss")
 #: Names a network peer never reaches, whatever ``--allow`` says: the daemons'
 #: control services (counters, for ``ipc status``) and lock files.
 NEVER_REACHABLE: tuple[str, ...] = ("*.ctl", "*.lock")
+#: The policy on top of the library's rule: a name a peer sends is at most
+#: this many UTF-8 bytes, whatever the run directory would allow.
 MAX_SERVICE_NAME_BYTES = 100
+#: The shortest run directory: with it, the library's socket-path rule checks
+#: the name alone (a remote host's service, whose run directory is not ours).
+_NAME_ALONE = Path("/")
 
 
-def service_name_error(name: str) -> str | None:
+def service_name_error(name: str, directory: Path | None = None) -> str | None:
     """Return why ``name`` cannot be a service name, or None if it can.
 
-    Refused: empty, ``.``/``..``, ``/``, control characters (NUL, bytes below
-    0x20, DEL), more than 100 UTF-8 bytes.
+    One rule, the library's (:func:`ipc_core.validate_name`: not empty, no
+    ``/``, not ``.``/``..``, no control character, short enough for a socket
+    path in ``directory``), plus the policy: valid UTF-8 of at most
+    :data:`MAX_SERVICE_NAME_BYTES` bytes. ``directory`` None judges the name
+    alone (a service on another host).
     """
-    if not name:
-        return "empty service name"
-    if name in (".", ".."):
-        return f"service name {name!r} is not allowed"
-    if "/" in name:
-        return f"service name {name!r} contains '/'"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        return f"service name {name!r} contains a control character"
     try:
         size = len(name.encode())
     except UnicodeEncodeError:
         return f"service name {name!r} is not valid UTF-8"
     if size > MAX_SERVICE_NAME_BYTES:
         return f"service name is {size} bytes long, the limit is {MAX_SERVICE_NAME_BYTES}"
+    try:
+        validate_name(name, _NAME_ALONE if directory is None else directory)
+    except InvalidServiceName as exc:
+        return str(exc)
     return None
 
 

@@ -280,7 +280,7 @@ def test_uri_helpers() -> None:
         ("tor://host/pong", "no default port"),
         ("host:9000/pong", "expected SCHEME://"),
         ("1tcp://h/p", "expected SCHEME://"),
-        ("unix://", "empty service name"),
+        ("unix://", "service name is empty"),
         ("unix://a/b", "contains '/'"),
     ],
 )

@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from daemons.engine.log import escape_log_text, setup_logging
-from daemons.engine.policy import DEFAULT_PROTECTED, ServiceAccess, network_refusal
+from daemons.engine.policy import (
+    DEFAULT_PROTECTED,
+    ServiceAccess,
+    network_refusal,
+    service_name_error,
+)
 
 GLOBS = ["*", "t*", "?*", "[a-z]*", "*c*", "*p*", "i*", "w*", "??", "???", "*s"]
 
@@ -105,3 +110,33 @@ def test_a_peer_cannot_forge_a_log_line(fmt: str) -> None:
     assert "\x1b" not in text and "\x00" not in text and "\r" not in text
     if fmt == "json":
         assert json.loads(lines[0])["msg"].startswith("peer a\n")  # JSON escapes it itself
+
+
+# -- one rule for service names: the library's, plus the 100-byte policy ----------
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/", "a\0b", "a\nb", "\x1f", "a\x7f"])
+def test_service_names_are_refused_by_the_library_rule_in_its_words(name: str) -> None:
+    from ipc_core import InvalidServiceName, validate_name
+
+    with pytest.raises(InvalidServiceName) as library:
+        validate_name(name, Path("/"))
+    assert service_name_error(name) == str(library.value)
+
+
+def test_the_socket_path_limit_of_a_run_directory_is_the_library_s() -> None:
+    long_dir = Path("/tmp/" + "d" * 40)
+    name = "x" * 80  # within the 100-byte policy, too long for a socket there
+    assert service_name_error(name) is None
+    reason = service_name_error(name, long_dir)
+    assert reason is not None and "too long for a socket path" in reason
+    assert service_name_error("x" * 101) == "service name is 101 bytes long, the limit is 100"
+
+
+def test_one_socket_path_limit() -> None:
+    from daemons.engine.listeners import parse_listen
+    from ipc_core import SUN_PATH_MAX
+
+    assert parse_listen("unix:/" + "p" * (SUN_PATH_MAX - 1)).path
+    with pytest.raises(ValueError, match=f"longer than {SUN_PATH_MAX} bytes"):
+        parse_listen("unix:/" + "p" * SUN_PATH_MAX)

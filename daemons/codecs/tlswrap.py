@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from ipc_core import Layer, PeerClosed, ProtocolError, StackedLayer
 
 from ..engine.certs import CertIdentity, identity, matches_allow
-from ..engine.handshake import Connector, Handshake
+from ..engine.handshake import Connector, Handshake, Settles
 from .tls import TLSLayer
 
 __all__ = ["TLSConnector", "TLSHandshake", "describe_identity"]
@@ -72,6 +72,8 @@ class TLSHandshake:
     ) -> None:
         self.tls = TLSLayer(ssl_context, server_side=True)
         self.inner = inner
+        #: The inner handshake's optional pause rule (a declared capability).
+        self._inner_settles = inner if isinstance(inner, Settles) else None
         self.allow_client = tuple(allow_client)
         self.on_identity = on_identity
         #: The client's certificate identity, once the TLS handshake is done.
@@ -92,14 +94,13 @@ class TLSHandshake:
     def settle_after(self) -> float | None:
         """The inner handshake's pause rule, but only once TLS is up: a peer
         pausing inside the TLS handshake is not pausing after a name."""
-        if not self._verified:
+        if not self._verified or self._inner_settles is None:
             return None
-        return getattr(self.inner, "settle_after", None)
+        return self._inner_settles.settle_after
 
     def settle(self) -> None:
-        settle = getattr(self.inner, "settle", None)
-        if settle is not None and self._verified:
-            settle()
+        if self._inner_settles is not None and self._verified:
+            self._inner_settles.settle()
 
     # -- bytes -------------------------------------------------------------
 

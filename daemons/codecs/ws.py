@@ -67,6 +67,7 @@ import re
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from websockets.datastructures import Headers
 from websockets.exceptions import PayloadTooBig
@@ -490,7 +491,7 @@ class WebSocketServerLayer:
             return None  # 64-bit lengths: bulk, where a call more does not matter
         if head + 4 + length != end or length > self.max_message_size:
             return None
-        payload = apply_mask(data[head + 4 :], data[head : head + 4])
+        payload = apply_mask(data[head + 4 :], data[head : head + 4])  # type: ignore[arg-type]
         if first == 0x81 and not _is_utf8(payload):
             return None  # the general path closes with 1007
         self.activity += 1
@@ -890,14 +891,16 @@ class WebSocketServerLayer:
         out: list[bytes | bytearray] = []
         err: IPCError | None = None
         pinged = False
-        for frame in proto.events_received():
+        # After the upgrade, a server protocol only ever yields frames.
+        for frame in cast("list[Frame]", proto.events_received()):
             opcode = frame.opcode
             if opcode is _BINARY or opcode is _TEXT:
                 if not frame.fin:
                     self._fragments = bytearray(frame.data)
                     self._fragments_text = opcode is _TEXT
                     continue
-                message: bytes | bytearray = frame.data
+                # websockets types data as any bytes-like; a parsed frame holds bytes.
+                message: bytes | bytearray = frame.data  # type: ignore[assignment]
                 is_text = opcode is _TEXT
             elif opcode is _CONT:
                 assert self._fragments is not None  # websockets checks the order

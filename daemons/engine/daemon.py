@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -146,7 +147,7 @@ class Daemon:
         self._throttles: dict[str, LogThrottle] = {}
         self.metrics = DaemonMetrics()
         #: SIGHUP: re-read what can be re-read (certificates, CRLs).
-        self.on_reload: Callable[[], None] | None = None
+        self.on_reload: Callable[[], object] | None = None
         #: Called once when the daemon stops (SIGTERM/SIGINT), before the loop
         #: ends: ipc-websocketd sends its close frames here.
         self.on_stop: Callable[[], None] | None = None
@@ -165,7 +166,7 @@ class Daemon:
         self._sources: dict[str, int] = {}  # open network connections per source
         self._source_of: dict[int, str] = {}
         self._idle: dict[int, tuple[Any, str]] = {}  # switched fd -> (socket, peer)
-        self._last_stats = {"network": [0, 0], "local": [0, 0]}
+        self._last_stats = {"network": (0, 0), "local": (0, 0)}
         self._stopping = False
         self._watchdog: float | None = None
         self._started = time.monotonic()
@@ -750,7 +751,7 @@ class Daemon:
             self._http[fd] = HttpResponder(self.metrics.registry, health=self._health)
             self.own(fd, self._on_http)
             self._http_deadlines.start(
-                fd, self.handshake_timeout, lambda fd=fd: self._drop_http(fd)
+                fd, self.handshake_timeout, functools.partial(self._drop_http, fd)
             )
 
     def _on_http(self, event: Event) -> None:
@@ -790,6 +791,7 @@ class Daemon:
         if self.idle_timeout <= 0 or fd not in self.ctx:
             return
         sock = self.ctx.socket_of(fd)
+        # A descriptor added as a bare number has a socket-like wrapper, no family.
         if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
             self._idle[fd] = (sock, peer)
 
@@ -822,11 +824,13 @@ class Daemon:
         """Copy the Context's relay counters into the exported metrics."""
         m = self.metrics
         for tag, direction in (("network", "in"), ("local", "out")):
-            now = [getattr(self.ctx.stats.get(tag), k, 0) for k in ("bytes", "messages")]
-            last = self._last_stats[tag]
-            m.bytes.inc(now[0] - last[0], direction=direction)
-            m.messages.inc(now[1] - last[1], direction=direction)
-            self._last_stats[tag] = list(now)
+            counters = self.ctx.stats.get(tag)
+            if counters is None:
+                continue
+            last_bytes, last_messages = self._last_stats[tag]
+            m.bytes.inc(counters.bytes - last_bytes, direction=direction)
+            m.messages.inc(counters.messages - last_messages, direction=direction)
+            self._last_stats[tag] = (counters.bytes, counters.messages)
 
 
 def _peer_name(addr: Any) -> str:

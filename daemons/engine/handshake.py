@@ -36,8 +36,11 @@ class Handshake(Protocol):
     HTTP response). Bad input raises ProtocolError.
     """
 
-    service: str | None
-    finished: bool
+    @property
+    def service(self) -> str | None: ...
+
+    @property
+    def finished(self) -> bool: ...
 
     def receive_data(self, data: bytes) -> None: ...
 
@@ -80,7 +83,8 @@ FORBIDDEN, NOT_FOUND, UNAVAILABLE = 403, 404, 503
 class Connector(Protocol):
     """Client side of a daemon handshake, Sans-I/O."""
 
-    done: bool
+    @property
+    def done(self) -> bool: ...
 
     def data_to_send(self) -> bytes: ...
 

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 from cryptography import x509
@@ -467,9 +467,9 @@ def server_tls_options(*, purpose: str) -> Callable[[F], F]:
                 "--client-ca.",
             ),
         ]
-        wrapped = server_policy_options(wrapper)  # type: ignore[arg-type]
+        wrapped: Any = server_policy_options(wrapper)
         for option in reversed(options):
             wrapped = option(wrapped)
-        return wrapped  # type: ignore[no-any-return]
+        return cast(F, wrapped)
 
     return decorate

@@ -130,3 +130,23 @@ def test_ipc_core_never_imports_the_daemons() -> None:
                     else [a.name for a in node.names]
                 )
                 assert not any(m.startswith("daemons") for m in modules), path
+
+
+def test_optional_handshake_capabilities_are_declared_protocols() -> None:
+    """The engine asks ``isinstance(h, Settles)`` once per connection, not
+    ``getattr(h, "settle_after")`` on every read."""
+    import ssl
+
+    from daemons.codecs.tcp import TcpdHandshake
+    from daemons.codecs.tlswrap import TLSHandshake
+    from daemons.engine.handshake import NamesPeer, Settles
+
+    tcp = TcpdHandshake()
+    assert isinstance(tcp, Settles) and not isinstance(tcp, NamesPeer)
+    wrapped = TLSHandshake(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tcp)
+    assert isinstance(wrapped, Settles)
+    assert wrapped.settle_after is None  # no pause rule before TLS is up
+    source = (ROOT / "engine" / "daemon.py").read_text() + (
+        ROOT / "codecs" / "tlswrap.py"
+    ).read_text()
+    assert "getattr(p.handshake" not in source and '"settle' not in source

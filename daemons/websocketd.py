@@ -65,7 +65,7 @@ from .codecs.tlswrap import TLSHandshake, describe_identity
 from .codecs.ws import HandshakeRequest, HoldPool, Phase, WebSocketServerLayer, origin_allowed
 from .engine import certs
 from .engine.daemon import Daemon
-from .engine.handshake import Handshake, NamesPeer
+from .engine.handshake import Handshake, names_peer
 from .engine.log import setup_logging
 from .engine.options import CommonOptions, common_options, libipc_command, seconds
 from .engine.policy import service_name_error
@@ -667,7 +667,8 @@ class Keepalive:
         it (its DISCONNECTION releases the layer's buffers at once)."""
         ws = layer.upper if isinstance(layer, StackedLayer) else layer
         if isinstance(ws, WebSocketServerLayer) and fd in self.ctx:
-            peer = (isinstance(handshake, NamesPeer) and handshake.peer) or f"fd {fd}"
+            named = names_peer(handshake)
+            peer = (named is not None and named.peer) or f"fd {fd}"
             self.conns[fd] = _Open(ws, peer, time.monotonic(), ws.activity)
             # What the Context still holds for this client counts against the
             # layer's control-frame budget (a ping flood from a non-reader).

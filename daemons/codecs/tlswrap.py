@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from ipc_core import Layer, PeerClosed, ProtocolError, StackedLayer
 
 from ..engine.certs import CertIdentity, identity, matches_allow
-from ..engine.handshake import Connector, Handshake, Settles
+from ..engine.handshake import Connector, Handshake, settles
 from .tls import TLSLayer
 
 __all__ = ["TLSConnector", "TLSHandshake", "describe_identity"]
@@ -73,7 +73,7 @@ class TLSHandshake:
         self.tls = TLSLayer(ssl_context, server_side=True)
         self.inner = inner
         #: The inner handshake's optional pause rule (a declared capability).
-        self._inner_settles = inner if isinstance(inner, Settles) else None
+        self._inner_settles = settles(inner)
         self.allow_client = tuple(allow_client)
         self.on_identity = on_identity
         #: The client's certificate identity, once the TLS handshake is done.

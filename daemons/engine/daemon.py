@@ -78,7 +78,14 @@ from ipc_core import (
 from . import systemd
 from .deadlines import Deadlines, RequestDeadlines
 from .errors import ErrorKind, Failure, LocalRefused
-from .handshake import Handshake, HandshakeFactory, NamesPeer, Settles
+from .handshake import (
+    Handshake,
+    HandshakeFactory,
+    NamesPeer,
+    Settles,
+    names_peer,
+    settles,
+)
 from .listeners import bound_address, exposed_addresses, raise_fd_limit, tune_tcp
 from .local import connect_local
 from .log import LogThrottle, plural
@@ -450,12 +457,10 @@ class Daemon:
         tune_tcp(sock, self.peer_timeout)
         fd = self.ctx.add_external(sock)
         self._network_opened(fd, source)
-        p = _Pending(fd, peer, handshake, time.monotonic())
         # Optional capabilities, decided once per connection, not per read.
-        if isinstance(handshake, Settles):
-            p.settles = handshake
-        if isinstance(handshake, NamesPeer):
-            p.names_peer = handshake
+        p = _Pending(
+            fd, peer, handshake, time.monotonic(), settles(handshake), names_peer(handshake)
+        )
         self._pending[fd] = p
         self.own(fd, self._on_pending)
         self._handshake_deadlines.start(fd, self.handshake_timeout, lambda: self._timeout(p))

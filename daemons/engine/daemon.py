@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import ipaddress
-import json
 import logging
 import os
 import resource
@@ -76,7 +74,8 @@ from ipc_core import (
 )
 
 from . import systemd
-from .deadlines import Deadlines, RequestDeadlines
+from .control import ControlService, MetricsHttp
+from .deadlines import Deadlines
 from .errors import ErrorKind, Failure, LocalRefused
 from .handshake import (
     Handshake,
@@ -86,19 +85,17 @@ from .handshake import (
     names_peer,
     settles,
 )
-from .listeners import bound_address, exposed_addresses, raise_fd_limit, tune_tcp
+from .listeners import bound_address, exposed_addresses, peer_name, raise_fd_limit, tune_tcp
 from .local import connect_local
 from .log import LogThrottle, plural
-from .metrics import DaemonMetrics, HttpResponder
+from .metrics import DaemonMetrics
 from .policy import ServiceAccess, exposure_warning, network_refusal, policy_summary
 
-__all__ = ["MAX_HTTP_CONNECTIONS", "Daemon", "Owner", "source_key", "tcp_idle_seconds"]
+__all__ = ["Daemon", "Owner", "source_key", "tcp_idle_seconds"]
 
 log = logging.getLogger("ipc.daemon")
 
 _RECV_SIZE = 65536
-#: Open /metrics connections at most (a scrape takes one, briefly).
-MAX_HTTP_CONNECTIONS = 32
 #: accept() errors that mean "out of descriptors or memory": pause, do not spin.
 _ACCEPT_PAUSE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
@@ -167,8 +164,9 @@ class Daemon:
         self._pending: dict[int, _Pending] = {}
         self._handshake_deadlines: Deadlines[int] = Deadlines(ctx)
         self._settles: Deadlines[int] = Deadlines(ctx)
-        self._http: dict[int, HttpResponder] = {}
-        self._http_deadlines: Deadlines[int] = Deadlines(ctx)
+        #: ``--metrics`` (HTTP) and the control service ``NAME.ctl``.
+        self.metrics_http = MetricsHttp(self)
+        self.control: ControlService | None = None
         self._network_fds: set[int] = set()
         self._sources: dict[str, int] = {}  # open network connections per source
         self._source_of: dict[int, str] = {}
@@ -177,7 +175,6 @@ class Daemon:
         self._stopping = False
         self._watchdog: float | None = None
         self._started = time.monotonic()
-        self._control_wait: RequestDeadlines | None = None
         ctx.switch_events = False
         if idle_timeout > 0:
             self._idle_period = min(max(idle_timeout / 4, 0.05), 5.0)
@@ -254,24 +251,15 @@ class Daemon:
             log.warning("%s: %s", self.name, warning)
 
     def serve_metrics(self, sock: socket.socket) -> None:
-        """Serve /metrics and /healthz on ``sock`` (plain HTTP)."""
-        sock.setblocking(False)
-        self.own(self.ctx.add_external(sock), self._on_metrics_listener)
-        log.info("%s: metrics on http://%s/metrics", self.name, bound_address(sock))
+        """Serve /metrics and /healthz on ``sock`` (plain HTTP, see
+        :class:`~daemons.engine.control.MetricsHttp`)."""
+        self.metrics_http.serve(sock)
 
     def serve_control(self, service: str, *, flag: str = "--service-name") -> None:
-        """Serve the local LibIPC service ``service`` (e.g. ``tcp.ctl``): the
-        message ``status`` is answered with JSON of the counters. A client
-        silent for the handshake timeout is closed. ``flag`` is what a user
-        changes to run a second instance (named when the name is taken).
-
-        Why a LibIPC service and not only HTTP: the counters stay readable
-        (``ipc status``) on a host where no ``--metrics`` port is open, with
-        the run directory's permissions as the access control. Network peers
-        never reach it: ``*.ctl`` is protected in :class:`ServiceAccess`.
-        """
-        self._control_wait = RequestDeadlines(self, service)
-        self.own(self.service_init(service, flag), self._on_control_service)
+        """Serve the local control service ``service`` (e.g. ``tcp.ctl``, see
+        :class:`~daemons.engine.control.ControlService`); ``flag`` is what a
+        user changes to run a second instance (named when the name is taken)."""
+        self.control = ControlService(self, service, flag)
 
     def service_init(self, service: str, flag: str) -> int:
         """A local-only service of ours (``ctx.service_init(local_only=True)``);
@@ -291,26 +279,6 @@ class Daemon:
             "uptime_seconds": round(time.monotonic() - self._started, 3),
             "metrics": self.metrics.registry.snapshot(),
         }
-
-    def _on_control_service(self, event: Event) -> None:
-        if event.type is EventType.CONNECTION:
-            assert self._control_wait is not None
-            self.own(event.fd, self._on_control_client)
-            self._control_wait.start(event.fd)
-
-    def _on_control_client(self, event: Event) -> None:
-        fd = event.fd
-        wait = self._control_wait
-        assert wait is not None
-        if event.type is EventType.MESSAGE_RX:
-            wait.start(fd)  # each request re-arms the deadline: silence closes
-            if (event.message or b"").strip() == b"status":
-                answer = json.dumps(self.status(), separators=(",", ":")).encode()
-            else:
-                answer = b'{"error":"unknown command; try status"}'
-            self.ctx.schedule(fd, answer)
-        elif event.type is EventType.DISCONNECTION:
-            wait.done(fd)
 
     # ----------------------------------------------------------------- run
 
@@ -429,11 +397,9 @@ class Daemon:
             except BlockingIOError:
                 return
             except OSError as exc:
-                self._accept_failed(exc)
-                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-                    self._pause_accept(lfd)
+                self.accept_failed(exc, lfd)
                 return
-            peer = _peer_name(addr)
+            peer = peer_name(addr)
             source = source_key(addr)
             refusal = self._over_limit(source)
             if refusal is not None:
@@ -519,9 +485,11 @@ class Daemon:
                 del self._sources[source]
         return True
 
-    def _accept_failed(self, exc: OSError) -> None:
-        """Log accept errors at most every few seconds: at the descriptor limit
-        the listener is retried every 100 ms and would flood the log."""
+    def accept_failed(self, exc: OSError, lfd: int) -> None:
+        """An accept on listener ``lfd`` failed: count it, log it at most every
+        few seconds (at the descriptor limit the listener is retried every
+        100 ms and would flood the log), and pause the listener when out of
+        descriptors or memory."""
         self.metrics.errors.inc(kind=ErrorKind.ACCEPT)
         more = self.throttle(ErrorKind.ACCEPT).due()
         if more is not None:
@@ -533,6 +501,8 @@ class Daemon:
                     "or lower --max-connections)"
                 )
             log.error("%s: accept failed: %s%s%s", self.name, exc.strerror or exc, hint, more)
+        if exc.errno in _ACCEPT_PAUSE_ERRNOS:
+            self._pause_accept(lfd)
 
     def _pause_accept(self, lfd: int) -> None:
         """Stop accepting for 100 ms (EMFILE: the backlog stays readable, and
@@ -720,73 +690,6 @@ class Daemon:
         if data and p.fd in self.ctx:
             self.ctx.send_raw(p.fd, data)
 
-    # ------------------------------------------------------------- metrics
-
-    def _on_metrics_listener(self, event: Event) -> None:
-        if event.type is EventType.EXTERNAL:
-            self._accept_metrics(event.fd)
-
-    def _accept_metrics(self, lfd: int) -> None:
-        lsock = self.ctx.socket_of(lfd)
-        for _ in range(16):
-            try:
-                sock, addr = lsock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._accept_failed(exc)
-                if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-                    self._pause_accept(lfd)
-                return
-            if len(self._http) >= MAX_HTTP_CONNECTIONS:
-                self.metrics.errors.inc(kind=ErrorKind.METRICS_BUSY)
-                more = self.throttle("metrics").due()
-                if more is not None:
-                    log.warning(
-                        "%s: refusing metrics client %s: %d open already%s",
-                        self.name,
-                        _peer_name(addr),
-                        MAX_HTTP_CONNECTIONS,
-                        more,
-                    )
-                sock.close()
-                continue
-            sock.setblocking(False)
-            fd = self.ctx.add_external(sock)
-            self._http[fd] = HttpResponder(self.metrics.registry, health=self._health)
-            self.own(fd, self._on_http)
-            self._http_deadlines.start(
-                fd, self.handshake_timeout, functools.partial(self._drop_http, fd)
-            )
-
-    def _on_http(self, event: Event) -> None:
-        fd = event.fd
-        if event.type is EventType.DISCONNECTION:
-            self._http.pop(fd, None)
-            self._http_deadlines.done(fd)
-            return
-        if event.type is not EventType.EXTERNAL:
-            return
-        try:
-            data = self.ctx.socket_of(fd).recv(_RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        self.refresh_metrics()
-        responder = self._http[fd]
-        out = responder.receive_data(data)
-        if out:
-            self.ctx.send_raw(fd, out)
-        if responder.done:
-            self._http.pop(fd, None)
-            self._http_deadlines.done(fd)
-            self.ctx.close(fd, flush=True)
-
-    def _drop_http(self, fd: int) -> None:
-        self._http.pop(fd, None)
-        self.drop(fd)
-
     # ---------------------------------------------------------------- idle
 
     def watch_idle(self, fd: int, peer: str) -> None:
@@ -822,7 +725,8 @@ class Daemon:
             )
             self.drop(fd)
 
-    def _health(self) -> str | None:
+    def health(self) -> str | None:
+        """None while serving, else why not (for /healthz)."""
         return "stopping" if self._stopping else None
 
     def refresh_metrics(self) -> None:
@@ -836,21 +740,6 @@ class Daemon:
             m.bytes.inc(counters.bytes - last_bytes, direction=direction)
             m.messages.inc(counters.messages - last_messages, direction=direction)
             self._last_stats[tag] = (counters.bytes, counters.messages)
-
-
-def _peer_name(addr: Any) -> str:
-    """``192.0.2.7:51212``, ``[2001:db8::1]:51212`` or ``unix-peer``. An
-    IPv4 peer of a dual-stack listener (``:9000``) arrives IPv4-mapped
-    (``::ffff:192.0.2.7``): it is written as the IPv4 address it is."""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        if host.startswith("::ffff:"):
-            with contextlib.suppress(ValueError):
-                mapped = ipaddress.IPv6Address(host).ipv4_mapped
-                if mapped is not None:
-                    host = str(mapped)
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(addr) or "unix-peer"
 
 
 def source_key(addr: Any) -> str | None:

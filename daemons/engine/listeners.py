@@ -10,6 +10,7 @@ named in logs (:func:`bound_address`), which listeners other hosts can reach
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -31,6 +32,7 @@ __all__ = [
     "exposed_addresses",
     "open_listener",
     "parse_listen",
+    "peer_name",
     "raise_fd_limit",
     "tune_tcp",
 ]
@@ -260,10 +262,25 @@ def raise_fd_limit(wanted: int) -> int:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         # Debug only: with the default --max-connections this would be said
         # on every start; a daemon that does reach the limit says so when an
-        # accept fails (see Daemon._accept_failed).
+        # accept fails (see Daemon.accept_failed).
         log.debug(
             "open-file limit %d allows about %d relayed connections",
             soft,
             (soft - 64) // 2,
         )
     return soft
+
+
+def peer_name(addr: Any) -> str:
+    """``192.0.2.7:51212``, ``[2001:db8::1]:51212`` or ``unix-peer``. An
+    IPv4 peer of a dual-stack listener (``:9000``) arrives IPv4-mapped
+    (``::ffff:192.0.2.7``): it is written as the IPv4 address it is."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        if host.startswith("::ffff:"):
+            with contextlib.suppress(ValueError):
+                mapped = ipaddress.IPv6Address(host).ipv4_mapped
+                if mapped is not None:
+                    host = str(mapped)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(addr) or "unix-peer"

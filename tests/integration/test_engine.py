@@ -108,13 +108,13 @@ def test_a_metrics_timer_never_closes_a_newer_connection_on_the_same_descriptor(
         port = listener.getsockname()[1]
         first = socket.create_connection(("127.0.0.1", port), timeout=5)
         pump_for(ctx, daemon, 0.1)
-        (old_fd,) = daemon._http
+        (old_fd,) = daemon.metrics_http.clients
         first.close()  # EOF: the daemon closes its end; the timer stays armed
         pump_for(ctx, daemon, 0.4)
-        assert not daemon._http
+        assert not daemon.metrics_http.clients
         second = socket.create_connection(("127.0.0.1", port), timeout=5)
         pump_for(ctx, daemon, 0.1)
-        assert list(daemon._http) == [old_fd]  # the number was reused
+        assert list(daemon.metrics_http.clients) == [old_fd]  # the number was reused
         pump_for(ctx, daemon, 0.7)  # the first connection's deadline passes
         second.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
         pump_for(ctx, daemon, 0.1)

@@ -16,7 +16,7 @@ import socket
 import time
 import urllib.request
 
-from daemons.engine.daemon import MAX_HTTP_CONNECTIONS
+from daemons.engine.control import MAX_HTTP_CONNECTIONS
 from daemons.ipc_status import query
 from ipc_core import Context, encode
 from tests.helpers import BIN, LogReader, connectable, recv_exact, recv_msg, wait_for

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from daemons.engine.addresses import parse_uri
-from daemons.engine.daemon import _peer_name
 from daemons.engine.listeners import exposed_addresses
+from daemons.engine.listeners import peer_name as _peer_name
 from daemons.engine.log import plural
 from daemons.engine.options import help_epilog
 from daemons.engine.outbound import _Attempt, _lost_reason

@@ -16,7 +16,7 @@ C, PONGD, PYECHO = "C echo_server", "ipc pongd", "Python selectors echo"
 
 
 def missing() -> str | None:
-    return servers.c_tools_missing() or servers.daemon_missing("cli", "ipc")
+    return servers.c_tools_missing() or servers.daemon_missing("ipc", "ipc")
 
 
 def _measure(h: Harness, pinned: bool, with_pyecho: bool) -> dict:

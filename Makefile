@@ -30,9 +30,14 @@ setup-test: $(VENV)/.installed-test
 run: setup
 	$(PY) -m daemons.demo $(DEMO_ARGS)
 
+# Lint, types (mypy: --strict for ipc_core, see pyproject.toml), then every
+# test with coverage, daemons in subprocesses included; under the floor in
+# pyproject.toml ([tool.coverage.report] fail_under) the run fails.
 test: setup-test
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(VENV)/bin/mypy ipc_core daemons
+	rm -f .coverage .coverage.*
+	$(PY) -m pytest -q --cov --cov-report=
 
 lint: setup-test
 	$(VENV)/bin/ruff check .

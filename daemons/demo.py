@@ -298,7 +298,7 @@ def instructions(rundir: Path, host: str, tcp_port: int, ws_port: int | None) ->
 
 
 def _websocketd_available() -> bool:
-    return importlib.util.find_spec("daemons.websocketd") is not None
+    return importlib.util.find_spec(".websocketd", __package__) is not None
 
 
 @click.command(

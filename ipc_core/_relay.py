@@ -49,7 +49,7 @@ from ._connections import Connections, Reader, bad_input
 from .errors import MessageTooLarge, PeerClosed, ProtocolError
 from .events import Event, EventType
 from .framing import FrameDecoder, header
-from .switch import FastReceive, FastSend, SwitchResult
+from .switch import SwitchResult, fast_receive_of, fast_send_of
 
 if TYPE_CHECKING:
     import collections
@@ -110,12 +110,13 @@ class Relay:
         if end.layer is None:
             if other.layer is None:
                 return self.read_plain
-            if isinstance(other.layer, FastSend):
-                end.fast_out = other.layer.fast_send
+            end.fast_out = fast_send_of(other.layer)
+            if end.fast_out is not None:
                 return self.read_fast_out
-        elif other.layer is None and isinstance(end.layer, FastReceive):
-            end.fast_in = end.layer.fast_receive
-            return self.read_fast_in
+        elif other.layer is None:
+            end.fast_in = fast_receive_of(end.layer)
+            if end.fast_in is not None:
+                return self.read_fast_in
         return self.read_general
 
     # ------------------------------------------------------------ strategies

@@ -114,6 +114,9 @@ class _Pending:
     #: The handshake's optional capabilities, decided once at accept.
     settles: Settles | None = None
     names_peer: NamesPeer | None = None
+    #: Whether the peer sent any byte: one that closes having sent none is a
+    #: browser's preconnect or a port check, not worth a warning.
+    spoke: bool = False
 
     @property
     def who(self) -> str:
@@ -544,10 +547,16 @@ class Daemon:
         except OSError as exc:
             self._fail(p, Failure.READ_ERROR, f"read failed: {exc.strerror or exc}", flush=False)
             return
+        if data:
+            p.spoke = True
         try:
             p.handshake.receive_data(data)
         except PeerClosed:
-            self._fail(p, Failure.PEER_CLOSED, "closed the connection during the handshake")
+            if p.spoke:
+                reason = "closed the connection during the handshake"
+            else:
+                reason = "closed the connection without sending anything (a preconnect?)"
+            self._fail(p, Failure.PEER_CLOSED, reason)
             return
         except ProtocolError as exc:
             self._fail(p, Failure.PROTOCOL_ERROR, str(exc))
@@ -665,7 +674,10 @@ class Daemon:
 
     def _count_failure(self, kind: Failure, p: _Pending, reason: str) -> None:
         self.metrics.handshake_failures.inc(reason=kind)
-        log.warning("%s: %s: %s", self.name, p.who, reason)
+        # A peer that said nothing and left (browsers preconnect, health
+        # checks probe the port) is counted, and logged at debug level only.
+        level = logging.DEBUG if kind is Failure.PEER_CLOSED and not p.spoke else logging.WARNING
+        log.log(level, "%s: %s: %s", self.name, p.who, reason)
 
     def _timeout(self, p: _Pending) -> None:
         if self._pending.get(p.fd) is p:

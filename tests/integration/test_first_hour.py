@@ -184,3 +184,21 @@ def test_websocketd_vv_logs_every_data_frame(rundir, procs) -> None:
     logs.wait_for("> BINARY 'frame-probe'")
     assert logs.text().count("< TEXT 'frame-probe'") == 3
     assert logs.text().count("> BINARY 'frame-probe'") == 3
+
+
+def test_a_silent_preconnect_is_not_a_warning(rundir, procs) -> None:
+    """A browser preconnects to the demo page's port and closes without a
+    byte: counted, but no warning under -q. A peer that closes mid-request
+    still gets its warning."""
+    procs.pongd(rundir)
+    _, logs, port = start(procs, "ipc-websocketd", "-l", "127.0.0.1:0", env={"RUNDIR": str(rundir)})
+    for _ in range(3):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /pong HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        client = s.getsockname()[1]
+    line = logs.wait_for(f":{client}: closed the connection during the handshake")
+    assert "WARNING" in line
+    # The three silent ones came first and were handled first: no warning.
+    warnings = [x for x in logs.lines if "WARNING" in x]
+    assert warnings == [line], warnings

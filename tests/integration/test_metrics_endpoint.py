@@ -99,7 +99,8 @@ def run_workload(port: int) -> dict[str, float]:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(name)
             assert sock.recv(100) == b""  # refused: closed without "ok"
-    socket.create_connection(("127.0.0.1", port), timeout=5).close()  # leaves mid-handshake
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as quitter:
+        quitter.sendall(b"po")  # leaves mid-handshake (a silent close is only debug-logged)
     stream_bytes = sum(4 + len(p) for p in PAYLOADS)
     return {
         "connections": CLIENTS + 4,

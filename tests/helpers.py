@@ -191,3 +191,28 @@ def make_pki(directory: Path) -> Pki:
     certs.write_cert(directory / "server.pem", leaf)
     certs.write_key(directory / "server.key", leaf_key)
     return Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+
+
+def pair_with_switch(**ctx_kwargs):
+    """A Context switching two socketpairs:
+    net_peer <-> [net_end ~switch~ local_end] <-> local_peer.
+    Returns (ctx, net_peer, local_peer, net_fd, local_fd)."""
+    from ipc_core import Context
+
+    net_peer, net_end = socket.socketpair()
+    local_peer, local_end = socket.socketpair()
+    for s in (net_peer, local_peer):
+        s.settimeout(5)
+    ctx = Context(**ctx_kwargs)
+    ctx.add_switch(net_end, local_end)
+    return ctx, net_peer, local_peer, net_end.fileno(), local_end.fileno()
+
+
+def pump(ctx, until, timeout: float = 5.0) -> list:
+    """Run ``ctx``'s loop until ``until(events seen)`` holds (or fail)."""
+    seen: list = []
+    deadline = time.monotonic() + timeout
+    while not until(seen):
+        assert time.monotonic() < deadline, "pump timed out"
+        seen.append(ctx.wait_event(timeout=0.02))
+    return seen

@@ -27,7 +27,7 @@ from ipc_core import (
     send_fd,
 )
 from ipc_core.framing import FrameDecoder
-from tests.helpers import connectable, recv_msg
+from tests.helpers import connectable, pair_with_switch, pump, recv_msg
 
 
 def client(rundir, name="pong", timeout=5.0) -> socket.socket:
@@ -326,44 +326,24 @@ def test_descriptor_passing():
 # ---------------------------------------------------------------- switching
 
 
-def _pair_with_switch(**ctx_kwargs):
-    """net_peer <-> [net_end ~switch~ local_end] <-> local_peer"""
-    net_peer, net_end = socket.socketpair()
-    local_peer, local_end = socket.socketpair()
-    for s in (net_peer, local_peer):
-        s.settimeout(5)
-    ctx = Context(**ctx_kwargs)
-    ctx.add_switch(net_end, local_end)
-    return ctx, net_peer, local_peer, net_end.fileno(), local_end.fileno()
-
-
-def _pump(ctx: Context, until, timeout=5.0) -> list[Event]:
-    seen: list[Event] = []
-    deadline = time.monotonic() + timeout
-    while not until(seen):
-        assert time.monotonic() < deadline, "pump timed out"
-        seen.append(ctx.wait_event(timeout=0.05))
-    return seen
-
-
 def test_plain_switch_forwards_both_ways_with_events():
-    ctx, net, local, nfd, _lfd = _pair_with_switch()
+    ctx, net, local, nfd, _lfd = pair_with_switch()
     with ctx:
         net.sendall(encode(b"to local"))
-        evs = _pump(ctx, lambda s: any(e.type == EventType.SWITCH_TX for e in s))
+        evs = pump(ctx, lambda s: any(e.type == EventType.SWITCH_TX for e in s))
         assert (EventType.SWITCH_RX, nfd) in [(e.type, e.fd) for e in evs]
         assert recv_msg(local) == b"to local"
         local.sendall(encode(b"to net"))
-        _pump(ctx, lambda s: any(e.type == EventType.SWITCH_TX for e in s))
+        pump(ctx, lambda s: any(e.type == EventType.SWITCH_TX for e in s))
         assert recv_msg(net) == b"to net"
 
 
 def test_switch_closes_both_ends_when_one_closes():
-    ctx, net, local, nfd, lfd = _pair_with_switch()
+    ctx, net, local, nfd, lfd = pair_with_switch()
     with ctx:
         net.sendall(encode(b"last words"))
         net.close()
-        evs = _pump(ctx, lambda s: sum(e.type == EventType.DISCONNECTION for e in s) == 2)
+        evs = pump(ctx, lambda s: sum(e.type == EventType.DISCONNECTION for e in s) == 2)
         assert {e.fd for e in evs if e.type == EventType.DISCONNECTION} == {nfd, lfd}
         assert recv_msg(local) == b"last words"  # flushed before closing
         assert local.recv(1) == b""
@@ -371,16 +351,16 @@ def test_switch_closes_both_ends_when_one_closes():
 
 
 def test_switch_refuses_oversize_frame():
-    ctx, net, local, _nfd, _lfd = _pair_with_switch(max_message_size=100)
+    ctx, net, local, _nfd, _lfd = pair_with_switch(max_message_size=100)
     with ctx:
         net.sendall(encode(b"fine") + struct.pack(">I", 101))
-        _pump(ctx, lambda s: sum(e.type == EventType.DISCONNECTION for e in s) == 2)
+        pump(ctx, lambda s: sum(e.type == EventType.DISCONNECTION for e in s) == 2)
         assert recv_msg(local) == b"fine"
         assert local.recv(1) == b""
 
 
 def test_switch_reference_callbacks():
-    ctx, net, local, nfd, _lfd = _pair_with_switch()
+    ctx, net, local, nfd, _lfd = pair_with_switch()
     lines = {"buf": b""}
 
     def line_in(fd: int):
@@ -401,10 +381,10 @@ def test_switch_reference_callbacks():
         assert ctx.wait_event(timeout=0.2).type == EventType.TIMER  # ignored
         assert ctx.wait_event(timeout=0.05).type == EventType.TIMER
         net.sendall(b"hello\n")
-        _pump(ctx, lambda s: any(e.type == EventType.SWITCH_TX for e in s))
+        pump(ctx, lambda s: any(e.type == EventType.SWITCH_TX for e in s))
         assert recv_msg(local) == b"hello"
         local.sendall(encode(b"a") + encode(b"b"))
-        _pump(ctx, lambda s: sum(e.type == EventType.SWITCH_TX for e in s) >= 1)
+        pump(ctx, lambda s: sum(e.type == EventType.SWITCH_TX for e in s) >= 1)
         got = b""
         while got.count(b"\n") < 2:
             got += net.recv(100)
@@ -439,19 +419,19 @@ class LineLayer:
 
 
 def test_switch_with_sans_io_layer():
-    ctx, net, local, nfd, _lfd = _pair_with_switch(switch_events=False)
+    ctx, net, local, nfd, _lfd = pair_with_switch(switch_events=False)
     with ctx:
         ctx.set_switch_codec(nfd, LineLayer())
         net.sendall(b"one\ntw")
         net.sendall(b"o\n")
-        _pump(ctx, lambda s: local_ready(local))
+        pump(ctx, lambda s: local_ready(local))
         assert recv_msg(local) == b"one"
         assert recv_msg(local) == b"two"
         local.sendall(encode(b"reply"))
-        _pump(ctx, lambda s: net_ready(net))
+        pump(ctx, lambda s: net_ready(net))
         assert net.recv(100) == b"reply\n"
         local.close()  # the layer's close bytes reach the network end
-        _pump(ctx, lambda s: any(e.type == EventType.DISCONNECTION for e in s))
+        pump(ctx, lambda s: any(e.type == EventType.DISCONNECTION for e in s))
         data = b""
         while chunk := net.recv(100):
             data += chunk
@@ -481,28 +461,28 @@ class FastLineLayer(LineLayer):
 
 
 def test_switch_uses_a_layers_fast_hooks_and_falls_back_in_order():
-    ctx, net, local, nfd, lfd = _pair_with_switch()
+    ctx, net, local, nfd, lfd = pair_with_switch()
     layer = FastLineLayer()
     with ctx:
         ctx.set_switch_codec(nfd, layer)
         for line in (b"one", b"slow two", b"three"):
             net.sendall(line + b"\n")
-            _pump(ctx, lambda s: local_ready(local))
+            pump(ctx, lambda s: local_ready(local))
             assert recv_msg(local) == line
         net.sendall(b"four\nfi")  # two units in one read: the general path
         net.sendall(b"ve\n")
-        _pump(ctx, lambda s: local_ready(local))
+        pump(ctx, lambda s: local_ready(local))
         assert [recv_msg(local), recv_msg(local)] == [b"four", b"five"]
         assert layer.fast["in"] == 2  # "one" and "three"
         for payload in (b"a", b"slow b", b"c"):
             local.sendall(encode(payload))
-            _pump(ctx, lambda s: net_ready(net))
+            pump(ctx, lambda s: net_ready(net))
             assert net.recv(100) == payload + b"\n"
         assert layer.fast["out"] == 2
         local.sendall(encode(b"d")[:3])  # a partial message: the general path
-        _pump(ctx, lambda s: len(s) >= 3)
+        pump(ctx, lambda s: len(s) >= 3)
         local.sendall(encode(b"d")[3:])
-        _pump(ctx, lambda s: net_ready(net))
+        pump(ctx, lambda s: net_ready(net))
         assert net.recv(100) == b"d\n" and layer.fast["out"] == 2
         assert ctx.stats["switched"].messages == 5 + 4  # messages counted on both paths
 
@@ -519,21 +499,21 @@ class StreamFastLayer(LineLayer):
 
 
 def test_fast_receive_output_is_scanned_like_the_general_paths():
-    ctx, net, local, nfd, _lfd = _pair_with_switch(max_message_size=1000)
+    ctx, net, local, nfd, _lfd = pair_with_switch(max_message_size=1000)
     with ctx:
         ctx.set_switch_codec(nfd, StreamFastLayer())
         net.sendall(b"one\ntwo\nthree\n")
-        _pump(ctx, lambda s: local_ready(local))
+        pump(ctx, lambda s: local_ready(local))
         assert [recv_msg(local) for _ in range(3)] == [b"one", b"two", b"three"]
         assert ctx.stats["switched"].messages == 3
         net.sendall(b"BIG\n")
-        _pump(ctx, lambda s: any(e.type == EventType.DISCONNECTION for e in s))
+        pump(ctx, lambda s: any(e.type == EventType.DISCONNECTION for e in s))
         assert recv_msg(local) == b"ok"  # the good message before the oversize header
         assert local.recv(1) == b""
 
 
 def test_switch_fast_hooks_not_used_when_the_partner_has_callbacks():
-    ctx, net, local, nfd, lfd = _pair_with_switch()
+    ctx, net, local, nfd, lfd = pair_with_switch()
     layer = FastLineLayer()
 
     def out_cb(fd: int, payload: bytes):
@@ -544,7 +524,7 @@ def test_switch_fast_hooks_not_used_when_the_partner_has_callbacks():
         ctx.set_switch_codec(nfd, layer)
         ctx.set_switch_callbacks(lfd, None, out_cb)
         net.sendall(b"shout\n")
-        _pump(ctx, lambda s: local_ready(local))
+        pump(ctx, lambda s: local_ready(local))
         assert recv_msg(local) == b"SHOUT"
         assert layer.fast == {"in": 0, "out": 0}
 
@@ -561,7 +541,7 @@ net_ready = local_ready
 def test_switch_backpressure_bounds_memory():
     """The local reader stops reading: the net end must be paused, not buffered."""
     high = 128 * 1024
-    ctx, net, local, _nfd, lfd = _pair_with_switch(queue_high_water=high, switch_events=False)
+    ctx, net, local, _nfd, lfd = pair_with_switch(queue_high_water=high, switch_events=False)
     net.setblocking(False)
     blob = encode(b"q" * 60_000)
     sent = 0

@@ -9,27 +9,7 @@ import time
 from contextlib import suppress
 
 from ipc_core import Context, Event, EventType, encode
-from tests.helpers import recv_exact, recv_msg, start_listening_daemon
-
-
-def _pair_with_switch(**ctx_kwargs):
-    """net_peer <-> [net_end ~switch~ local_end] <-> local_peer"""
-    net_peer, net_end = socket.socketpair()
-    local_peer, local_end = socket.socketpair()
-    for s in (net_peer, local_peer):
-        s.settimeout(5)
-    ctx = Context(**ctx_kwargs)
-    ctx.add_switch(net_end, local_end)
-    return ctx, net_peer, local_peer, net_end.fileno(), local_end.fileno()
-
-
-def _pump(ctx: Context, until, timeout=5.0) -> list[Event]:
-    seen: list[Event] = []
-    deadline = time.monotonic() + timeout
-    while not until(seen):
-        assert time.monotonic() < deadline, "pump timed out"
-        seen.append(ctx.wait_event(timeout=0.02))
-    return seen
+from tests.helpers import pair_with_switch, pump, recv_exact, recv_msg, start_listening_daemon
 
 
 def _disconnections(events: list[Event]) -> set[int]:
@@ -37,14 +17,14 @@ def _disconnections(events: list[Event]) -> set[int]:
 
 
 def test_switch_relays_replies_after_a_half_close():
-    ctx, net, local, nfd, lfd = _pair_with_switch()
+    ctx, net, local, nfd, lfd = pair_with_switch()
     with ctx:
         requests = [f"request {i}".encode() for i in range(50)]
         net.sendall(b"".join(encode(r) for r in requests))
         net.shutdown(socket.SHUT_WR)
         got: list[bytes] = []
         # The local side gets every request, then EOF (the half-close is passed on).
-        _pump(ctx, lambda _s: local_has_data(local))
+        pump(ctx, lambda _s: local_has_data(local))
         local.settimeout(0.05)
         buf = b""
         deadline = time.monotonic() + 5
@@ -63,7 +43,7 @@ def test_switch_relays_replies_after_a_half_close():
         assert nfd in ctx and lfd in ctx
         local.sendall(b"".join(encode(b"re: " + r) for r in requests))
         local.close()
-        events = _pump(ctx, lambda s: _disconnections(s) == {nfd, lfd})
+        events = pump(ctx, lambda s: _disconnections(s) == {nfd, lfd})
         assert _disconnections(events) == {nfd, lfd}
         got = [recv_msg(net) for _ in requests]
         assert got == [b"re: " + r for r in requests]
@@ -80,27 +60,27 @@ def local_has_data(sock: socket.socket) -> bool:
 def test_half_close_in_the_other_direction_too():
     """The local service shuts its write side first: the network peer gets
     EOF after the last reply and may still send; the pair closes when it does."""
-    ctx, net, local, nfd, lfd = _pair_with_switch()
+    ctx, net, local, nfd, lfd = pair_with_switch()
     with ctx:
         local.sendall(encode(b"bye soon"))
         local.shutdown(socket.SHUT_WR)
-        _pump(ctx, lambda _s: local_has_data(net))
+        pump(ctx, lambda _s: local_has_data(net))
         assert recv_msg(net) == b"bye soon"
-        _pump(ctx, lambda _s: local_has_data(net))
+        pump(ctx, lambda _s: local_has_data(net))
         assert net.recv(1) == b""  # EOF passed on
         net.sendall(encode(b"late request"))
-        _pump(ctx, lambda _s: local_has_data(local))
+        pump(ctx, lambda _s: local_has_data(local))
         assert recv_msg(local) == b"late request"
         net.close()
-        _pump(ctx, lambda s: _disconnections(s) == {nfd, lfd})
+        pump(ctx, lambda s: _disconnections(s) == {nfd, lfd})
 
 
 def test_full_close_of_a_unix_peer_still_closes_both_at_once():
-    ctx, net, local, nfd, lfd = _pair_with_switch()
+    ctx, net, local, nfd, lfd = pair_with_switch()
     with ctx:
         net.sendall(encode(b"last words"))
         net.close()  # not a half-close: POLLHUP on our end
-        _pump(ctx, lambda s: _disconnections(s) == {nfd, lfd})
+        pump(ctx, lambda s: _disconnections(s) == {nfd, lfd})
         assert recv_msg(local) == b"last words"
         assert local.recv(1) == b""
 
@@ -109,7 +89,7 @@ def test_half_closed_peer_that_never_reads_is_bounded():
     """The network peer half-closes and never reads while the local side
     floods: the relay pauses the local side, its queue stays bounded."""
     high = 128 * 1024
-    ctx, net, local, nfd, lfd = _pair_with_switch(queue_high_water=high, switch_events=False)
+    ctx, net, local, nfd, lfd = pair_with_switch(queue_high_water=high, switch_events=False)
     net.shutdown(socket.SHUT_WR)
     local.setblocking(False)
     blob = encode(b"r" * 60_000)

@@ -6,6 +6,7 @@ ipc send NAME MESSAGE   one request, print the reply
 ipc ls                  the services in the run directory, alive or stale
 ipc status [NAME...]    the counters of running daemons (their NAME.ctl services)
 ipc cert ...            a private CA and certificates for ipc-tlsd / wss
+ipc token ...           signed tokens for ipc-websocketd --token-secret
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _MAX_SIZE = 0xFFFFFFFF
 
 
 class _Commands(LibipcGroup):
-    """Loads ``ipc cert`` (and with it ``cryptography``, ~50 ms) only when used,
+    """Loads ``ipc cert`` (and with it ``cryptography``, ~50 ms) and ``ipc token`` only when used,
     and turns any library or system error a command lets through into one
     line and exit status 1: a user never sees a traceback."""
 
@@ -46,13 +47,17 @@ class _Commands(LibipcGroup):
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "cert"])
+        return sorted([*super().list_commands(ctx), "cert", "token"])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name == "cert":
             from .ipc_cert import cert
 
             return cert
+        if name == "token":
+            from .ipc_token import token
+
+            return token
         return super().get_command(ctx, name)
 
 

@@ -17,7 +17,7 @@ target="${1:-test}"
 [ "$#" -gt 0 ] && shift
 case "$target" in
     run) debs=(python3 python3-venv make) ;;
-    test|lint) debs=(python3 python3-venv make gcc socat openssl systemd iproute2 chromium) ;;
+    test|lint) debs=(python3 python3-venv make gcc socat openssl systemd iproute2 chromium haproxy nginx-light) ;;
     bench) debs=(python3 python3-venv make gcc libssl-dev socat stunnel4 hitch websocketd python3-websockify openssl) ;;
     *) echo "usage: $0 run [DEMO OPTIONS] | test | bench | lint" >&2; exit 2 ;;
 esac
@@ -35,8 +35,20 @@ if [ "${#missing[@]}" -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
     export DEBIAN_FRONTEND=noninteractive
+    # haproxy and nginx start a system-wide service on install; the tests
+    # start their own on loopback, so none may be left running: a
+    # policy-rc.d that answers 101 ("not allowed") keeps them stopped.
+    added_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+        $sudo chmod 755 /usr/sbin/policy-rc.d
+        added_policy=1
+    fi
     $sudo apt-get update -q
-    $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+    status=0
+    $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" || status=$?
+    [ -n "$added_policy" ] && $sudo rm -f /usr/sbin/policy-rc.d
+    [ "$status" = 0 ] || exit "$status"
 fi
 
 if [ "$target" = run ] && [ "$#" -gt 0 ]; then

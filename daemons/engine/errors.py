@@ -37,6 +37,8 @@ class Failure(enum.StrEnum):
     REFUSED = "refused"
     UNKNOWN_SERVICE = "unknown service"
     SERVICE_UNAVAILABLE = "service unavailable"
+    #: The service read the peer information and said no (``ctx.refuse``).
+    SERVICE_REFUSED = "service refused"
     TIMEOUT = "timeout"
     TOO_MANY = "too many connections"
     TOO_MANY_FROM_SOURCE = "too many from one address"
@@ -47,6 +49,8 @@ class Failure(enum.StrEnum):
         """The HTTP-style status a handshake answers a refusal with. A name
         that is refused answers like one that does not exist (404), so a peer
         cannot probe what runs here."""
+        if self is Failure.SERVICE_REFUSED:
+            return 403  # the service knows the peer and said no: nothing to hide
         return 503 if self is Failure.SERVICE_UNAVAILABLE else 404
 
 

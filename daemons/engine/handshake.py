@@ -9,9 +9,10 @@ ipc-websocketd's upgrade); the engine (:mod:`daemons.engine.daemon`,
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from ipc_core import Layer
+from ipc_core.peerinfo import PeerInfo
 
 from .addresses import Uri
 
@@ -21,10 +22,15 @@ __all__ = [
     "UNAVAILABLE",
     "Connector",
     "ConnectorFactory",
+    "DescribesPeer",
+    "Front",
     "Handshake",
     "HandshakeFactory",
+    "KnowsClient",
     "NamesPeer",
     "Settles",
+    "describes_peer",
+    "knows_client",
     "names_peer",
     "settles",
 ]
@@ -76,19 +82,57 @@ class NamesPeer(Protocol):
     def peer(self) -> str | None: ...
 
 
+@runtime_checkable
+class DescribesPeer(Protocol):
+    """Optional: a handshake that knows facts about its peer for the peer
+    information of a service that asked for it (:mod:`ipc_core.peerinfo`).
+
+    Called once, after ``service`` is known and before ``accept()``, only when
+    the service opted in. ``info`` is the engine's record (transport ``tcp``,
+    the socket's peer and local addresses); the handshake returns it with its
+    own facts (``dataclasses.replace``), asking any inner handshake first: the
+    PROXY wrapper puts in the header's addresses, the TLS wrapper the session
+    and turns ``tcp``/``ws`` into ``tls``/``wss``, the WebSocket upgrade the
+    request facts and the token's name."""
+
+    def describe(self, info: PeerInfo) -> PeerInfo: ...
+
+
+@runtime_checkable
+class KnowsClient(Protocol):
+    """Optional: a handshake that learns the real client from the protocol (a
+    PROXY header, a trusted forwarding header): ``(ip, port)``, None until
+    then or when the socket's peer is the client. The engine names the peer
+    by it in logs and counts ``--max-connections-per-ip`` under it."""
+
+    @property
+    def client(self) -> tuple[str, int | None] | None: ...
+
+
+class Front(Protocol):
+    """What every accepted connection goes through first, before the daemon's
+    own handshake (``Daemon.front``: the PROXY protocol gate)."""
+
+    def wrap(self, addr: Any, handshake: Handshake) -> Handshake:
+        """``handshake`` behind this front, for a peer at ``addr`` (accept()'s)."""
+        ...
+
+
 #: Capabilities by class: ``isinstance`` with a runtime Protocol costs ~20 µs
 #: (it probes every member), too much per connection on the handshake path;
 #: a capability belongs to the class, so its first instance decides.
-_CAPABILITIES: dict[type, tuple[bool, bool]] = {}
+_CAPABILITIES: dict[type, tuple[bool, bool, bool, bool]] = {}
 
 
-def _capabilities(handshake: object) -> tuple[bool, bool]:
+def _capabilities(handshake: object) -> tuple[bool, bool, bool, bool]:
     cls = type(handshake)
     caps = _CAPABILITIES.get(cls)
     if caps is None:
         caps = _CAPABILITIES[cls] = (
             isinstance(handshake, Settles),
             isinstance(handshake, NamesPeer),
+            isinstance(handshake, DescribesPeer),
+            isinstance(handshake, KnowsClient),
         )
     return caps
 
@@ -101,6 +145,16 @@ def settles(handshake: object) -> Settles | None:
 def names_peer(handshake: object) -> NamesPeer | None:
     """``handshake`` as a :class:`NamesPeer`, or None if only the socket knows."""
     return cast(NamesPeer, handshake) if _capabilities(handshake)[1] else None
+
+
+def describes_peer(handshake: object) -> DescribesPeer | None:
+    """``handshake`` as a :class:`DescribesPeer`, or None if it adds nothing."""
+    return cast(DescribesPeer, handshake) if _capabilities(handshake)[2] else None
+
+
+def knows_client(handshake: object) -> KnowsClient | None:
+    """``handshake`` as a :class:`KnowsClient`, or None if only the socket knows."""
+    return cast(KnowsClient, handshake) if _capabilities(handshake)[3] else None
 
 
 HandshakeFactory = Callable[[str], Handshake]

@@ -37,7 +37,7 @@ __all__ = [
 DEFAULT_PROTECTED: tuple[str, ...] = ("ipc", "tcp", "tls", "ws", "wss")
 #: Names a network peer never reaches, whatever ``--allow`` says: the daemons'
 #: control services (counters, for ``ipc status``) and lock files.
-NEVER_REACHABLE: tuple[str, ...] = ("*.ctl", "*.lock")
+NEVER_REACHABLE: tuple[str, ...] = ("*.ctl", "*.lock", "*.door")
 #: The policy on top of the library's rule: a name a peer sends is at most
 #: this many UTF-8 bytes, whatever the run directory would allow.
 MAX_SERVICE_NAME_BYTES = 100
@@ -75,7 +75,8 @@ class ServiceAccess:
     Rules, in order:
 
     1. an invalid name is refused;
-    2. a name matching :data:`NEVER_REACHABLE` (``*.ctl``, ``*.lock``) is refused;
+    2. a name matching :data:`NEVER_REACHABLE` (``*.ctl``, ``*.lock``, ``*.door``)
+       is refused;
     3. a name matching a ``deny`` glob is refused (deny wins);
     4. a *protected* name (:data:`DEFAULT_PROTECTED`, plus whatever a daemon
        adds with :meth:`protect`, e.g. its own ``--service-name``) is allowed

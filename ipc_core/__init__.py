@@ -5,6 +5,7 @@ service name, messages are ``u32 big-endian length + payload``, and an
 application is "init a service or a connection, then loop over events".
 """
 
+from . import door
 from .context import Context, ContextStopped, TimerHandle
 from .errors import (
     InvalidServiceName,
@@ -29,16 +30,20 @@ from .framing import (
     encode,
     header,
 )
+from .peerinfo import PeerInfo, PeerInfoTooLarge
 from .routing import ROUTER_SERVICE, connect_direct, parse_lookup, parse_network
 from .rundir import (
     DEFAULT_RUNDIR,
+    DOOR_SUFFIX,
     LOCK_SUFFIX,
     SUN_PATH_MAX,
+    door_path,
     ensure_rundir,
     is_local_only,
     list_services,
     rundir,
     service_alive,
+    service_marks,
     socket_path,
     validate_name,
 )
@@ -48,6 +53,7 @@ from .typed import TypeRegistry
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_RUNDIR",
+    "DOOR_SUFFIX",
     "LOCK_SUFFIX",
     "ROUTER_SERVICE",
     "SUN_PATH_MAX",
@@ -62,6 +68,8 @@ __all__ = [
     "Layer",
     "MessageTooLarge",
     "PeerClosed",
+    "PeerInfo",
+    "PeerInfoTooLarge",
     "PeerNotReading",
     "ProtocolError",
     "RunDirectoryError",
@@ -75,6 +83,8 @@ __all__ = [
     "UsageError",
     "check_limit",
     "connect_direct",
+    "door",
+    "door_path",
     "encode",
     "ensure_rundir",
     "header",
@@ -86,6 +96,7 @@ __all__ = [
     "rundir",
     "send_fd",
     "service_alive",
+    "service_marks",
     "socket_path",
     "validate_name",
 ]

@@ -51,6 +51,7 @@ from .events import Event, EventType
 if TYPE_CHECKING:
     from ._scheduling import TimerHandle, Timers
     from .framing import FrameDecoder, FrameScanner
+    from .peerinfo import PeerInfo
     from .rundir import ServiceSocket
     from .switch import FastHook, InCallback, Layer, OutCallback
 
@@ -165,6 +166,7 @@ class Conn:
         "owned",
         "partner",
         "paused",
+        "peer",
         "reader",
         "refill",
         "scanner",
@@ -197,9 +199,13 @@ class Conn:
         self.out_cb: OutCallback | None = None
         self.service: ServiceSocket | None = None
         self.origin = -1
+        #: Who the client is (a door connection's offer), else None.
+        self.peer: PeerInfo | None = None
         self.closing = False  # close once the send queue is flushed
         self.eof = False  # a switched end whose peer half-closed: read no more
         self.shut_pending = False  # shut our write side once the queue is flushed
+        #: The lingering deadline; for a door connection still waiting for
+        #: its offer, the offer's deadline (cancelled the same way on close).
         self.linger: TimerHandle | None = None
         #: While lingering: called for the next piece once the queue is empty
         #: (close(fd, flush=True, refill=...)); b"" ends it.
@@ -230,6 +236,9 @@ class Connections:
         self.closed = False
         self.deferred_close: list[Any] = []  # closed once their events are consumed
         self.always_ready: set[int] = set()  # regular files: epoll refuses them
+        #: A peer-information service's listener fd -> its door's listener,
+        #: closed with it.
+        self.doors: dict[int, Conn] = {}
 
     # ----------------------------------------------------------------- table
 
@@ -461,7 +470,10 @@ class Connections:
         if conn.linger is not None:
             conn.linger.cancel()
         if conn.service is not None:
-            conn.service.close()
+            door = self.doors.pop(fd, None)
+            if door is not None:
+                self.close_conn(door, None, report=False)
+            conn.service.close()  # removes the door's socket file, then the lock
         elif not conn.owned:
             conn.sock.detach()
         elif report and not self.closed:

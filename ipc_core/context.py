@@ -42,25 +42,46 @@ concept each (as trio's loop does):
 * ``_scheduling``   timers, callbacks from other threads, signals
 
 This module keeps the loop itself (``wait_event``, dispatch), LibIPC peers
-and listeners (read, accept), and the public methods.
+and listeners (read, accept), the doors of peer-information services, and
+the public methods.
+
+Doors
+-----
+A service started with ``peer_info=True`` has a second listener, its door
+(:mod:`ipc_core.door` says why and the wire protocol). A connection accepted
+there is a PEER whose reader is ``_read_offer`` until the offer is read:
+``recvmsg`` with ``SCM_CREDENTIALS``, every read from a trusted uid, within
+the offer deadline (kept in ``conn.linger``, so a close cancels it). Then the
+connection becomes an ordinary peer (``_read_peer``, a FrameDecoder fed with
+what followed the offer), a CONNECTION event carries the PeerInfo, and the
+connection waits in ``_offered`` for its verdict: ``refuse`` sends a refusal,
+otherwise the accept goes out at the next ``wait_event`` after that event was
+returned, or before the first write to the connection. The hot paths pay one
+truthiness test of ``_offered`` (empty but for those moments); ordinary
+peers' reads pay nothing.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
+import functools
 import heapq
 import logging
 import os
 import select
 import signal
 import socket
+import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import door as _door
 from . import routing
 from ._connections import (
     EXTERNAL,
@@ -82,6 +103,7 @@ from ._scheduling import Inbox, Signals, TimerHandle, Timers, next_wait
 from .errors import IPCError, PeerClosed, ProtocolError, ServiceUnavailable, UsageError
 from .events import TIMER_EVENT, Event, EventType, message_rx
 from .framing import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, FrameScanner, check_limit, header
+from .peerinfo import PeerInfo
 from .rundir import bind_service, rundir, socket_path
 from .switch import InCallback, Layer, OutCallback
 
@@ -94,6 +116,10 @@ _READ_BUFFER = 256 * 1024
 _SMALL_FRAME = 64 * 1024  # below this, header + payload are joined and sent with send()
 _ACCEPT_BATCH = 64
 DEFAULT_QUEUE_HIGH_WATER = 1 * 1024 * 1024
+_CONNECTION = EventType.CONNECTION
+_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+_CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
+_ACCEPT_FRAME = _door.accept_frame()
 
 __all__ = [
     "LINGER_SECONDS",
@@ -109,6 +135,15 @@ __all__ = [
 
 class ContextStopped(IPCError):
     """The context was stopped (by ``stop()`` or a SIGINT/SIGTERM)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Door:
+    """A peer-information service's door: whom it believes, for which listener."""
+
+    name: str
+    origin: int  # the service's normal listening descriptor
+    trusted: frozenset[int]
 
 
 class Context:
@@ -166,6 +201,11 @@ class Context:
         self._inbox = Inbox()
         self._ep.register(self._inbox.fd, _EPOLLIN)
         self._signals = Signals()
+        #: Door connections whose CONNECTION is out and whose verdict is not:
+        #: fd -> (connection, its CONNECTION event).
+        self._offered: dict[int, tuple[Conn, Event]] = {}
+        #: Seconds a door connection has to send its offer.
+        self._offer_seconds = _door.OFFER_SECONDS
 
     @property
     def switch_events(self) -> bool:
@@ -186,20 +226,52 @@ class Context:
 
     # ------------------------------------------------------------------ setup
 
-    def service_init(self, name: str, backlog: int = 1024, *, local_only: bool = False) -> int:
+    def service_init(
+        self,
+        name: str,
+        backlog: int = 1024,
+        *,
+        local_only: bool = False,
+        peer_info: bool = False,
+        trusted_uids: Iterable[int] = (),
+    ) -> int:
         """Listen as service ``name``; return the listening descriptor.
 
         ``local_only=True`` declares a service that must never be reached from
         the network (a router, a daemon's outbound side, a control service):
-        protocol daemons refuse to connect a remote peer to it. Raises
-        ServiceBusy if another instance runs, InvalidServiceName for a bad name.
+        protocol daemons refuse to connect a remote peer to it.
+
+        ``peer_info=True`` asks the protocol daemons who each client is: the
+        service also listens on its door (``$RUNDIR/NAME.door``), and a client
+        relayed through it arrives as a CONNECTION event whose ``peer`` is a
+        :class:`~ipc_core.peerinfo.PeerInfo` (also ``peer_info(fd)``); the
+        application may then ``refuse(fd, reason)`` it. The door believes only
+        root, this process's effective uid, the run directory's owner and
+        ``trusted_uids``. Clients connecting to ``NAME`` itself arrive as
+        before, with ``peer`` None.
+
+        Raises ServiceBusy if another instance runs, InvalidServiceName for a
+        bad name (names ending in ``.door`` are reserved).
         """
         self._check_open()
-        service = bind_service(name, self.rundir, backlog, local_only=local_only)
+        trusted = frozenset(trusted_uids)
+        for uid in trusted:
+            if type(uid) is not int or uid < 0:
+                raise UsageError(f"trusted_uids: {uid!r} is not a uid")
+        service = bind_service(
+            name, self.rundir, backlog, local_only=local_only, peer_info=peer_info
+        )
         conn = Conn(LISTENER, service.sock)
         conn.service = service
         conn.reader = self._accept
         self._table.add(conn, _EPOLLIN)
+        if service.door is not None:
+            door = _Door(name, conn.fd, trusted | {0, os.geteuid(), service.owner_uid})
+            gate = Conn(LISTENER, service.door)
+            gate.reader = functools.partial(self._accept_door, door)
+            self._table.add(gate, _EPOLLIN)
+            self._table.doors[conn.fd] = gate
+            log.debug("service %r: door on %s", name, service.door_path)
         log.debug("service %r listening on %s", name, service.path)
         return conn.fd
 
@@ -354,6 +426,8 @@ class Context:
                 # (e.g. the 2nd of 3 messages read together): not a misuse.
                 return False
             raise UsageError(f"descriptor {fd} is not in the context")
+        if self._offered and fd in self._offered:
+            self._accept_offer(fd)
         n = len(payload)
         if n > self.max_message_size:
             raise UsageError(f"message of {n} bytes exceeds max_message_size")
@@ -390,6 +464,8 @@ class Context:
                 return
             self._events.append(Event(EventType.ERROR, fd, reason="schedule: unknown descriptor"))
             return
+        if self._offered and fd in self._offered:
+            self._accept_offer(fd)
         n = len(payload)
         if n > self.max_message_size:
             raise UsageError(f"message of {n} bytes exceeds max_message_size")
@@ -400,11 +476,15 @@ class Context:
         if needed: a daemon's handshake replies. False if the peer is gone."""
         if fd not in self._conns and self._table.disconnection_pending(fd):
             return False
+        if self._offered and fd in self._offered:
+            self._accept_offer(fd)
         return self._table.send(self._table.get(fd), data)
 
     def send_fd(self, fd: int, data: bytes, passed_fd: int) -> None:
         """Send ``data`` with descriptor ``passed_fd`` attached (SCM_RIGHTS) on
         Unix peer ``fd``; the router hands connections to clients this way."""
+        if self._offered and fd in self._offered:
+            self._accept_offer(fd)
         conn = self._table.get(fd)
         if conn.out:
             raise UsageError(f"descriptor {fd} has queued data; cannot pass a descriptor now")
@@ -494,6 +574,8 @@ class Context:
     def wait_event(self, timeout: float | None = None) -> Event:
         """Return the next event, waiting at most ``timeout`` seconds (default:
         the context's ``timer``); a TIMER event when that time passes idle."""
+        if self._offered:
+            self._accept_seen_offers()
         events = self._events
         if events:
             return events.popleft()
@@ -617,6 +699,139 @@ class Context:
 
         self.call_later(0.1, resume)
 
+    # ------------------------------------------------------------------ doors
+
+    def _accept_door(self, door: _Door, conn: Conn) -> None:
+        """Accept on a door: the new connection reads its offer first."""
+        lsock = conn.sock
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _addr = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if _accept_log_due():
+                        log.error("cannot accept on %s: %s; pausing 100 ms", conn.fd, exc.strerror)
+                    self._pause_listener(conn)
+                return
+            sock.setblocking(False)
+            # Inherited from the listening door already (so no byte written
+            # before the accept lacks credentials); said again to be explicit.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            peer = Conn(PEER, sock)
+            peer.origin = door.origin
+            peer.reader = functools.partial(self._read_offer, door, _door.OfferReader())
+            self._table.add(peer, _EPOLLIN)
+            peer.linger = self._timers.call_later(
+                self._offer_seconds, functools.partial(self._offer_late, door, peer)
+            )
+
+    def _read_offer(self, door: _Door, reader: _door.OfferReader, conn: Conn) -> None:
+        """Read a door connection until its offer is complete (see Doors)."""
+        try:
+            n, ancdata, flags, _addr = conn.sock.recvmsg_into([self._view], _CRED_SPACE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop_door(door, conn, f"read failed: {exc.strerror or exc}")
+            return
+        if n:
+            problem = _credentials_problem(ancdata, flags, door.trusted)
+            if problem is not None:
+                self._drop_door(door, conn, problem)
+                return
+        try:
+            info = reader.feed(self._view[:n])
+        except PeerClosed:
+            self._drop_door(door, conn, "closed before sending its peer information")
+            return
+        except ProtocolError as exc:
+            self._drop_door(door, conn, f"bad peer information: {exc}")
+            return
+        if info is None:
+            return
+        if conn.linger is not None:
+            conn.linger.cancel()
+            conn.linger = None
+        # From now on an ordinary peer: whoever writes next is the relay's business.
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
+        except OSError as exc:
+            self._drop_door(door, conn, f"cannot set up the connection: {exc.strerror}")
+            return
+        fd = conn.fd
+        conn.peer = info
+        conn.decoder = FrameDecoder(self.max_message_size)
+        conn.reader = self._read_peer
+        event = Event(_CONNECTION, fd, origin=door.origin, peer=info)
+        self._events.append(event)
+        self._offered[fd] = (conn, event)
+        if reader.leftover:
+            try:
+                messages = conn.decoder.feed(reader.leftover)
+            except ProtocolError as exc:
+                log.warning("%s; closing it", bad_input(conn, exc))
+                self._offered.pop(fd, None)
+                self._table.close_conn(conn, str(exc), error=type(exc))
+                return
+            for message in messages:
+                self._events.append(message_rx(fd, message))
+
+    def _offer_late(self, door: _Door, conn: Conn) -> None:
+        if self._conns.get(conn.fd) is conn and conn.decoder is None:
+            conn.linger = None
+            self._drop_door(door, conn, f"no peer information within {self._offer_seconds:g} s")
+
+    def _drop_door(self, door: _Door, conn: Conn, reason: str) -> None:
+        """A door connection that is not believed: a warning, a close, no event."""
+        log.warning("door of service %r, descriptor %d: %s; closing it", door.name, conn.fd, reason)
+        self._table.close_conn(conn, reason, report=False)
+
+    def _accept_offer(self, fd: int) -> None:
+        """Send the accept verdict to door connection ``fd`` (if it is still
+        the connection that made the offer)."""
+        conn, _event = self._offered.pop(fd)
+        if self._conns.get(fd) is conn:
+            self._table.send(conn, _ACCEPT_FRAME)
+
+    def _accept_seen_offers(self) -> None:
+        """Accept every offer whose CONNECTION event the application has
+        already been given (and did not refuse)."""
+        queued = {id(ev) for ev in self._events if ev.peer is not None}
+        for fd, (_conn, event) in list(self._offered.items()):
+            if id(event) not in queued:
+                self._accept_offer(fd)
+
+    def refuse(self, fd: int, reason: str) -> None:
+        """Refuse a client that came through the door (its CONNECTION event
+        carried ``peer``): the daemon gets the refusal with ``reason`` (cut
+        to 512 UTF-8 bytes, control characters replaced) and the connection
+        closes once that is written; a DISCONNECTION event follows.
+
+        Only before the verdict: without a refusal the accept is sent at the
+        next ``wait_event()`` call or before the first write to ``fd``
+        (UsageError after that, or for a connection that did not come
+        through a door).
+        """
+        conn = self._table.get(fd)
+        entry = self._offered.get(fd)
+        if entry is None or entry[0] is not conn:
+            raise UsageError(
+                f"descriptor {fd} has no verdict to give (not a door connection,"
+                " or already accepted)"
+            )
+        frame = _door.refuse_frame(reason)
+        del self._offered[fd]
+        log.debug("descriptor %d refused: %s", fd, _door.clean_reason(reason))
+        self._table.send(conn, frame)
+        self.close(fd, flush=True)
+
+    def peer_info(self, fd: int) -> PeerInfo | None:
+        """Who the client on ``fd`` is, when it came through the service's
+        door (the CONNECTION event's ``peer``); None for any other descriptor."""
+        return self._table.get(fd).peer
+
     # ---------------------------------------------------------------- closing
 
     def close(
@@ -643,6 +858,8 @@ class Context:
         conn = self._conns.get(fd)
         if conn is None:
             return
+        if self._offered:
+            self._offered.pop(fd, None)  # closed without a verdict: the daemon sees EOF
         if conn.kind == SWITCHED:
             table.close_pair(conn, None)
         elif flush and (conn.out or refill is not None):
@@ -708,6 +925,8 @@ class Context:
                 fd.setblocking(False)
                 conn = self._new_switched(fd)
             return conn
+        if self._offered and fd in self._offered:
+            self._accept_offer(fd)
         conn = self._conns.get(fd)
         if conn is None:
             if self._table.disconnection_pending(fd):
@@ -730,6 +949,35 @@ class Context:
     def _check_open(self) -> None:
         if self._table.closed:
             raise UsageError("the context is closed")
+
+
+def _credentials_problem(
+    ancdata: list[tuple[int, int, bytes]], flags: int, trusted: frozenset[int]
+) -> str | None:
+    """Why one read of a door connection is not believed, or None: its
+    SCM_CREDENTIALS must name a trusted uid; passed descriptors are closed
+    and refused."""
+    creds = None
+    passed = False
+    for level, kind, data in ancdata:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == socket.SCM_CREDENTIALS and len(data) >= _UCRED.size:
+            creds = _UCRED.unpack_from(data)
+        elif kind == socket.SCM_RIGHTS:
+            passed = True
+            usable = len(data) - len(data) % 4
+            for (fd,) in struct.iter_unpack("i", data[:usable]):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+    if passed or flags & socket.MSG_CTRUNC:
+        return "sent descriptors or other ancillary data"
+    if creds is None or creds[0] == 0:
+        return "no credentials came with the peer information"
+    pid, uid, _gid = creds
+    if uid not in trusted:
+        return f"uid {uid} (pid {pid}) is not trusted to give peer information"
+    return None
 
 
 _accept_logged = [-float("inf")]

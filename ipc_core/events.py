@@ -15,6 +15,8 @@ import builtins
 import enum
 from dataclasses import dataclass
 
+from .peerinfo import PeerInfo
+
 
 class EventType(enum.IntEnum):
     """The reference's event types, in its order."""
@@ -40,7 +42,9 @@ class Event:
     orderly close); ``error`` the class of the error behind a DISCONNECTION
     (``MessageTooLarge``, ``ProtocolError``, ``PeerNotReading``, an
     ``OSError``...; None when none), so a kind is a value, never read back
-    from ``reason``'s text.
+    from ``reason``'s text; ``peer`` who the client of a CONNECTION is, when
+    it came through the service's door (see ``service_init(peer_info=True)``
+    and :mod:`ipc_core.door`), else None.
     """
 
     type: EventType
@@ -49,11 +53,12 @@ class Event:
     origin: int = -1
     reason: str | None = None
     error: builtins.type[BaseException] | None = None  # ``type`` is a field here
+    peer: PeerInfo | None = None
 
 
 # A fast constructor for the hot path: a frozen dataclass __init__ goes through
 # object.__setattr__ for every field, while the defaults of the fields not set
-# here (origin, reason) are class attributes. Half the cost per message.
+# here (origin, reason, error, peer) are class attributes. Half the cost per message.
 _new = object.__new__
 _MESSAGE_RX = EventType.MESSAGE_RX
 

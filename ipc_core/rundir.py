@@ -4,6 +4,17 @@ Every service is a Unix stream socket ``$RUNDIR/<name>`` (0660) guarded by an
 exclusive ``flock`` on ``$RUNDIR/<name>.lock``. The lock, not the socket file,
 says whether an instance is alive: a socket file whose lock is free was left
 by a crashed instance and is replaced.
+
+The lock file also carries the service's *marks*, one per line, for the
+protocol daemons to read before they connect a network peer (the reference
+leaves lock files empty, and an empty lock means no mark):
+
+* ``local-only``: never reach this service from the network;
+* ``peer-info``: the service wants to know who its clients are, so a daemon
+  connects through its *door*, a second socket ``$RUNDIR/<name>.door``
+  (same lock, same mode, removed with the service; see :mod:`ipc_core.door`).
+
+Names ending in ``.door`` are therefore reserved: no service may take one.
 """
 
 from __future__ import annotations
@@ -24,11 +35,16 @@ DEFAULT_RUNDIR = "/tmp/.libipc-run/"
 RUNDIR_MODE = 0o770
 SOCKET_UMASK = 0o117  # sockets come out 0660
 LOCK_SUFFIX = ".lock"
+#: A peer-information service's second socket: ``$RUNDIR/<name>.door``.
+DOOR_SUFFIX = ".door"
 LOCK_MODE = 0o660  # like the sockets: a group member can take over a stale lock
-# What a local-only service writes into its lock file (the reference leaves
-# lock files empty): "never reach me from the network".
+# The marks a service writes into its lock file, one per line (the reference
+# leaves lock files empty): "never reach me from the network", "connect
+# through my door and tell me who the client is".
 LOCAL_ONLY_MARK = b"local-only"
-_MARK_READ = 64
+PEER_INFO_MARK = b"peer-info"
+_MARK_READ = 256
+_MARK = re.compile(rb"[a-z][a-z0-9-]{0,31}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: The longest Unix socket path: sun_path is 108 bytes including the terminating NUL.
 SUN_PATH_MAX = 107
@@ -146,22 +162,49 @@ def socket_path(name: str, directory: Path | None = None) -> Path:
     return directory / validate_name(name, directory)
 
 
+def door_path(name: str, directory: Path | None = None) -> Path:
+    """Where service ``name`` listens for protocol daemons when it asked for
+    peer information: ``$RUNDIR/<name>.door`` (the name is validated; its
+    length rule already leaves room for the suffix, as long as ``.lock``)."""
+    directory = rundir() if directory is None else directory
+    return directory / (validate_name(name, directory) + DOOR_SUFFIX)
+
+
+def validate_service_name(name: str, directory: Path | None = None) -> str:
+    """:func:`validate_name`, plus the names a service may not take: those
+    ending in ``.door`` are the doors of peer-information services."""
+    validate_name(name, directory)
+    if name.endswith(DOOR_SUFFIX):
+        raise InvalidServiceName(
+            f"service name {name!r} ends with {DOOR_SUFFIX!r}, which is reserved"
+            " for the doors of services that ask for peer information"
+        )
+    return name
+
+
 @dataclass
 class ServiceSocket:
-    """A bound, listening service socket and the lock that proves we own it."""
+    """A bound, listening service socket and the lock that proves we own it;
+    with peer information, also its door (``door``, listening at
+    ``door_path``). ``owner_uid`` is the run directory's owner, whom a door
+    trusts."""
 
     name: str
     path: Path
     sock: socket.socket
     lock_fd: int
+    door: socket.socket | None = None
+    door_path: Path | None = None
+    owner_uid: int = 0
 
     def close(self) -> None:
-        """Remove the socket file, then release the lock (in that order, so a
-        new instance never sees our socket file with a free lock). Only a
-        socket, and only our own lock file, is removed."""
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)
+        """Remove the door and the socket file, then release the lock (in that
+        order, so a new instance never sees our sockets with a free lock).
+        Only a socket, and only our own lock file, is removed."""
+        if self.door is not None and self.door_path is not None:
+            _unlink_socket(self.door_path)
+            self.door.close()
+        _unlink_socket(self.path)
         self.sock.close()
         if self.lock_fd >= 0:
             lock_path = str(self.path) + LOCK_SUFFIX
@@ -170,6 +213,12 @@ class ServiceSocket:
                     os.unlink(lock_path)
             os.close(self.lock_fd)
             self.lock_fd = -1
+
+
+def _unlink_socket(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 def _take_lock(dir_fd: int, lock_path: Path, name: str, retries: int = 3) -> int:
@@ -224,14 +273,17 @@ def _lock_error(lock_path: Path, exc: OSError) -> ServiceError:
     return ServiceError(f"cannot open lock {lock_path}: {exc.strerror}")
 
 
-def _remove_stale_socket(dir_fd: int, path: Path) -> None:
+def _remove_stale_socket(dir_fd: int, path: Path, *, needed: bool = True) -> None:
     """With the lock held, a socket file left at ``path`` is stale: remove it.
-    Anything else (a file, a link, a directory) is not ours to delete."""
+    Anything else (a file, a link, a directory) is not ours to delete: an
+    error if we need the path (``needed``), left alone otherwise."""
     try:
         info = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
+        if not needed:
+            return
         raise ServiceError(f"{path} exists and is not a socket; refusing to remove it")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path.name, dir_fd=dir_fd)
@@ -246,12 +298,18 @@ def _lock_mode(fd: int) -> None:
             os.fchmod(fd, LOCK_MODE)
 
 
-def _mark_lock(fd: int, *, local_only: bool) -> None:
-    """Say in the lock whether the service is local-only; a normal service
-    empties it, so a name taken over from a local-only one is not marked."""
+def _mark_lock(fd: int, *, local_only: bool, peer_info: bool = False) -> None:
+    """Write the service's marks into its lock, one per line; a service
+    without marks empties it, so a name taken over from a marked one is not
+    marked."""
     os.ftruncate(fd, 0)
-    if local_only:
-        os.pwrite(fd, LOCAL_ONLY_MARK + b"\n", 0)
+    marks = b"".join(
+        mark + b"\n"
+        for mark, wanted in ((LOCAL_ONLY_MARK, local_only), (PEER_INFO_MARK, peer_info))
+        if wanted
+    )
+    if marks:
+        os.pwrite(fd, marks, 0)
 
 
 def bind_service(
@@ -260,27 +318,36 @@ def bind_service(
     backlog: int = 1024,
     *,
     local_only: bool = False,
+    peer_info: bool = False,
 ) -> ServiceSocket:
-    """Lock, clean up a stale socket, bind and listen: one service instance.
+    """Lock, clean up stale sockets, bind and listen: one service instance.
 
     ``local_only`` marks the service as never to be reached from the network
-    (see :func:`is_local_only`).
+    (see :func:`is_local_only`); ``peer_info`` marks it as wanting peer
+    information and binds its door too (see :func:`door_path`). A name
+    ending in ``.door`` is refused (InvalidServiceName).
     """
     directory = rundir() if directory is None else directory
+    validate_service_name(name, directory)
     path = socket_path(name, directory)
     dir_fd = open_rundir(directory)
     try:
-        return _bind_in(dir_fd, name, path, backlog, local_only=local_only)
+        return _bind_in(dir_fd, name, path, backlog, local_only=local_only, peer_info=peer_info)
     finally:
         os.close(dir_fd)
 
 
 def _bind_in(
-    dir_fd: int, name: str, path: Path, backlog: int, *, local_only: bool
+    dir_fd: int, name: str, path: Path, backlog: int, *, local_only: bool, peer_info: bool
 ) -> ServiceSocket:
     lock_fd = _take_lock(dir_fd, Path(str(path) + LOCK_SUFFIX), name)
+    door = Path(str(path) + DOOR_SUFFIX)
     try:
-        _mark_lock(lock_fd, local_only=local_only)
+        owner_uid = os.fstat(dir_fd).st_uid
+        _mark_lock(lock_fd, local_only=local_only, peer_info=peer_info)
+        # A door left by a crashed instance goes too, whether or not this one
+        # has a door: a service without peer information leaves none behind.
+        _remove_stale_socket(dir_fd, door, needed=peer_info)
         _remove_stale_socket(dir_fd, path)
     except OSError as exc:
         os.close(lock_fd)
@@ -290,8 +357,38 @@ def _bind_in(
     except ServiceError:
         os.close(lock_fd)
         raise
+    door_sock = None
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if peer_info:
+            # The door first: once the service's name answers, so does its door.
+            door_sock = _listen(door, backlog, passcred=True)
+        sock = _listen(path, backlog)
+    except OSError as exc:
+        if door_sock is not None:
+            _unlink_socket(door)
+            door_sock.close()
+        os.close(lock_fd)
+        failed = door if door_sock is None and peer_info else path
+        raise ServiceError(f"cannot listen on {failed}: {exc.strerror or exc}") from exc
+    return ServiceSocket(
+        name,
+        path,
+        sock,
+        lock_fd,
+        door=door_sock,
+        door_path=door if peer_info else None,
+        owner_uid=owner_uid,
+    )
+
+
+def _listen(path: Path, backlog: int, *, passcred: bool = False) -> socket.socket:
+    """A non-blocking socket listening at ``path`` (0660). ``passcred``: the
+    connections it accepts receive the writer's credentials with what they
+    read (SO_PASSCRED, inherited at accept, so no byte comes without)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if passcred:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         old = os.umask(SOCKET_UMASK)
         try:
             sock.bind(os.fsencode(path))
@@ -299,33 +396,45 @@ def _bind_in(
             os.umask(old)
         sock.listen(backlog)
         sock.setblocking(False)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        os.close(lock_fd)
-        raise ServiceError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
-    return ServiceSocket(name, path, sock, lock_fd)
+        raise
+    return sock
 
 
-def is_local_only(name: str, directory: Path | None = None) -> bool:
-    """True when service ``name`` declared itself local-only in its lock file.
+def service_marks(name: str, directory: Path | None = None) -> frozenset[str]:
+    """The marks in service ``name``'s lock file (``local-only``,
+    ``peer-info``); empty when it has none, or no lock.
 
     Cheap (one open, one read): a protocol daemon asks it once per network
-    connection. A missing, unreadable or odd lock (a link, a FIFO) is False.
+    connection. A missing, unreadable or odd lock (a link, a FIFO) has no
+    marks; so has a name that cannot be a service. Only lines that look like
+    marks (lower case words) count.
     """
     directory = rundir() if directory is None else directory
     try:
         lock_path = os.path.join(directory, validate_name(name, directory) + LOCK_SUFFIX)
         fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except (OSError, InvalidServiceName):
-        return False
+        return frozenset()
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        return os.read(fd, _MARK_READ).startswith(LOCAL_ONLY_MARK)
+            return frozenset()
+        raw = os.read(fd, _MARK_READ)
     except OSError:
-        return False
+        return frozenset()
     finally:
         os.close(fd)
+    lines = raw.split(b"\n")
+    if len(raw) == _MARK_READ:
+        lines.pop()  # perhaps cut short: not a whole line
+    return frozenset(line.decode() for line in lines if _MARK.fullmatch(line))
+
+
+def is_local_only(name: str, directory: Path | None = None) -> bool:
+    """True when service ``name`` declared itself local-only in its lock file
+    (see :func:`service_marks`)."""
+    return LOCAL_ONLY_MARK.decode() in service_marks(name, directory)
 
 
 def service_alive(name: str, directory: Path | None = None) -> bool:
@@ -346,7 +455,8 @@ def service_alive(name: str, directory: Path | None = None) -> bool:
 
 
 def list_services(directory: Path | None = None) -> list[tuple[str, bool]]:
-    """Every socket file in the run directory, with whether it is connectable."""
+    """Every service socket in the run directory, with whether it is
+    connectable (the doors of peer-information services are not services)."""
     directory = rundir() if directory is None else directory
     found: list[tuple[str, bool]] = []
     try:
@@ -356,6 +466,8 @@ def list_services(directory: Path | None = None) -> list[tuple[str, bool]]:
     except OSError as exc:
         raise _open_error(directory, exc) from None
     for entry in entries:
+        if entry.name.endswith(DOOR_SUFFIX):
+            continue
         try:
             if not stat.S_ISSOCK(entry.lstat().st_mode):
                 continue

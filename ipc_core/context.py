@@ -877,6 +877,7 @@ class Context:
             table.close_conn(conn, None, report=False)
         table.close_deferred()
         self._events.clear()
+        self._offered.clear()
         if not table.closed:
             table.closed = True
             self._signals.restore()

@@ -10,9 +10,11 @@ from ipc_core import (
     RunDirectoryError,
     ServiceBusy,
     ServiceError,
+    door_path,
     is_local_only,
     list_services,
     service_alive,
+    service_marks,
 )
 from ipc_core.rundir import bind_service, check_rundir, validate_name
 
@@ -132,6 +134,149 @@ def test_lock_gets_the_sockets_mode_whatever_the_umask(rundir):
         assert stat.S_IMODE((rundir / "pong.lock").stat().st_mode) == 0o660
     finally:
         svc.close()
+
+
+# ------------------------------------------------- peer-info mark and door
+
+
+def test_peer_info_service_is_marked_and_has_a_door(rundir):
+    with Context() as ctx:
+        ctx.service_init("chat", peer_info=True)
+        ctx.service_init("pong")
+        assert (rundir / "chat.lock").read_bytes() == b"peer-info\n"
+        assert service_marks("chat", rundir) == {"peer-info"}
+        assert service_marks("chat") == {"peer-info"}  # $RUNDIR by default
+        assert service_marks("pong", rundir) == frozenset()
+        assert not is_local_only("chat", rundir)
+        assert door_path("chat", rundir) == rundir / "chat.door"
+        mode = (rundir / "chat.door").stat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+        assert not (rundir / "pong.door").exists()
+
+
+def test_a_lock_carries_both_marks_one_per_line(rundir):
+    with Context() as ctx:
+        ctx.service_init("both", local_only=True, peer_info=True)
+        assert (rundir / "both.lock").read_bytes() == b"local-only\npeer-info\n"
+        assert service_marks("both", rundir) == {"local-only", "peer-info"}
+        assert is_local_only("both", rundir)
+
+
+@pytest.mark.parametrize(
+    ("content", "marks"),
+    [
+        (b"", set()),
+        (b"local-only", {"local-only"}),
+        (b"peer-info\nlocal-only\n", {"local-only", "peer-info"}),
+        (b"Peer-Info\n\xff\n \npeer info\n", set()),
+        (b"peer-info\n" + b"x" * 300, {"peer-info"}),  # a cut-off line is not a mark
+    ],
+)
+def test_service_marks_reads_whole_lines_that_look_like_marks(rundir, content, marks):
+    (rundir / "svc.lock").write_bytes(content)
+    assert service_marks("svc", rundir) == marks
+
+
+@pytest.mark.parametrize("name", ["missing", "", "a/b", "..", "x" * 300])
+def test_service_marks_empty_without_a_readable_lock(rundir, name):
+    assert service_marks(name, rundir) == frozenset()
+
+
+def test_door_names_are_reserved(rundir):
+    with Context() as ctx, pytest.raises(InvalidServiceName, match=r"'\.door'.*reserved"):
+        ctx.service_init("chat.door")
+    with pytest.raises(InvalidServiceName, match="reserved"):
+        bind_service("x.door", rundir, peer_info=True)
+    assert list(rundir.iterdir()) == []
+    assert validate_name("chat.doors", rundir) == "chat.doors"
+    with Context() as ctx:
+        ctx.service_init("chat.doors")  # only the exact suffix is reserved
+
+
+def test_list_services_does_not_list_doors(rundir):
+    with Context() as ctx:
+        ctx.service_init("chat", peer_info=True)
+        assert list_services(rundir) == [("chat", True)]
+
+
+def test_close_removes_the_door_before_the_lock(rundir):
+    with Context() as ctx:
+        fd = ctx.service_init("chat", peer_info=True)
+        door_fds = set(ctx.descriptors) - {fd}
+        assert len(door_fds) == 1
+        ctx.close(fd)
+        assert sorted(p.name for p in rundir.iterdir()) == []
+        assert ctx.descriptors == []  # the door's listener went with the service
+        assert not service_alive("chat", rundir)
+        ctx.service_init("chat", peer_info=True)  # and the name is free again
+        assert (rundir / "chat.door").exists()
+
+
+def test_service_socket_close_removes_the_door(rundir):
+    svc = bind_service("chat", rundir, peer_info=True)
+    assert svc.door is not None and svc.door_path == rundir / "chat.door"
+    svc.close()
+    assert list(rundir.iterdir()) == []
+
+
+def _stale(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()
+
+
+def test_stale_door_is_replaced(rundir):
+    # A crashed peer-info instance leaves its marked lock and both sockets.
+    _stale(rundir / "chat")
+    _stale(rundir / "chat.door")
+    (rundir / "chat.lock").write_bytes(b"peer-info\n")
+    stale_ino = (rundir / "chat.door").stat().st_ino
+    with Context() as ctx:
+        ctx.service_init("chat", peer_info=True)
+        assert (rundir / "chat.door").stat().st_ino != stale_ino
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(str(rundir / "chat.door"))  # a live door now
+        probe.close()
+
+
+def test_plain_service_taking_over_drops_the_mark_and_the_stale_door(rundir):
+    _stale(rundir / "chat")
+    _stale(rundir / "chat.door")
+    (rundir / "chat.lock").write_bytes(b"local-only\npeer-info\n")
+    with Context() as ctx:
+        ctx.service_init("chat")
+        assert service_marks("chat", rundir) == frozenset()
+        assert not (rundir / "chat.door").exists()
+        assert sorted(p.name for p in rundir.iterdir()) == ["chat", "chat.lock"]
+
+
+def test_door_path_that_is_not_a_socket(rundir):
+    (rundir / "chat.door").write_text("someone else's")
+    # a plain service does not need the path: it leaves it alone
+    with Context() as ctx:
+        ctx.service_init("chat")
+    assert (rundir / "chat.door").read_text() == "someone else's"
+    # a peer-info service needs it: refused, nothing removed, lock released
+    with pytest.raises(ServiceError, match="not a socket"):
+        bind_service("chat", rundir, peer_info=True)
+    assert (rundir / "chat.door").read_text() == "someone else's"
+    assert not service_alive("chat", rundir)
+
+
+def test_a_refused_peer_info_service_leaves_no_door(rundir):
+    (rundir / "chat").write_text("in the way")
+    with pytest.raises(ServiceError, match="not a socket"):
+        bind_service("chat", rundir, peer_info=True)
+    assert not (rundir / "chat.door").exists()
+    assert not service_alive("chat", rundir)
+
+
+def test_close_leaves_a_replaced_door_path_alone(rundir):
+    svc = bind_service("chat", rundir, peer_info=True)
+    os.unlink(rundir / "chat.door")
+    (rundir / "chat.door").write_text("someone else's")
+    svc.close()
+    assert (rundir / "chat.door").read_text() == "someone else's"
 
 
 # ---------------------------------------------------- run directory safety

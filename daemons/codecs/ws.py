@@ -315,6 +315,11 @@ def _frame_end(data: bytes, pos: int) -> int | None:
     return head + length
 
 
+def _select_subprotocol(wanted: str, offered: Sequence[str]) -> str | None:
+    """The subprotocol to answer: ``wanted`` if the client offered it."""
+    return wanted if wanted in offered else None
+
+
 def _is_utf8(data: bytes | bytearray) -> bool:
     if data.isascii():  # C-speed fast path for the common case
         return True
@@ -534,8 +539,12 @@ class WebSocketServerLayer:
 
     # -- handshake decisions -------------------------------------------------
 
-    def accept(self) -> bytes:
+    def accept(self, subprotocol: str | None = None) -> bytes:
         """Answer 101 and open the connection.
+
+        ``subprotocol``: the ``Sec-WebSocket-Protocol`` to select, if the
+        client offered it (a browser that offered subprotocols fails the
+        connection unless one is selected); None selects none.
 
         Returns the LibIPC bytes of messages the client sent ahead of the 101
         (normally b""). Raises ProtocolError, with a 403 / 4xx response
@@ -547,6 +556,12 @@ class WebSocketServerLayer:
         if not origin_allowed(request.origin, self.origins):
             self._answer(403, "Failed to open a WebSocket connection: forbidden origin.\n")
             raise self._failed(ProtocolError(f"websocket: origin not allowed: {request.origin!r}"))
+        if subprotocol is not None:
+            # websockets calls select_subprotocol(offered); an instance
+            # attribute shadows its method (a partial: no cycle to the protocol).
+            self._proto.select_subprotocol = functools.partial(  # type: ignore[method-assign,assignment]
+                _select_subprotocol, subprotocol
+            )
         response = self._proto.accept(self._ws_request)
         self._proto.send_response(response)
         if response.status_code != 101:

@@ -259,8 +259,8 @@ class ProxyHeaderParser:
             outcome = self._try_v1()
         else:
             raise ProxyProtocolError(
-                f"no PROXY protocol header from a --proxy-protocol source "
-                f"(first bytes {bytes(self._buf[:16])!r})"
+                f"no PROXY protocol header from a --proxy-protocol source, which must "
+                f"send one (first bytes {bytes(self._buf[:16])!r})"
             )
         if isinstance(outcome, NeedData):
             return NEED_DATA
@@ -340,12 +340,31 @@ class ProxyGate:
         held = self._held + data
         if held.startswith(V1_SIGNATURE) or held.startswith(V2_SIGNATURE):
             raise ProxyProtocolError(
-                "PROXY protocol header from a source not listed in --proxy-protocol"
+                "PROXY protocol header from a source not listed in --proxy-protocol "
+                "(a client forging its address, or a proxy missing from the list)"
             )
         if V1_SIGNATURE.startswith(held) or V2_SIGNATURE.startswith(held):
             self._held = held  # at most 11 bytes: not yet clear
             return NEED_DATA
         self._held = b""
+        self._done = True
+        return ProxyResult(None, held)
+
+    @property
+    def holding(self) -> bool:
+        """An unlisted peer's first bytes could still begin a header (``PRO``)
+        and are held until more come."""
+        return bool(self._held)
+
+    def release(self) -> ProxyResult:
+        """An unlisted peer stopped after bytes that could begin a header
+        (a TCPd name ``PROX`` without terminator): no header is coming, let
+        them through. A listed source must send its header: never released."""
+        if self._parser is not None:
+            raise UsageError("a --proxy-protocol source must send its header: nothing to release")
+        if self._done:
+            raise UsageError("the PROXY gate already let this connection through")
+        held, self._held = self._held, b""
         self._done = True
         return ProxyResult(None, held)
 

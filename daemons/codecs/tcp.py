@@ -20,9 +20,11 @@ Client side: write the name, read exactly ``ok``; anything else is a refusal.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from ipc_core import Layer, PeerClosed, ProtocolError
+from ipc_core.peerinfo import PeerInfo
 
 from ..engine.policy import MAX_SERVICE_NAME_BYTES
 
@@ -115,6 +117,11 @@ class TcpdHandshake:
     def reject(self, reason: str, status: int) -> None:
         """The reference just closes: nothing to send."""
         self.finished = True
+
+    def describe(self, info: PeerInfo) -> PeerInfo:
+        """Peer information: a TCPd peer is plain ``tcp`` and its name tells
+        nothing else (the addresses are the socket's, or a PROXY header's)."""
+        return info if info.transport == "tcp" else dataclasses.replace(info, transport="tcp")
 
 
 class TcpdClient:

@@ -28,6 +28,13 @@ between two :class:`ssl.MemoryBIO` objects:
   the plaintext is returned first and the exception is raised by the next
   call (``receive_data(b"")`` will do); :attr:`closed` is already True.
 
+Server side, the name the client asked for (SNI) is kept for the peer
+information (:attr:`TLSLayer.server_name`). OpenSSL tells it only to a
+callback on the context, and CPython reports a name that is not ASCII from
+there as an "Exception ignored" traceback on stderr (a client could fill the
+log with them); so the layer reads it from the ClientHello itself
+(:class:`_ServerNameReader`), while the handshake is on, bounded.
+
 The layer shape (``receive_data`` / ``send`` / ``data_to_send`` / ``close``
 / ``closed``) is the same as :class:`daemons.codecs.ws.WebSocketServerLayer`, so a
 driver can stack them (wss = TLS below WebSocket).
@@ -107,6 +114,9 @@ class TLSLayer:
             server_side=server_side,
             server_hostname=server_hostname,
         )
+        #: Server side, until the ClientHello is read: where the SNI is looked for.
+        self._sni_reader: _ServerNameReader | None = _ServerNameReader() if server_side else None
+        self._sni: str | None = None
         self._handshake_complete = False
         self._pending: list[bytes] = []  # plaintext sent before the handshake completed
         # Raised (as a fresh copy, see _fresh) by the next receive_data; never
@@ -147,6 +157,15 @@ class TLSLayer:
         """``(name, protocol, secret bits)``; None before the handshake."""
         return self._ssl.cipher() if self._handshake_complete else None
 
+    @property
+    def server_name(self) -> str | None:
+        """The server name of the session: the one the client asked for (SNI)
+        on the server side (None if it sent none), the one we asked for on
+        the client side."""
+        if self._ssl.server_side:
+            return self._sni
+        return self._ssl.server_hostname
+
     def peer_certificate_der(self) -> bytes | None:
         """The peer's certificate (DER), or None if it presented none."""
         if not self._handshake_complete:
@@ -164,6 +183,8 @@ class TLSLayer:
             pass  # fast_receive already put these bytes into the BIO
         elif data:
             self._incoming.write(data)
+            if self._sni_reader is not None and self._sni_reader.feed(data):
+                self._sni, self._sni_reader = self._sni_reader.name, None
         else:
             self._incoming.write_eof()
         try:
@@ -323,3 +344,94 @@ class TLSLayer:
             self._ssl.write(data)
         except ssl.SSLError as exc:
             self._error = _protocol_error(exc)
+
+
+# --------------------------------------------------------------------------
+# The server name (SNI) of a ClientHello
+# --------------------------------------------------------------------------
+
+_RECORD_HEADER = 5
+_HANDSHAKE_RECORD = 22
+_CLIENT_HELLO = 1
+#: A ClientHello larger than this is not looked into (post-quantum key shares
+#: make them ~2 KiB; the protocol allows 16 MiB, which we never hold).
+_MAX_CLIENT_HELLO = 32 * 1024
+_SERVER_NAME_EXTENSION = 0
+_HOST_NAME = 0
+
+
+class _ServerNameReader:
+    """Finds the host name in the client's first handshake message.
+
+    ``feed(ciphertext)`` until it answers True (done: :attr:`name` is the
+    name, or None if there was none or the bytes were not a ClientHello it
+    could read). It never raises: OpenSSL judges the handshake; this only
+    reads what it will have accepted. It holds at most one record header
+    plus :data:`_MAX_CLIENT_HELLO` bytes, and only until the ClientHello ends.
+    """
+
+    __slots__ = ("_message", "_raw", "name")
+
+    def __init__(self) -> None:
+        self._raw = b""  # bytes not yet split into records
+        self._message = bytearray()  # handshake bytes, across records
+        self.name: str | None = None
+
+    def feed(self, data: bytes) -> bool:
+        raw = self._raw + data
+        message = self._message
+        while len(raw) >= _RECORD_HEADER:
+            if raw[0] != _HANDSHAKE_RECORD:
+                return True
+            length = int.from_bytes(raw[3:5], "big")
+            if len(raw) < _RECORD_HEADER + length:
+                break
+            message += raw[_RECORD_HEADER : _RECORD_HEADER + length]
+            raw = raw[_RECORD_HEADER + length :]
+            if len(message) >= 4:
+                if message[0] != _CLIENT_HELLO:
+                    return True
+                size = int.from_bytes(message[1:4], "big")
+                if size > _MAX_CLIENT_HELLO:
+                    return True
+                if len(message) >= 4 + size:
+                    self.name = _server_name(bytes(message[4 : 4 + size]))
+                    return True
+        if len(raw) + len(message) > _MAX_CLIENT_HELLO + _RECORD_HEADER:
+            return True
+        self._raw = raw
+        return False
+
+
+def _server_name(hello: bytes) -> str | None:
+    """The host_name of a ClientHello body's server_name extension (RFC 6066
+    section 3), if it is printable ASCII; None otherwise."""
+    try:
+        at = 2 + 32  # legacy_version, random
+        at += 1 + hello[at]  # legacy_session_id
+        at += 2 + int.from_bytes(hello[at : at + 2], "big")  # cipher_suites
+        at += 1 + hello[at]  # legacy_compression_methods
+        end = at + 2 + int.from_bytes(hello[at : at + 2], "big")
+        at += 2
+        while at + 4 <= min(end, len(hello)):
+            kind = int.from_bytes(hello[at : at + 2], "big")
+            size = int.from_bytes(hello[at + 2 : at + 4], "big")
+            body = hello[at + 4 : at + 4 + size]
+            at += 4 + size
+            if kind != _SERVER_NAME_EXTENSION:
+                continue
+            names = body[2 : 2 + int.from_bytes(body[:2], "big")]
+            pos = 0
+            while pos + 3 <= len(names):
+                name_type = names[pos]
+                length = int.from_bytes(names[pos + 1 : pos + 3], "big")
+                name = names[pos + 3 : pos + 3 + length]
+                pos += 3 + length
+                if name_type == _HOST_NAME and len(name) == length:
+                    if name and all(0x21 <= b < 0x7F for b in name):
+                        return name.decode("ascii")
+                    return None
+            return None
+    except IndexError:
+        return None
+    return None

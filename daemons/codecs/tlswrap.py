@@ -20,20 +20,27 @@ the WebSocket upgrade) with no new I/O code at all:
   (see :func:`daemons.engine.certs.matches_allow`) the moment the TLS handshake
   completes, before the inner handshake sees a single plaintext byte: a peer
   that is not allowed never learns which services exist.
+* Peer information (:meth:`TLSHandshake.describe`, for a service that asked
+  for it): the inner handshake's facts first, then the session's: ``tcp``
+  becomes ``tls`` and ``ws`` becomes ``wss``, the TLS version, cipher and
+  SNI, and the client certificate (subject, SANs, fingerprint, whether it
+  chained to ``--client-ca``), named as :mod:`daemons.engine.certs` names it.
 * Deadlines are the driver's business: the engine's handshake deadline covers
   the TLS handshake and the inner one together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 from collections.abc import Callable, Sequence
 
 from ipc_core import Layer, PeerClosed, ProtocolError, StackedLayer
+from ipc_core.peerinfo import PeerInfo
 
-from ..engine.certs import CertIdentity, identity, matches_allow
-from ..engine.handshake import Connector, Handshake, settles
+from ..engine.certs import CertIdentity, identity, load_cert, matches_allow
+from ..engine.handshake import Connector, Handshake, describes_peer, knows_client, settles
 from .tls import TLSLayer
 
 __all__ = ["TLSConnector", "TLSHandshake", "describe_identity"]
@@ -47,6 +54,10 @@ def describe_identity(ident: CertIdentity | None) -> str:
         return "no client certificate"
     cn = f"CN={ident.cn}" if ident.cn is not None else "no CN"
     return f"{cn} {ident.fingerprint}"
+
+
+#: What a transport becomes under TLS.
+_SECURE_TRANSPORTS = {"tcp": "tls", "ws": "wss", "http": "https"}
 
 
 class TLSHandshake:
@@ -79,6 +90,12 @@ class TLSHandshake:
         #: The client's certificate identity, once the TLS handshake is done.
         self.identity: CertIdentity | None = None
         self._verified = False  # identity checked against allow_client
+        # A certificate the handshake accepted chained to the context's CAs
+        # (--client-ca) only if the context asked for one.
+        self._checks_certificates = ssl_context.verify_mode != ssl.CERT_NONE
+        # The inner handshake's other optional capabilities (per class).
+        self._inner_describes = describes_peer(inner)
+        self._inner_client = knows_client(inner)
 
     # -- what the engine reads ---------------------------------------------
 
@@ -101,6 +118,42 @@ class TLSHandshake:
     def settle(self) -> None:
         if self._inner_settles is not None and self._verified:
             self._inner_settles.settle()
+
+    @property
+    def client(self) -> tuple[str, int | None] | None:
+        """The inner handshake's real client (a trusted forwarding header
+        inside wss), None if it has none: TLS itself names nobody."""
+        return self._inner_client.client if self._inner_client is not None else None
+
+    def describe(self, info: PeerInfo) -> PeerInfo:
+        """The inner handshake's facts, then the TLS session's and the client
+        certificate's (see the module docstring)."""
+        if self._inner_describes is not None:
+            info = self._inner_describes.describe(info)
+        tls = self.tls
+        cipher = tls.cipher
+        der = tls.peer_certificate_der()
+        if not der:
+            return dataclasses.replace(
+                info,
+                transport=_SECURE_TRANSPORTS.get(info.transport, info.transport),
+                tls_version=tls.version,
+                tls_cipher=cipher[0] if cipher is not None else None,
+                tls_sni=tls.server_name,
+            )
+        certificate = load_cert(der)
+        ident = self.identity or identity(certificate)
+        return dataclasses.replace(
+            info,
+            transport=_SECURE_TRANSPORTS.get(info.transport, info.transport),
+            tls_version=tls.version,
+            tls_cipher=cipher[0] if cipher is not None else None,
+            tls_sni=tls.server_name,
+            cert_subject=certificate.subject.rfc4514_string(),
+            cert_sans=ident.sans,
+            cert_sha256=ident.fingerprint,
+            cert_verified=self._checks_certificates,
+        )
 
     # -- bytes -------------------------------------------------------------
 

@@ -7,7 +7,9 @@
 * :func:`common_options` / :class:`CommonOptions`: the flags every network
   daemon has (``--listen``, ``--allow``, ``--rundir``, limits, logging);
 * :func:`idle_timeout_option`, :func:`connect_timeout_option`: the flags of
-  the TCP-relaying daemons.
+  the TCP-relaying daemons;
+* :func:`proxy_protocol_option`: ``--proxy-protocol CIDR``, for every daemon
+  that can sit behind a TCP load balancer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .errors import StartupError
 from .listeners import ListenAddress, parse_listen
 from .log import LOG_FORMATS
 from .policy import ServiceAccess
+from .trust import BadNetwork, TrustedNetworks
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -46,6 +49,7 @@ __all__ = [
     "idle_timeout_option",
     "libipc_command",
     "listen_specs",
+    "proxy_protocol_option",
     "rundir_option",
     "seconds",
     "version",
@@ -500,3 +504,35 @@ def connect_timeout_option(what: str) -> Callable[[F], F]:
         metavar="SECONDS",
         help=f"Deadline of an outbound {what}.",
     )
+
+
+def _trusted_networks(
+    _ctx: click.Context, _param: click.Parameter, value: Sequence[str]
+) -> TrustedNetworks:
+    try:
+        return TrustedNetworks.parse(value, flag=None)
+    except BadNetwork as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def proxy_protocol_option(func: F) -> F:
+    """``--proxy-protocol CIDR`` (repeatable; the word ``unix`` for peers on
+    Unix-socket listeners), passed as ``proxy_protocol``: a
+    :class:`~daemons.engine.trust.TrustedNetworks`, empty when not given.
+
+    Sources inside must open every connection with a PROXY protocol header
+    (v1 or v2), which names the real client; any other source that sends one
+    is refused. A bad entry is a usage error (exit status 2) naming it. The
+    command installs the gate (:class:`daemons.codecs.proxied.ProxyFront`)."""
+    option = click.option(
+        "--proxy-protocol",
+        multiple=True,
+        metavar="CIDR",
+        callback=_trusted_networks,
+        help="Proxies (IP networks, or 'unix' for peers on Unix-socket listeners) "
+        "that open every connection with a PROXY protocol v1/v2 header naming the "
+        "real client (HAProxy send-proxy-v2, nginx proxy_protocol, AWS NLB). A "
+        "listed source without a header, and a header from any other source, are "
+        "refused. Repeatable. Default: none (no header expected).",
+    )
+    return option(func)  # type: ignore[no-any-return]

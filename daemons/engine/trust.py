@@ -73,8 +73,10 @@ class TrustedNetworks:
         self._unix = unix
 
     @classmethod
-    def parse(cls, entries: Iterable[str], *, flag: str = "CIDR") -> TrustedNetworks:
-        """Parse operator input; ``flag`` names the option in error messages."""
+    def parse(cls, entries: Iterable[str], *, flag: str | None = "CIDR") -> TrustedNetworks:
+        """Parse operator input; ``flag`` names the option in error messages
+        (None: the message starts with the entry, for click, which names the
+        option itself)."""
         networks: list[IPNetwork] = []
         unix = False
         for raw in entries:
@@ -92,6 +94,15 @@ class TrustedNetworks:
     @property
     def trusts_unix(self) -> bool:
         return self._unix
+
+    def union(self, other: TrustedNetworks | None) -> TrustedNetworks:
+        """Every network of both lists (``unix`` if either says it): one
+        daemon may trust proxies for two reasons (``--proxy-protocol`` and
+        ``--trust-proxy``), and ``Daemon.trusted_proxies`` holds them all."""
+        if other is None:
+            return self
+        networks = dict.fromkeys(self._networks + other._networks)
+        return TrustedNetworks(networks, unix=self._unix or other._unix)
 
     def __bool__(self) -> bool:
         return bool(self._networks) or self._unix
@@ -116,18 +127,17 @@ class TrustedNetworks:
         return self.contains(peer_ip(addr))
 
 
-def _parse_network(entry: str, flag: str) -> IPNetwork:
+def _parse_network(entry: str, flag: str | None) -> IPNetwork:
+    what = f"{flag} {entry!r}" if flag else repr(entry)
     try:
         network = ipaddress.ip_network(entry.partition("%")[0] if "/" not in entry else entry)
     except ValueError as exc:
         if "has host bits set" in str(exc):
             raise BadNetwork(
-                f"{flag} {entry!r}: host bits set (did you mean "
-                f"{ipaddress.ip_network(entry, strict=False)}?)"
+                f"{what}: host bits set (did you mean {ipaddress.ip_network(entry, strict=False)}?)"
             ) from None
         raise BadNetwork(
-            f"{flag} {entry!r} is not an IP network (examples: 10.0.0.0/8, "
-            f"2001:db8::/32, 192.0.2.7, unix)"
+            f"{what} is not an IP network (examples: 10.0.0.0/8, 2001:db8::/32, 192.0.2.7, unix)"
         ) from None
     if isinstance(network, ipaddress.IPv6Network):
         mapped = network.network_address.ipv4_mapped

@@ -39,7 +39,7 @@ from daemons.codecs.proxy import (
     encode_v1,
     encode_v2,
 )
-from daemons.engine.trust import BadNetwork
+from daemons.engine.trust import BadNetwork, TrustedNetworks
 from ipc_core.errors import PeerClosed, ProtocolError, UsageError
 
 HAPROXY_V1_TCP4 = bytes.fromhex(
@@ -548,3 +548,30 @@ def test_policy_names_the_flag_in_errors():
         ProxyPolicy.from_cidrs(["ten"])
     with pytest.raises(UsageError):
         ProxyPolicy.from_cidrs(["10.0.0.0/8"], max_tlv_bytes=-1)
+
+
+def test_gate_releases_a_held_prefix_when_no_more_bytes_come():
+    """``PROX`` from an unlisted peer that then pauses is a name, not a header."""
+    gate = ProxyGate(trusted=False)
+    assert not gate.holding
+    assert gate.feed(b"PROX") is NEED_DATA
+    assert gate.holding
+    assert gate.release() == ProxyResult(None, b"PROX")
+    assert not gate.holding
+    with pytest.raises(UsageError):
+        gate.feed(b"Y ")
+    with pytest.raises(UsageError):
+        ProxyGate(trusted=True).release()
+
+
+def test_trusted_networks_union_and_messages_without_a_flag():
+    a = TrustedNetworks.parse(["10.0.0.0/8"])
+    b = TrustedNetworks.parse(["10.0.0.0/8", "::1", "unix"])
+    both = a.union(b)
+    assert [str(n) for n in both.networks] == ["10.0.0.0/8", "::1/128"]
+    assert both.trusts_unix and both.trusts_peer(("::1", 1, 0, 0))
+    assert a.union(None) is a
+    with pytest.raises(BadNetwork, match=r"^'ten' is not an IP network"):
+        TrustedNetworks.parse(["ten"], flag=None)
+    with pytest.raises(BadNetwork, match=r"^'10.0.0.1/8': host bits set \(did you mean 10.0.0.0/8"):
+        TrustedNetworks.parse(["10.0.0.1/8"], flag=None)

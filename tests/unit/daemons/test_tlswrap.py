@@ -7,6 +7,7 @@ the layers they hand over for the switched phase.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import ssl
 from dataclasses import dataclass
@@ -18,10 +19,12 @@ from daemons.codecs.tcp import TcpdClient, TcpdHandshake
 from daemons.codecs.tls import TLSLayer
 from daemons.codecs.tlswrap import TLSConnector, TLSHandshake, describe_identity
 from daemons.engine import certs
+from daemons.engine.handshake import describes_peer, knows_client
 from daemons.engine.tlsconfig import client_context, server_context
 from ipc_core import StackedLayer
 from ipc_core.errors import PeerClosed, ProtocolError
 from ipc_core.framing import encode
+from ipc_core.peerinfo import PeerInfo
 
 # -- certificates ------------------------------------------------------------
 
@@ -33,6 +36,7 @@ class PKI:
     server: tuple[Path, Path]
     alice: tuple[Path, Path]
     mallory: tuple[Path, Path]  # signed by the other CA
+    dave: tuple[Path, Path]  # a client certificate with SANs
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
         ),
         alice=write("alice", certs.make_cert(ca, ca_key, "alice", [], usage="client")),
         mallory=write("mallory", certs.make_cert(other, other_key, "mallory", [], usage="client")),
+        dave=write(
+            "dave",
+            certs.make_cert(ca, ca_key, "dave", ["dave.example", "192.0.2.9"], usage="client"),
+        ),
     )
 
 
@@ -341,3 +349,144 @@ def test_garbage_instead_of_tls(pki: PKI) -> None:
     _conn, hs = connect(pki)
     with pytest.raises(ProtocolError, match="tls"):
         hs.receive_data(b"pong\n\x00\x00\x00\x05hello")
+
+
+# -- peer information ------------------------------------------------------------
+
+TCP_INFO = PeerInfo(
+    transport="tcp",
+    client_address="192.0.2.1",
+    client_port=40000,
+    local_address="127.0.0.1",
+    local_port=9443,
+)
+
+
+def test_describe_without_a_client_certificate(pki: PKI) -> None:
+    conn, hs = connect(pki)
+    pump(conn, hs)
+    info = hs.describe(TCP_INFO)
+    assert info.transport == "tls"
+    assert info.tls_version == "TLSv1.3"
+    assert info.tls_cipher == hs.tls.cipher[0]  # type: ignore[index]
+    assert info.tls_sni == "localhost"  # what TLSConnector sent
+    assert (info.client_address, info.client_port) == ("192.0.2.1", 40000)
+    assert (info.local_address, info.local_port) == ("127.0.0.1", 9443)
+    assert info.cert_subject is None and info.cert_sans == () and info.cert_sha256 is None
+    assert not info.cert_verified
+
+
+def test_describe_with_a_verified_client_certificate(pki: PKI) -> None:
+    conn, hs = connect(
+        pki, server=server_ctx(pki, mtls=True), client=client_ctx(pki, cert=pki.dave)
+    )
+    pump(conn, hs)
+    info = hs.describe(TCP_INFO)
+    assert info.transport == "tls"
+    assert info.cert_subject == "CN=dave"
+    assert info.cert_sans == ("DNS:dave.example", "IP:192.0.2.9")
+    assert info.cert_sha256 == certs.fingerprint(pki.dave[0])
+    assert info.cert_verified is True
+
+
+def test_describe_tls_12_and_no_sni_for_an_ip_address(pki: PKI) -> None:
+    client = client_ctx(pki)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    conn = TLSConnector(client, "127.0.0.1", TcpdClient("pong"))  # an IP is never sent as SNI
+    hs = TLSHandshake(server_ctx(pki), TcpdHandshake(lambda n: n == "pong"))
+    pump(conn, hs)
+    info = hs.describe(TCP_INFO)
+    assert info.tls_version == "TLSv1.2"
+    assert info.tls_cipher is not None and info.tls_cipher.startswith("ECDHE-")
+    assert info.tls_sni is None
+
+
+class _WsLike(TcpdHandshake):
+    """An inner handshake with its own facts (what the WebSocket upgrade adds)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda n: n == "pong")
+
+    @property
+    def client(self) -> tuple[str, int | None] | None:
+        return ("198.51.100.7", None)
+
+    def describe(self, info: PeerInfo) -> PeerInfo:
+        import dataclasses
+
+        return dataclasses.replace(info, transport="ws", path="/pong")
+
+
+def test_describe_asks_the_inner_handshake_first_ws_becomes_wss(pki: PKI) -> None:
+    conn = TLSConnector(client_ctx(pki), "localhost", TcpdClient("pong"))
+    hs = TLSHandshake(server_ctx(pki), _WsLike())
+    pump(conn, hs)
+    info = hs.describe(TCP_INFO)
+    assert info.transport == "wss" and info.path == "/pong"
+    assert info.tls_version is not None
+    assert hs.client == ("198.51.100.7", None)  # the inner handshake's client, passed through
+
+
+def test_capabilities_are_declared_by_the_class(pki: PKI) -> None:
+    _, hs = connect(pki)
+    assert describes_peer(hs) is hs
+    assert knows_client(hs) is hs
+    assert hs.client is None  # TcpdHandshake names nobody
+    assert describes_peer(TcpdHandshake()) is not None
+    assert TcpdHandshake().describe(TCP_INFO) is TCP_INFO
+
+
+# -- the server name, read from the ClientHello ----------------------------------------
+
+
+def client_hello(pki: PKI, hostname: str = "localhost") -> bytes:
+    """The first flight of a real client (one ClientHello record)."""
+    return TLSLayer(client_ctx(pki), server_side=False, server_hostname=hostname).data_to_send()
+
+
+def test_sni_read_from_a_clienthello_split_anywhere(pki: PKI) -> None:
+    hello = client_hello(pki, "sni.example")
+    for cut in (1, 3, 5, 6, 40, len(hello) - 1):
+        layer = TLSLayer(server_ctx(pki), server_side=True)
+        layer.receive_data(hello[:cut])
+        layer.receive_data(hello[cut:])
+        assert layer.server_name == "sni.example", cut
+
+
+def test_sni_read_from_a_clienthello_fragmented_over_records(pki: PKI) -> None:
+    hello = client_hello(pki, "frag.example")
+    body = hello[5:]
+    records = b"".join(
+        hello[:3] + len(piece).to_bytes(2, "big") + piece
+        for piece in (body[i : i + 50] for i in range(0, len(body), 50))
+    )
+    layer = TLSLayer(server_ctx(pki), server_side=True)
+    layer.receive_data(records)
+    assert layer.server_name == "frag.example"
+
+
+def test_a_name_that_is_not_printable_ascii_is_not_reported(
+    pki: PKI, recwarn: pytest.WarningsRecorder
+) -> None:
+    """OpenSSL's own callback path would print an 'Exception ignored' traceback
+    for such a name (CPython decodes it as ASCII): we never ask it."""
+    hello = bytearray(client_hello(pki, "abcdefgh.example"))
+    at = hello.find(b"abcdefgh.example")
+    hello[at : at + 3] = "é".encode() + b"c"
+    layer = TLSLayer(server_ctx(pki), server_side=True)
+    with contextlib.suppress(ProtocolError):  # OpenSSL may refuse the name: its business
+        layer.receive_data(bytes(hello))
+    assert layer.server_name is None
+    assert not [w for w in recwarn if "unraisable" in str(w.category).lower()]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", b"\x16\x03\x01\xff\xff"],
+    ids=["http", "not-a-clienthello", "partial-record"],
+)
+def test_no_name_from_bytes_that_are_not_a_clienthello(pki: PKI, data: bytes) -> None:
+    layer = TLSLayer(server_ctx(pki), server_side=True)
+    with contextlib.suppress(ProtocolError):
+        layer.receive_data(data)
+    assert layer.server_name is None

@@ -715,10 +715,15 @@ class Context:
                         log.error("cannot accept on %s: %s; pausing 100 ms", conn.fd, exc.strerror)
                     self._pause_listener(conn)
                 return
-            sock.setblocking(False)
-            # Inherited from the listening door already (so no byte written
-            # before the accept lacks credentials); said again to be explicit.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            try:
+                sock.setblocking(False)
+                # Inherited from the listening door already (so no byte written
+                # before the accept lacks credentials); said again to be explicit.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            except OSError as exc:
+                log.warning("door of service %r: %s; closing a connection", door.name, exc)
+                sock.close()
+                continue
             peer = Conn(PEER, sock)
             peer.origin = door.origin
             peer.reader = functools.partial(self._read_offer, door, _door.OfferReader())

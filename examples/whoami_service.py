@@ -92,7 +92,7 @@ def serve(name: str, networks: list[Network], local: bool) -> None:
                     # The record stays available for the connection's life.
                     peer = ctx.peer_info(fd)
                     who = (peer.token_name if peer else None) or "local"
-                    ctx.write(fd, who.encode() + b" said: " + message)
+                    ctx.write(fd, b"%s said: %s" % (who.encode(), message))
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ the command prints must verify, refusals are one message and exit status 2
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from daemons.engine import tokens
 from daemons.engine.tokens import TokenStatus
-from tests.helpers import BIN
+from tests.helpers import BIN, ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -204,3 +205,23 @@ def test_check_says_why_a_token_is_refused(secret_file: Path, tmp_path: Path) ->
 def test_the_token_commands_are_listed() -> None:
     out = subprocess.run([str(BIN / "ipc"), "--help"], capture_output=True, text=True, timeout=30)
     assert "token" in out.stdout.split("Commands:")[1]
+
+
+def test_the_documented_python_minting_verifies(secret_file: Path) -> None:
+    """docs/who-is-calling.md's few lines of Python, run as shown (the path
+    of the secret replaced): the daemon's verifier accepts their token."""
+    page = (ROOT / "docs" / "who-is-calling.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    (snippet,) = [b for b in blocks if "def mint(" in b]
+    snippet = "\n".join(line.removeprefix("   ") for line in snippet.splitlines())
+    assert snippet.count('"/etc/libipc/token.secret"') == 1
+    namespace: dict[str, object] = {}
+    exec(snippet.replace('"/etc/libipc/token.secret"', repr(str(secret_file))), namespace)
+    token = namespace["token"]
+    assert isinstance(token, str)
+    result = tokens.verify_signed(
+        token, tokens.load_secret_file(secret_file), "chat-42", now=time.time()
+    )
+    assert result.ok and result.name == "alice" and result.services == ("chat-*",), result
+    check = ipc("check", "--secret-file", secret_file, "--service", "chat-42", token)
+    assert check.returncode == 0, check.stdout

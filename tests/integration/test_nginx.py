@@ -10,7 +10,9 @@ A client connecting from 127.0.0.2 (its socket bound there) reaches pong
 through nginx over TLS; ipc-websocketd, trusting 127.0.0.1/32 (where nginx
 connects from), names 127.0.0.2 as the client, even when the client sends
 an X-Forwarded-For of its own. A client connecting directly cannot claim an
-address with X-Forwarded-For, because its address is not trusted.
+address with X-Forwarded-For, because its address is not trusted. A
+service asking for peer information (examples/whoami_service.py) learns the
+client nginx saw, the proxy that said so, and the token's name.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
-from tests.helpers import BIN, ROOT, Pki, Processes, tcp_connectable, wait_for
+from tests.helpers import BIN, ROOT, Pki, Processes, connectable, tcp_connectable, wait_for
 
 NGINX = Path("/usr/sbin/nginx")
 EXAMPLE = ROOT / "docs" / "examples" / "nginx.conf"
@@ -155,9 +159,15 @@ def start_websocketd(procs: Processes, rundir: Path, log_path: Path, *args: str)
 
 
 def client(
-    source: str, port: int, *, ca: Path | None = None, headers: dict[str, str] | None = None
+    source: str,
+    port: int,
+    *,
+    ca: Path | None = None,
+    headers: dict[str, str] | None = None,
+    path: str = "/pong",
+    subprotocol: str | None = None,
 ) -> ClientConnection:
-    """A WebSocket to pong from ``source`` (the socket bound there)."""
+    """A WebSocket to ``path`` from ``source`` (the socket bound there)."""
     sock = socket.socket()
     sock.settimeout(10)
     sock.bind((source, 0))
@@ -167,11 +177,12 @@ def client(
         context = ssl.create_default_context(cafile=str(ca))
     scheme = "wss" if context else "ws"
     return connect(
-        f"{scheme}://localhost:{port}/pong",
+        f"{scheme}://localhost:{port}{path}",
         sock=sock,
         ssl=context,
         server_hostname="localhost" if context else None,
         additional_headers=headers,
+        subprotocols=[Subprotocol(subprotocol)] if subprotocol else None,
         open_timeout=10,
     )
 
@@ -237,3 +248,39 @@ def test_a_direct_client_cannot_claim_an_address(
     wait_for(lambda: len(connection_lines(log_path)) >= 2, 5, what="the second connection")
     trusted = connection_lines(log_path)[1]
     assert re.search(r"ipc-websocketd: 203\.0\.113\.9 \(via 127\.0\.0\.1:\d+\)", trusted), trusted
+
+
+def test_a_service_behind_nginx_learns_the_real_client(
+    rundir: Path, procs: Processes, tmp_path: Path, pki: Pki
+) -> None:
+    """examples/whoami_service.py behind nginx and ipc-websocketd: its peer
+    information names the client nginx saw, the proxy, and the token's name."""
+    env = {"RUNDIR": str(rundir), "PYTHONPATH": str(ROOT)}
+    service_log = tmp_path / "whoami.log"
+    with service_log.open("wb") as log:
+        service = procs.start(
+            sys.executable, ROOT / "examples" / "whoami_service.py",
+            "--network", "127.0.0.2/32", env=env, stderr=log,
+        )  # fmt: skip
+    wait_for(lambda: connectable(rundir / "whoami") or service.poll() is not None, what="whoami")
+    assert service.poll() is None, service_log.read_text()
+    secret = tmp_path / "token.secret"
+    subprocess.run([str(BIN / "ipc"), "token", "secret", str(secret)], check=True, timeout=30)
+    token = subprocess.run(
+        [str(BIN / "ipc"), "token", "new", "--secret-file", str(secret),
+         "--name", "alice", "--service", "whoami"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.strip()  # fmt: skip
+    log_path = tmp_path / "websocketd.log"
+    daemon_port = start_websocketd(
+        procs, rundir, log_path, "--trust-proxy", "127.0.0.1/32", "--token-secret", str(secret)
+    )
+    protocol = f"ipc.token.{token}"
+    with nginx(tmp_path, daemon_port, pki) as port:
+        ws = client("127.0.0.2", port, ca=pki.ca, path="/whoami", subprotocol=protocol)
+        with ws:
+            greeting = ws.recv(timeout=10)
+    assert greeting == (
+        b"hello alice: ws from 127.0.0.2 (said by 127.0.0.1 with x-forwarded-for)"
+        b" asking for /whoami"
+    )

@@ -15,7 +15,14 @@ the name, or a WebSocket upgrade) while the engine does the I/O:
 3. once the peer names a service: the allow/deny policy, then a connection to
    ``$RUNDIR/SERVICE``; success -> ``handshake.accept()`` gives the layer for
    the switched phase and the LibIPC bytes that arrived early; the Context
-   switches the pair and from then on relays without the engine;
+   switches the pair and from then on relays without the engine. A service
+   whose lock carries the ``peer-info`` mark is reached through its door
+   (``$RUNDIR/SERVICE.door``, :mod:`ipc_core.door`) instead: the engine sends
+   the peer information (its own record of the socket's addresses, completed
+   by the handshake's ``describe``), stops reading the peer, and waits within
+   the handshake deadline for the service's verdict: accept -> the switch as
+   above (with any message the service sent behind its verdict); refuse ->
+   the handshake's 403 and the service's reason in the log;
 4. any failure (bad input, refused or unknown service, deadline) -> the
    handshake's refusal bytes are flushed, the socket closed, the reason logged
    and counted. Nothing else is affected;
@@ -70,18 +77,28 @@ from ipc_core import (
     PeerClosed,
     ProtocolError,
     ServiceBusy,
+    door,
+    door_path,
+    service_marks,
     socket_path,
 )
+from ipc_core.peerinfo import PeerInfo, PeerInfoTooLarge
+from ipc_core.rundir import PEER_INFO_MARK
 
 from . import systemd
 from .control import ControlService, MetricsHttp
 from .deadlines import Deadlines
 from .errors import ErrorKind, Failure, LocalRefused
 from .handshake import (
+    DescribesPeer,
+    Front,
     Handshake,
     HandshakeFactory,
+    KnowsClient,
     NamesPeer,
     Settles,
+    describes_peer,
+    knows_client,
     names_peer,
     settles,
 )
@@ -90,12 +107,14 @@ from .local import connect_local
 from .log import LogThrottle, plural
 from .metrics import DaemonMetrics
 from .policy import ServiceAccess, exposure_warning, network_refusal, policy_summary
+from .trust import TrustedNetworks, parse_ip
 
 __all__ = ["Daemon", "Owner", "source_key", "tcp_idle_seconds"]
 
 log = logging.getLogger("ipc.daemon")
 
 _RECV_SIZE = 65536
+_PEER_INFO = PEER_INFO_MARK.decode()
 #: accept() errors that mean "out of descriptors or memory": pause, do not spin.
 _ACCEPT_PAUSE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
@@ -114,14 +133,25 @@ class _Pending:
     #: The handshake's optional capabilities, decided once at accept.
     settles: Settles | None = None
     names_peer: NamesPeer | None = None
+    describes: DescribesPeer | None = None
+    knows_client: KnowsClient | None = None
     #: Whether the peer sent any byte: one that closes having sent none is a
     #: browser's preconnect or a port check, not worth a warning.
     spoke: bool = False
+    #: The real client once the protocol named it (PROXY header, trusted
+    #: forwarding header), as a log name.
+    client: str | None = None
+    #: While a peer-info service decides: the network socket (out of the
+    #: Context, so its bytes wait in the kernel) and the door connection.
+    parked: socket.socket | None = None
+    door: socket.socket | None = None
 
     @property
     def who(self) -> str:
-        """The peer name for log lines: the handshake's if it knows better
-        (ipc-websocketd --trust-proxy: X-Forwarded-For), else the socket's."""
+        """The peer name for log lines: the real client if the protocol named
+        it, the handshake's if it knows better, else the socket's."""
+        if self.client is not None:
+            return f"{self.client} (via {self.peer})"
         return (self.names_peer is not None and self.names_peer.peer) or self.peer
 
 
@@ -162,6 +192,13 @@ class Daemon:
         #: is switched (ipc-websocketd tracks its connections for keepalive;
         #: it may take ownership of ``fd`` with :meth:`own`).
         self.on_switched: Callable[[int, Handshake, Layer | None], None] | None = None
+        #: Wraps every accepted connection's handshake (``--proxy-protocol``).
+        self.front: Front | None = None
+        #: Proxies that speak for their clients (``--proxy-protocol``,
+        #: ``--trust-proxy``): not counted by ``--max-connections-per-ip``
+        #: themselves; each connection counts under the client its
+        #: handshake names (:class:`~daemons.engine.handshake.KnowsClient`).
+        self.trusted_proxies: TrustedNetworks | None = None
         self._owners: dict[int, Owner] = {}
         self._listeners: dict[int, tuple[socket.socket, HandshakeFactory]] = {}
         self._pending: dict[int, _Pending] = {}
@@ -403,7 +440,8 @@ class Daemon:
                 self.accept_failed(exc, lfd)
                 return
             peer = peer_name(addr)
-            source = source_key(addr)
+            proxies = self.trusted_proxies
+            source = None if proxies and proxies.trusts_peer(addr) else source_key(addr)
             refusal = self._over_limit(source)
             if refusal is not None:
                 self._refuse(peer, *refusal)
@@ -411,6 +449,8 @@ class Daemon:
                 continue
             try:
                 handshake = factory(peer)
+                if self.front is not None:
+                    handshake = self.front.wrap(addr, handshake)
             except Exception as exc:  # a bug or a configuration problem: not the peer's
                 self._refuse(peer, Failure.INTERNAL, f"cannot start a handshake: {exc}")
                 log.debug("%s: handshake factory failed", self.name, exc_info=True)
@@ -428,7 +468,14 @@ class Daemon:
         self._network_opened(fd, source)
         # Optional capabilities, decided once per connection, not per read.
         p = _Pending(
-            fd, peer, handshake, time.monotonic(), settles(handshake), names_peer(handshake)
+            fd,
+            peer,
+            handshake,
+            time.monotonic(),
+            settles(handshake),
+            names_peer(handshake),
+            describes_peer(handshake),
+            knows_client(handshake),
         )
         self._pending[fd] = p
         self.own(fd, self._on_pending)
@@ -442,6 +489,9 @@ class Daemon:
                 Failure.TOO_MANY,
                 f"{plural(len(self._network_fds), 'connection')} open (--max-connections)",
             )
+        return self._over_source_limit(source)
+
+    def _over_source_limit(self, source: str | None) -> tuple[Failure, str] | None:
         cap = self.max_connections_per_ip
         if source is not None and cap and self._sources.get(source, 0) >= cap:
             return (
@@ -470,15 +520,13 @@ class Daemon:
         self.metrics.connections_total.inc()
         self.metrics.connections_open.inc()
         if source is not None:
-            self._sources[source] = self._sources.get(source, 0) + 1
-            self._source_of[fd] = source
+            self._count_source(fd, source)
 
-    def _network_closed(self, fd: int) -> bool:
-        """Forget a closed network connection (once); False if it was not one."""
-        if fd not in self._network_fds:
-            return False
-        self._network_fds.discard(fd)
-        self.metrics.connections_open.dec()
+    def _count_source(self, fd: int, source: str) -> None:
+        self._sources[source] = self._sources.get(source, 0) + 1
+        self._source_of[fd] = source
+
+    def _uncount_source(self, fd: int) -> None:
         source = self._source_of.pop(fd, None)
         if source is not None:
             left = self._sources[source] - 1
@@ -486,6 +534,14 @@ class Daemon:
                 self._sources[source] = left
             else:
                 del self._sources[source]
+
+    def _network_closed(self, fd: int) -> bool:
+        """Forget a closed network connection (once); False if it was not one."""
+        if fd not in self._network_fds:
+            return False
+        self._network_fds.discard(fd)
+        self.metrics.connections_open.dec()
+        self._uncount_source(fd)
         return True
 
     def accept_failed(self, exc: OSError, lfd: int) -> None:
@@ -564,6 +620,8 @@ class Daemon:
         self._flush(p)
         if p.fd not in self._pending:
             return
+        if p.knows_client is not None and p.client is None and not self._learn_client(p):
+            return
         if p.handshake.finished:
             self._finish(p)
             return
@@ -574,6 +632,27 @@ class Daemon:
             settle_after = p.settles.settle_after
             if settle_after is not None:
                 self._settles.start(p.fd, settle_after, lambda: self._settle(p))
+
+    def _learn_client(self, p: _Pending) -> bool:
+        """The handshake may have named the real client: count the connection
+        under it from now on (a proxy's connections are not limited as the
+        proxy's). False if that client is over its limit (refused)."""
+        assert p.knows_client is not None
+        client = p.knows_client.client
+        if client is None:
+            return True
+        ip, port = client
+        p.client = ip if port is None else (f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+        source = source_key((ip, port or 0))
+        if source is None or self._source_of.get(p.fd) == source:
+            return True
+        self._uncount_source(p.fd)
+        refusal = self._over_source_limit(source)
+        if refusal is not None:
+            self._reject(p, *refusal, status=503)
+            return False
+        self._count_source(p.fd, source)
+        return True
 
     def _settle(self, p: _Pending) -> None:
         """The peer paused mid-handshake (TCPd name without terminator)."""
@@ -588,12 +667,21 @@ class Daemon:
             self._connect_local(p, p.handshake.service)
 
     def _connect_local(self, p: _Pending, service: str) -> None:
-        """The peer named ``service``: policy, connection, then the switch."""
+        """The peer named ``service``: policy, connection (through the door of
+        a service that wants peer information), then the switch."""
         try:
-            local = self._open_local(service)
+            local, wants_info = self._open_local(service)
         except LocalRefused as exc:
             self._reject(p, exc.failure, exc.reason)
             return
+        if wants_info:
+            self._offer(p, service, local)
+            return
+        self._accept_peer(p, local, service, b"")
+
+    def _accept_peer(
+        self, p: _Pending, local: socket.socket, service: str, leftover: bytes
+    ) -> None:
         try:
             layer, early = p.handshake.accept()
         except IPCError as exc:
@@ -604,16 +692,126 @@ class Daemon:
             local.close()
             raise
         self._switch(p, local, layer, early, service)
+        if leftover and p.fd in self.ctx:
+            self.ctx.feed_switch(local.fileno(), leftover)
 
-    def _open_local(self, service: str) -> socket.socket:
-        """A connection to ``service`` for a network peer. A name the policy
+    def _open_local(self, service: str) -> tuple[socket.socket, bool]:
+        """A connection to ``service`` for a network peer, and whether it is
+        the service's door (it asked for peer information). A name the policy
         refuses is answered exactly like a name that does not exist (same
         status, same path through the handshake): a peer learns nothing of
         what runs here. The log keeps the real reason."""
-        refusal = network_refusal(self.access, service, self.ctx.rundir)
+        rundir = self.ctx.rundir
+        marks = service_marks(service, rundir)
+        refusal = network_refusal(self.access, service, rundir, marks=marks)
         if refusal is not None:
             raise LocalRefused(Failure.REFUSED, refusal)
-        return connect_local(service, self.ctx.rundir)
+        if _PEER_INFO not in marks:
+            return connect_local(service, rundir), False
+        try:
+            return connect_local(door_path(service, rundir).name, rundir), True
+        except LocalRefused as exc:
+            if exc.failure is not Failure.UNKNOWN_SERVICE:
+                raise
+            why = f"no door for local service {service!r} (it asked for peer information)"
+            raise LocalRefused(exc.failure, why) from None
+
+    # ------------------------------------------------------ peer information
+
+    def _offer(self, p: _Pending, service: str, local: socket.socket) -> None:
+        """Send the peer information to ``service``'s door, then wait for its
+        verdict without reading the peer (its bytes wait in the kernel)."""
+        try:
+            frame = door.offer_frame(self._describe(p))
+        except PeerInfoTooLarge as exc:
+            local.close()
+            self._reject(p, Failure.PROTOCOL_ERROR, str(exc), status=431)
+            return
+        except (IPCError, OSError) as exc:  # a handshake's facts that do not fit the record
+            local.close()
+            self._reject(p, Failure.INTERNAL, f"cannot describe the peer: {exc}", status=500)
+            return
+        try:
+            sent = local.send(frame)
+        except OSError as exc:
+            sent, why = -1, exc.strerror or str(exc)
+        else:
+            why = "its socket buffer is full"
+        if sent != len(frame):  # a fresh Unix socket takes 16 KiB at once, or is broken
+            local.close()
+            self._reject(p, Failure.SERVICE_UNAVAILABLE, f"service {service!r}: {why}")
+            return
+        ctx = self.ctx
+        p.parked = ctx.socket_of(p.fd)
+        self.disown(p.fd)
+        ctx.remove_external(p.fd)
+        p.door = local
+        reader = door.VerdictReader()
+        dfd = ctx.add_external(local)
+        self.own(dfd, lambda event: self._on_verdict(p, service, reader, event))
+
+    def _describe(self, p: _Pending) -> PeerInfo:
+        """The engine's record of the socket, completed by the handshake."""
+        sock = self.ctx.socket_of(p.fd)
+        client = _address(sock, "getpeername")
+        local = _address(sock, "getsockname")
+        info = PeerInfo(
+            transport="tcp",
+            client_address=client[0],
+            client_port=client[1],
+            local_address=local[0],
+            local_port=local[1],
+        )
+        return p.describes.describe(info) if p.describes is not None else info
+
+    def _on_verdict(
+        self, p: _Pending, service: str, reader: door.VerdictReader, event: Event
+    ) -> None:
+        if event.type is not EventType.EXTERNAL or p.door is None:
+            return
+        try:
+            data = p.door.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data, error = b"", exc.strerror or str(exc)
+        else:
+            error = ""
+        failure: tuple[Failure, str] | None
+        try:
+            verdict = reader.feed(data)
+        except PeerClosed:
+            failure = (Failure.SERVICE_UNAVAILABLE, error or "closed its door without a verdict")
+        except ProtocolError as exc:
+            failure = (Failure.SERVICE_UNAVAILABLE, f"broke the door protocol: {exc}")
+        else:
+            if verdict is None:
+                return
+            if verdict.accepted:
+                failure = None
+            else:
+                failure = (Failure.SERVICE_REFUSED, f"refused: {verdict.reason or 'no reason'}")
+        local = self._unpark(p)
+        if failure is None and local is not None:
+            self._accept_peer(p, local, service, reader.leftover)
+            return
+        if local is not None:
+            local.close()
+        if failure is not None:
+            self._reject(p, failure[0], f"service {service!r} {failure[1]}")
+
+    def _unpark(self, p: _Pending) -> socket.socket | None:
+        """Back to the Context with the waiting peer; the door socket, out of
+        it (None if either is gone)."""
+        local, p.door = p.door, None
+        if local is not None:
+            self.disown(local.fileno())
+            if local.fileno() in self.ctx:
+                self.ctx.remove_external(local.fileno())
+        sock, p.parked = p.parked, None
+        if sock is not None:
+            self.own(self.ctx.add_external(sock), self._on_pending)
+        return local
 
     def _switch(
         self, p: _Pending, local: socket.socket, layer: Layer | None, early: bytes, service: str
@@ -681,6 +879,19 @@ class Daemon:
 
     def _timeout(self, p: _Pending) -> None:
         if self._pending.get(p.fd) is p:
+            waited = p.door is not None
+            local = self._unpark(p)
+            if local is not None:
+                local.close()
+            if waited:
+                self._reject(
+                    p,
+                    Failure.TIMEOUT,
+                    f"no verdict from the service within the handshake timeout "
+                    f"({self.handshake_timeout} s)",
+                    503,
+                )
+                return
             self._reject(
                 p,
                 Failure.TIMEOUT,
@@ -752,6 +963,19 @@ class Daemon:
             m.bytes.inc(counters.bytes - last_bytes, direction=direction)
             m.messages.inc(counters.messages - last_messages, direction=direction)
             self._last_stats[tag] = (counters.bytes, counters.messages)
+
+
+def _address(sock: Any, which: str) -> tuple[str | None, int | None]:
+    """(IP, port) of one end of a socket, IPv4-mapped as IPv4; (None, None)
+    for a Unix socket or a socket that is gone."""
+    try:
+        addr = getattr(sock, which)()
+    except OSError:
+        return None, None
+    if not (isinstance(addr, tuple) and len(addr) >= 2):
+        return None, None
+    ip = parse_ip(addr[0])
+    return (str(ip), addr[1]) if ip is not None else (None, None)
 
 
 def source_key(addr: Any) -> str | None:

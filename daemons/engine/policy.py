@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipc_core import InvalidServiceName, is_local_only, validate_name
+from ipc_core.rundir import LOCAL_ONLY_MARK
 
 __all__ = [
     "DEFAULT_PROTECTED",
@@ -133,22 +134,32 @@ class ServiceAccess:
         return None
 
 
-def network_refusal(access: ServiceAccess, name: str, directory: Path) -> str | None:
+def network_refusal(
+    access: ServiceAccess, name: str, directory: Path, *, marks: frozenset[str] | None = None
+) -> str | None:
     """Why a network peer may not reach ``name`` in run directory ``directory``,
     or None if it may.
 
     :meth:`ServiceAccess.check`, then the run directory: a service whose lock
     holds the ``local-only`` mark (a router or the outbound side of a protocol
     daemon, under whatever name it was started) would make this daemon an open
-    relay, so only an exact ``--allow NAME`` lets a peer reach it.
+    relay, so only an exact ``--allow NAME`` lets a peer reach it. ``marks``:
+    the lock's marks when the caller has read them already (one read per
+    connection, not two).
     """
     reason = access.check(name)
-    if reason is None and not access.names_exactly(name) and is_local_only(name, directory):
+    if reason is None and not access.names_exactly(name) and _local_only(name, directory, marks):
         reason = (
             f"service {name!r} is local-only (a router or an outbound side); "
             f"allow it explicitly (--allow {name})"
         )
     return reason
+
+
+def _local_only(name: str, directory: Path, marks: frozenset[str] | None) -> bool:
+    if marks is None:
+        return is_local_only(name, directory)
+    return LOCAL_ONLY_MARK.decode() in marks
 
 
 def policy_summary(access: ServiceAccess) -> str:

@@ -12,6 +12,7 @@ import logging
 
 import click
 
+from .codecs.proxied import use_proxy_protocol
 from .codecs.tcp import TcpdClient, TcpdHandshake
 from .engine.options import (
     CommonOptions,
@@ -19,8 +20,10 @@ from .engine.options import (
     connect_timeout_option,
     idle_timeout_option,
     libipc_command,
+    proxy_protocol_option,
 )
 from .engine.startup import start_daemon, starting
+from .engine.trust import TrustedNetworks
 
 log = logging.getLogger("ipc.tcpd")
 
@@ -38,6 +41,10 @@ DEFAULT_LISTEN = "127.0.0.1:9000"
             'IPC_NETWORK="pong tcp://192.0.2.7:9000/pong" ipc send pong hi',
             "with ipcd running: a client reaches pong on another host",
         ),
+        (
+            "ipc-tcpd --listen 10.0.0.5:9000 --proxy-protocol 10.0.0.2",
+            "behind HAProxy (send-proxy-v2) at 10.0.0.2: logs and limits name the client",
+        ),
     ],
     notes=[
         "Plain TCP carries no encryption: keep it on loopback or a trusted "
@@ -54,8 +61,13 @@ DEFAULT_LISTEN = "127.0.0.1:9000"
 )
 @connect_timeout_option("connect and TCPd handshake")
 @idle_timeout_option
+@proxy_protocol_option
 def main(
-    common: CommonOptions, service_name: str, connect_timeout: float, idle_timeout: float
+    common: CommonOptions,
+    service_name: str,
+    connect_timeout: float,
+    idle_timeout: float,
+    proxy_protocol: TrustedNetworks,
 ) -> None:
     """Put local LibIPC services on TCP, and reach remote ones (TCPd).
 
@@ -75,6 +87,7 @@ def main(
             connect_timeout=connect_timeout,
             idle_timeout=idle_timeout,
         )
+    use_proxy_protocol(daemon, proxy_protocol)
     try:
         daemon.run()
     finally:

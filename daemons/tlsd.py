@@ -35,21 +35,25 @@ from pathlib import Path
 
 import click
 
+from .codecs.proxied import use_proxy_protocol
 from .codecs.tcp import TcpdClient, TcpdHandshake
 from .codecs.tlswrap import TLSConnector, TLSHandshake, describe_identity
 from .engine import certs
 from .engine.addresses import Uri
 from .engine.daemon import Daemon
 from .engine.handshake import Connector, Handshake
+from .engine.listeners import peer_name
 from .engine.options import (
     CommonOptions,
     common_options,
     connect_timeout_option,
     idle_timeout_option,
     libipc_command,
+    proxy_protocol_option,
 )
 from .engine.startup import describe_error, start_daemon, starting
 from .engine.tlsconfig import ServerTLS, client_context, server_tls_options
+from .engine.trust import TrustedNetworks
 
 log = logging.getLogger("ipc.tlsd")
 
@@ -157,6 +161,8 @@ def _log_identity(
     peer: str, hs: TLSHandshake, ident: certs.CertIdentity | None, mtls: bool
 ) -> None:
     version = hs.tls.version or "TLS"
+    if hs.named_client is not None:  # behind a proxy: name the client it named
+        peer = f"{peer_name(hs.named_client)} (via {peer})"
     if mtls:
         log.info("%s: %s: %s client %s", NAME, peer, version, describe_identity(ident))
     else:
@@ -214,6 +220,10 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
             "--client-ca ca/ca.pem --allow-client host-a --allow pong",
             "every interface, mutual TLS: only the client host-a, only pong",
         ),
+        (
+            "ipc-tlsd --cert s.pem --key s.key --proxy-protocol 10.0.0.2",
+            "behind HAProxy in TCP mode (send-proxy-v2, TLS passed through) at 10.0.0.2",
+        ),
         ("ipc-tlsd --no-listen --ca ca/ca.pem", "outbound only: tls:// routes for ipcd"),
         (
             'IPC_NETWORK="pong tls://b.example.org:9443/pong" ipc send pong hi',
@@ -264,6 +274,7 @@ _FILE = click.Path(dir_okay=False, path_type=Path)
 )
 @connect_timeout_option("connect, TLS and TCPd handshake")
 @idle_timeout_option
+@proxy_protocol_option
 def main(
     common: CommonOptions,
     service_name: str,
@@ -275,6 +286,7 @@ def main(
     client_key: Path | None,
     connect_timeout: float,
     idle_timeout: float,
+    proxy_protocol: TrustedNetworks,
 ) -> None:
     """Put local LibIPC services on TLS, and reach remote ones over TLS (TLSd).
 
@@ -317,6 +329,7 @@ def main(
             "anyone on the path can read and change the traffic",
             NAME,
         )
+    use_proxy_protocol(daemon, proxy_protocol)
     daemon.on_reload = contexts.reload
     try:
         daemon.run()

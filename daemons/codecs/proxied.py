@@ -36,14 +36,16 @@ has nothing to say rather than lacking the member.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol, cast, runtime_checkable
 
 from ipc_core import Layer
 from ipc_core.peerinfo import PeerInfo
 
 from ..engine.handshake import (
     DescribesPeer,
+    Front,
     Handshake,
     KnowsClient,
     Settles,
@@ -60,7 +62,39 @@ from .proxy import (
     ProxyPolicy,
 )
 
-__all__ = ["ProxiedHandshake", "ProxyFront", "describe_sources"]
+__all__ = [
+    "HearsClient",
+    "ProxiedHandshake",
+    "ProxyFront",
+    "describe_sources",
+    "use_proxy_protocol",
+]
+
+log = logging.getLogger("ipc.daemon.proxy")
+
+
+@runtime_checkable
+class HearsClient(Protocol):
+    """Optional, for a handshake behind the PROXY gate that logs on its own
+    before the engine does (ipc-tlsd names a client certificate the moment
+    TLS is up): told the header's client as soon as it is read, so its log
+    line names the client rather than the proxy."""
+
+    def client_named(self, client: tuple[str, int | None]) -> None: ...
+
+
+#: Whether a class is a :class:`HearsClient`, decided once per class (an
+#: ``isinstance`` with a runtime Protocol costs ~20 µs per connection).
+_HEARS_CLIENT: dict[type, bool] = {}
+
+
+def _hears_client(handshake: object) -> HearsClient | None:
+    cls = type(handshake)
+    known = _HEARS_CLIENT.get(cls)
+    if known is None:
+        known = _HEARS_CLIENT[cls] = isinstance(handshake, HearsClient)
+    return cast(HearsClient, handshake) if known else None
+
 
 #: How the peer information says where the client address came from.
 VIA = "proxy-protocol"
@@ -149,6 +183,11 @@ class ProxiedHandshake:
         if isinstance(result, NeedData):
             return
         self.header = result.header
+        if result.header is not None:
+            client = self.client
+            listener = _hears_client(self.inner)
+            if client is not None and listener is not None:
+                listener.client_named(client)
         self._pass(result.rest)
 
     def _pass(self, rest: bytes) -> None:
@@ -234,3 +273,25 @@ def describe_sources(trusted: TrustedNetworks) -> str:
     if len(names) <= 1:
         return "".join(names) or "nobody"
     return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+class Gated(Protocol):
+    """What :func:`use_proxy_protocol` sets (``daemons.engine.daemon.Daemon``)."""
+
+    name: str
+    front: Front | None
+    trusted_proxies: TrustedNetworks | None
+
+
+def use_proxy_protocol(daemon: Gated, trusted: TrustedNetworks) -> ProxyFront | None:
+    """``--proxy-protocol``'s effect on a daemon (every command that has the
+    flag): the gate in front of every accepted connection, the sources added
+    to ``trusted_proxies`` (counted under the client their header names), and
+    one log line saying who must send a header. Nothing without sources."""
+    if not trusted:
+        return None
+    front = ProxyFront.from_networks(trusted)
+    daemon.front = front
+    daemon.trusted_proxies = trusted.union(daemon.trusted_proxies)
+    log.info("%s: %s", daemon.name, front.describe())
+    return front

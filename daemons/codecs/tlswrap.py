@@ -93,6 +93,9 @@ class TLSHandshake:
         # A certificate the handshake accepted chained to the context's CAs
         # (--client-ca) only if the context asked for one.
         self._checks_certificates = ssl_context.verify_mode != ssl.CERT_NONE
+        #: The real client, when a PROXY header in front of TLS named it
+        #: (:meth:`client_named`): for log lines about this connection.
+        self.named_client: tuple[str, int | None] | None = None
         # The inner handshake's other optional capabilities (per class).
         self._inner_describes = describes_peer(inner)
         self._inner_client = knows_client(inner)
@@ -124,6 +127,11 @@ class TLSHandshake:
         """The inner handshake's real client (a trusted forwarding header
         inside wss), None if it has none: TLS itself names nobody."""
         return self._inner_client.client if self._inner_client is not None else None
+
+    def client_named(self, client: tuple[str, int | None]) -> None:
+        """A PROXY header in front of TLS named the client (see
+        :class:`daemons.codecs.proxied.HearsClient`)."""
+        self.named_client = client
 
     def describe(self, info: PeerInfo) -> PeerInfo:
         """The inner handshake's facts, then the TLS session's and the client

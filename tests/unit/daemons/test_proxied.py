@@ -329,7 +329,8 @@ def test_proxy_header_then_tls_then_the_name(tls_files: dict[str, Path]) -> None
     server = server_context(d / "server.pem", d / "server.key", d / "ca.pem")
     client = client_context(ca=d / "ca.pem", cert=d / "carol.pem", key=d / "carol.key")
     conn = TLSConnector(client, "localhost", TcpdClient("pong"))
-    hs = proxied(inner=TLSHandshake(server, tcpd()))
+    tls = TLSHandshake(server, tcpd())
+    hs = proxied(inner=tls)
     first = True
     for _ in range(20):
         out = conn.data_to_send()
@@ -344,6 +345,8 @@ def test_proxy_header_then_tls_then_the_name(tls_files: dict[str, Path]) -> None
             conn.receive_data(back)
     assert hs.service == "pong"
     assert hs.client == ("203.0.113.5", 40123)
+    # TLS logs the client certificate before the engine logs anything: it was told.
+    assert tls.named_client == ("203.0.113.5", 40123)
     info = hs.describe(SOCKET_INFO)
     assert info.transport == "tls" and info.via == "proxy-protocol"
     assert info.client_address == "203.0.113.5" and info.proxy_address == "127.0.0.1"

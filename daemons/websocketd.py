@@ -33,18 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import logging
-import mimetypes
-import os
-import socket
 import ssl
 import time
-import urllib.parse
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import click
 from websockets.frames import CloseCode
@@ -60,17 +56,46 @@ from ipc_core import (
     ProtocolError,
     StackedLayer,
 )
+from ipc_core.peerinfo import PeerInfo
 
+from .codecs.forwarded import ClientAddress, ForwardedHeader
+from .codecs.proxied import ProxiedHandshake, ProxyFront, use_proxy_protocol
+from .codecs.proxy import ProxyGate
 from .codecs.tlswrap import TLSHandshake, describe_identity
 from .codecs.ws import HandshakeRequest, HoldPool, Phase, WebSocketServerLayer, origin_allowed
+from .codecs.wsrequest import (
+    Forwarding,
+    HostPolicy,
+    TokenScrubber,
+    client_label,
+    describe_request,
+    limit_client,
+    peer_address,
+    same_origin,
+    scrub_tokens,
+    shown,
+    split_host,
+    url_path,
+)
 from .engine import certs
 from .engine.daemon import Daemon
 from .engine.handshake import Handshake, names_peer
+from .engine.listeners import peer_name
 from .engine.log import setup_logging
-from .engine.options import CommonOptions, common_options, libipc_command, seconds
+from .engine.options import (
+    CommonOptions,
+    common_options,
+    libipc_command,
+    proxy_protocol_option,
+    seconds,
+)
 from .engine.policy import service_name_error
 from .engine.startup import new_daemon, open_listeners, starting
+from .engine.staticfiles import SharedBody, StaticFiles
 from .engine.tlsconfig import ServerTLS, server_tls_options
+from .engine.tokens import PresentedToken, find_token
+from .engine.trust import UNIX, BadNetwork, TrustedNetworks
+from .engine.webauth import TokenSetupError, TokenSource
 
 __all__ = [
     "HostPolicy",
@@ -81,23 +106,21 @@ __all__ = [
     "build_daemon",
     "main",
     "same_origin",
+    "shown",
+    "split_host",
 ]
 
 log = logging.getLogger("ipc.websocketd")
 #: websockets' own log (every frame at DEBUG, every connection at INFO): only
 #: shown with -vv, it would drown the daemon's one line per connection.
 frame_log = logging.getLogger("ipc.websocketd.frames")
+#: websockets quotes the request line, the headers and the 101 at -vv: no token.
+frame_log.addFilter(TokenScrubber())
 
 NAME = "ipc-websocketd"
 DEFAULT_LISTEN = "127.0.0.1:8080"
 #: The demo page shipped with the package, served when --static is not given.
 DEMO_DIR = Path(__file__).resolve().with_name("static")
-#: Static files are read inside the loop: keep them small.
-MAX_STATIC_FILE = 4 * 1024 * 1024
-#: Bodies from this size on are shared between the requests that fetch the
-#: same version of a file, and queued as they are rather than copied into
-#: each response: 60 clients that never read a 4 MiB file hold it once.
-SHARED_BODY = 64 * 1024
 #: Default --hold-pool: bytes of unfinished (fragmented) messages all the
 #: connections may hold together beyond their 256 KiB each. Browsers never
 #: fragment, and a message in one frame is streamed, not held; so this only
@@ -117,299 +140,12 @@ _REFUSALS = {
     421: "Misdirected request: this server does not answer to that host name.\n",
     503: "Service unavailable.\n",
 }
-_CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".htm": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".mjs": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".json": "application/json",
-    ".txt": "text/plain; charset=utf-8",
-    ".svg": "image/svg+xml",
-    ".png": "image/png",
-    ".ico": "image/x-icon",
-    ".wasm": "application/wasm",
-}
-
-
-# -- static files ----------------------------------------------------------------
-
-
-def content_type(name: str) -> str:
-    """Content-Type by extension (our table first: mimetypes varies by host)."""
-    suffix = Path(name).suffix.lower()
-    if suffix in _CONTENT_TYPES:
-        return _CONTENT_TYPES[suffix]
-    guessed, _ = mimetypes.guess_type(name)
-    return guessed or "application/octet-stream"
-
-
-class StaticFiles:
-    """Files under one directory, for plain HTTP GETs on the WebSocket port.
-
-    Safe against path traversal: the URL path is percent-decoded, then any
-    segment starting with ``.`` (``..``, ``.``, dotfiles) is refused and the
-    resolved file (symlinks followed) must still be inside the root. A
-    directory means its ``index.html``. Files are read on each request (edits
-    show at once) and inside the loop, hence :data:`MAX_STATIC_FILE`.
-
-    Memory: a body of :data:`SHARED_BODY` bytes or more is one object for
-    every request of the same version of the file (device, inode, size,
-    mtime) while any of them is still being sent, so clients that never read
-    cost a reference each, not a copy each.
-    """
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).resolve(strict=True)
-        if not self.root.is_dir():
-            raise NotADirectoryError(f"{root}: not a directory")
-        self._shared: weakref.WeakValueDictionary[tuple[int, ...], _Body] = (
-            weakref.WeakValueDictionary()
-        )
-
-    def find(self, url_path: str) -> tuple[bytes | bytearray, str] | None:
-        """The body and Content-Type for a decoded URL path, or None (404)."""
-        parts = [p for p in url_path.split("/") if p]
-        if any(p.startswith(".") or "\\" in p or "\0" in p for p in parts):
-            return None
-        target = self.root.joinpath(*parts)
-        try:
-            if target.is_dir():
-                target = target / "index.html"
-            real = target.resolve(strict=True)
-            if not real.is_relative_to(self.root) or not real.is_file():
-                return None
-            st = real.stat()
-            if st.st_size > MAX_STATIC_FILE:
-                log.warning("%s: not serving %s: over %d bytes", NAME, real, MAX_STATIC_FILE)
-                return None
-            return self._body(real, st), content_type(real.name)
-        except (OSError, RuntimeError, ValueError):
-            return None
-
-    def _body(self, real: Path, st: os.stat_result) -> bytes | bytearray:
-        if st.st_size < SHARED_BODY:
-            return real.read_bytes()
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        body = self._shared.get(key)
-        if body is None:
-            body = _Body(real.read_bytes())
-            if len(body) == st.st_size:  # not changed while we read it
-                self._shared[key] = body
-        return body
-
-
-class _Body(bytearray):
-    """A file body that requests share (a weak reference can point at it)."""
-
-    __slots__ = ("__weakref__",)
-
-
-# -- origin and proxy headers ------------------------------------------------------
-
-
-def same_origin(origin: str, host: str | None, scheme: str = "http") -> bool:
-    """True if a page from ``origin`` was served by the host it now connects to.
-
-    An origin is scheme, host and port: the origin's scheme must be the one
-    the page used to reach us (``http`` for ws://, ``https`` for wss:// or
-    behind a TLS proxy), and its ``host[:port]`` the request's Host header,
-    the scheme's default port being implied. ``null`` (file:// pages,
-    sandboxed frames) is never the same origin. Without the scheme, an
-    http:// page on port 443 would count as the https:// site's own.
-    """
-    if not host or origin == "null":
-        return False
-    try:
-        parts = urllib.parse.urlsplit(origin)
-    except ValueError:  # "http://[zz": whatever it is, it is not us
-        return False
-    if parts.scheme != scheme or scheme not in ("http", "https") or not parts.netloc:
-        return False
-    default = ":80" if parts.scheme == "http" else ":443"
-
-    def norm(netloc: str) -> str:
-        netloc = netloc.strip().lower()
-        return netloc[: -len(default)] if netloc.endswith(default) else netloc
-
-    return norm(parts.netloc) == norm(host)
-
-
-def shown(value: str | None, limit: int = 200) -> str:
-    """A peer's text (path, Host, Origin) for a log line: quoted and escaped
-    like repr() (no newline, ESC or NUL gets through to forge or garble a
-    line), and cut at ``limit`` characters."""
-    if value is None:
-        return "(none)"
-    cut = value[:limit]
-    return repr(cut) + ("..." if len(value) > limit else "")
-
-
-# -- Host check (DNS rebinding) ------------------------------------------------------
-
-
-_LOCALHOST = "localhost"
-
-
-def split_host(value: str) -> tuple[str, int | None] | None:
-    """``name[:port]`` of a Host header, normalised (lower case, no final dot,
-    IPv6 in brackets and compressed), or None if it is not a host."""
-    value = value.strip().lower()
-    port_text = ""
-    if value.startswith("["):
-        name, sep, rest = value[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            return None
-        try:
-            name = f"[{ipaddress.IPv6Address(name).compressed}]"
-        except ValueError:
-            return None
-        port_text = rest[1:] if rest else ""
-        if rest and not port_text:
-            return None
-    else:
-        name, sep, port_text = value.partition(":")
-        if sep and not port_text:
-            return None
-        name = name[:-1] if name.endswith(".") else name
-        if not name or not all(c.isalnum() or c in "-._" for c in name) or not name.isascii():
-            return None
-    if not port_text:
-        return name, None
-    if not port_text.isdigit() or len(port_text) > 5 or not 0 < int(port_text) < 65536:
-        return None
-    return name, int(port_text)
-
-
-def _is_loopback(name: str) -> bool:
-    if name == _LOCALHOST or name.endswith("." + _LOCALHOST):
-        return True  # RFC 6761: browsers resolve these to loopback themselves
-    try:
-        return ipaddress.ip_address(name.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-class HostPolicy:
-    """Which ``Host`` headers name this daemon: the defence against DNS rebinding.
-
-    A page on ``evil.example`` whose name the attacker re-points at 127.0.0.1
-    is, for the browser, still the origin ``http://evil.example:8080``: its
-    requests carry ``Host: evil.example:8080`` and a matching ``Origin``, so
-    a same-origin check alone lets it in, and through us every local
-    service. The one thing such a request cannot fake is the Host, so only
-    names of this daemon are answered: loopback addresses and ``localhost``
-    forms, the addresses it listens on, this machine's host name and FQDN,
-    and the names given with ``--host`` (a public name, the name a reverse
-    proxy passes on). Loopback names take any port (a tunnel or a port
-    forward changes it, and a rebinding page cannot send one); the other
-    built-in names must come with a port we listen on (or none, when we
-    listen on the scheme's default port); ``--host NAME`` is
-    also accepted without a port, ``--host NAME:PORT`` with exactly that port.
-    """
-
-    def __init__(
-        self,
-        names: Iterable[str] = (),
-        ports: Iterable[int] = (),
-        *,
-        extra: Iterable[str] = (),
-        default_port: bool = False,
-    ) -> None:
-        self.names = {n[0] for n in (split_host(x) for x in names) if n is not None}
-        self.ports = set(ports)
-        self.default_port = default_port
-        self.bare: set[str] = set()  # --host NAME: no port, or a listening port
-        self.exact: set[tuple[str, int | None]] = set()  # --host NAME:PORT
-        for value in extra:
-            parsed = split_host(value)
-            if parsed is None:
-                raise ValueError(f"--host {value!r}: not a host name or address[:port]")
-            name, port = parsed
-            if port is None:
-                self.bare.add(name)
-            else:
-                self.exact.add((name, port))
-                if port in (80, 443):
-                    self.exact.add((name, None))
-
-    @classmethod
-    def for_sockets(
-        cls, sockets: Iterable[socket.socket], extra: Iterable[str] = (), *, secure: bool = False
-    ) -> HostPolicy:
-        """The policy of a daemon listening on ``sockets``. A wildcard
-        address (0.0.0.0, ::) cannot know the names it is reached by: then
-        only the built-in names and ``--host`` ones."""
-        names = [socket.gethostname(), socket.getfqdn()]
-        ports = []
-        for sock in sockets:
-            if sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            address, port = sock.getsockname()[:2]
-            ports.append(port)
-            ip = ipaddress.ip_address(address.partition("%")[0])
-            if not ip.is_unspecified:
-                names.append(f"[{ip.compressed}]" if ip.version == 6 else ip.compressed)
-        default = 443 if secure else 80
-        return cls([n for n in names if n], ports, extra=extra, default_port=default in ports)
-
-    def allows(self, value: str) -> bool:
-        """Does the Host header ``value`` name this daemon?"""
-        parsed = split_host(value)
-        if parsed is None:
-            return False
-        name, port = parsed
-        if parsed in self.exact:
-            return True
-        if _is_loopback(name):
-            # Any port: a rebinding page cannot send a loopback Host (its
-            # Host is its own name), and an SSH tunnel or a port forward
-            # (ssh -L 18080:127.0.0.1:8080) changes the port the browser sees.
-            return True
-        if port is None:
-            return name in self.bare or (self.default_port and name in self.names)
-        if port not in self.ports:
-            return False
-        return name in self.bare or name in self.names
-
-
-def forwarded_client(request: HandshakeRequest) -> str | None:
-    """The client address a reverse proxy put in X-Forwarded-For, or None.
-
-    The *last* entry is taken: it is the one our proxy appended (the address
-    it saw); the entries before it came from the client and prove nothing.
-    Anything that is not an IP address (optionally with a port) is ignored,
-    so the header cannot inject text into log lines.
-    """
-    values = [v for k, v in request.headers if k.lower() == "x-forwarded-for"]
-    entries = [e.strip() for v in values for e in v.split(",") if e.strip()]
-    if not entries:
-        return None
-    entry = entries[-1]
-    host = entry
-    if entry.startswith("["):  # [v6]:port
-        host = entry[1:].partition("]")[0]
-    elif entry.count(":") == 1:  # v4:port
-        host = entry.partition(":")[0]
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    return entry
-
-
-def _url_path(raw: str) -> str | None:
-    """The percent-decoded path of a request target, or None if unusable."""
-    path = raw.partition("?")[0].partition("#")[0]
-    if not path.startswith("/"):
-        return None
-    try:
-        return urllib.parse.unquote(path, errors="strict")
-    except UnicodeDecodeError:
-        return None
 
 
 # -- the handshake -----------------------------------------------------------------
+
+#: --trust-proxy given as True (a unit test, an embedding caller): any peer.
+_ANYONE = TrustedNetworks.parse(["0.0.0.0/0", "::/0", UNIX])
 
 
 @dataclass(frozen=True)
@@ -419,26 +155,57 @@ class WebSocketOptions:
     ``origins`` None means same-origin only (pages this daemon served, and
     non-browser clients, which send no Origin); otherwise an allow-list for
     :func:`~daemons.codecs.ws.origin_allowed` (``*`` allows all).
+
+    ``trust_proxy``: the peers whose forwarding headers are believed
+    (``--trust-proxy CIDR``): a :class:`~daemons.codecs.wsrequest.Forwarding`
+    (networks and header kind), bare :class:`TrustedNetworks`
+    (``X-Forwarded-For``), None or False (nobody); True trusts any peer, for
+    tests only (the command line always names the networks).
+    ``tokens``: ``--token-file`` / ``--token-secret``; None, no token needed.
     """
 
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     text_replies: bool = False
     origins: tuple[str, ...] | None = None
-    trust_proxy: bool = False
+    trust_proxy: Forwarding | TrustedNetworks | bool | None = None
     static: StaticFiles | None = None
     #: ``--host`` names (see :class:`HostPolicy`).
     hosts: tuple[str, ...] = ()
+    tokens: TokenSource | None = None
+    #: ``trust_proxy`` as one type (derived).
+    forwarding: Forwarding | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        trust = self.trust_proxy
+        if trust is True:
+            trust = Forwarding(_ANYONE)
+        elif isinstance(trust, TrustedNetworks):
+            trust = Forwarding(trust) if trust else None
+        elif not isinstance(trust, Forwarding):
+            trust = None
+        object.__setattr__(self, "forwarding", trust)
+
+
+_UNAUTHORIZED = "Unauthorized: a valid token is needed (query token=, cookie ipc_token).\n"
+_WRONG_SERVICE = "Forbidden: this token is not for this service.\n"
 
 
 class WebSocketHandshake:
     """The engine's ``Handshake`` over :class:`WebSocketServerLayer`.
 
     ``service`` is set once the request head is a WebSocket upgrade with an
-    acceptable Origin and a valid service name in its path; a plain HTTP
-    request is answered at once and ``finished`` set. A bad origin or path
-    queues the HTTP error and raises ProtocolError, so the engine logs and
-    counts it, flushes the answer and closes. ``peer`` is what the engine
-    logs: with ``trust_proxy``, the X-Forwarded-For client.
+    acceptable Origin, a valid service name in its path and, with tokens
+    configured, a token for that service; a plain HTTP request is answered at
+    once and ``finished`` set. A bad origin, path or token queues the HTTP
+    error (403, 404, 401) and raises ProtocolError, so the engine logs and
+    counts it, flushes the answer and closes.
+
+    Who calls: ``peer`` is the socket's peer, or ``CLIENT (via PEER)`` when
+    a trusted proxy (``--trust-proxy CIDR``) named the client in a forwarding
+    header; ``client`` (the engine's ``KnowsClient``) is that client, for its
+    log names and ``--max-connections-per-ip``; ``describe`` (``DescribesPeer``)
+    gives a peer-info service the request's facts (see
+    :func:`~daemons.codecs.wsrequest.describe_request`).
     """
 
     def __init__(
@@ -452,11 +219,15 @@ class WebSocketHandshake:
         pool: HoldPool | None = None,
         pieces: bool = False,
     ) -> None:
-        self.peer = peer
         self.service: str | None = None
         self.finished = False
         self.options = options
         self._transport_peer = peer
+        #: The socket's peer as an address, for the trusted-proxy check.
+        self.transport_address: Any = peer_address(peer)
+        #: The PROXY protocol wrapper around this handshake (``--proxy-protocol``),
+        #: whose header names who sent the HTTP request; weak: no cycle.
+        self.proxied: weakref.ref[ProxiedHandshake] | None = None
         self._known = service_known
         #: None: every Host is accepted (a unit test, a caller of its own).
         self.hosts = hosts
@@ -466,6 +237,14 @@ class WebSocketHandshake:
         # follow the head in pieces; under TLS each piece is encrypted as it goes.
         self._pieces = pieces
         self._body: memoryview | None = None
+        #: The client a trusted proxy named (None: not decided, or nobody trusted).
+        self._client: ClientAddress | None = None
+        #: The request with its token taken out (once the head is complete).
+        self._presented: PresentedToken | None = None
+        #: The name of the token that let the client in.
+        self.token_name: str | None = None
+        #: The subprotocol the 101 selects (the token entry, when the token came so).
+        self.subprotocol: str | None = None
         self.ws = WebSocketServerLayer(
             max_message_size=options.max_message_size,
             text_replies=options.text_replies,
@@ -473,9 +252,50 @@ class WebSocketHandshake:
             pool=pool,
         )
 
+    # -- what the engine reads ---------------------------------------------
+
+    @property
+    def peer(self) -> str:
+        """Who is calling, for log lines: ``CLIENT (via PEER)`` once a trusted
+        proxy (forwarding header) or a PROXY header named the client, else
+        the socket's peer."""
+        if self._client is not None:
+            return f"{client_label(self._client)} (via {self._transport_peer})"
+        sender = self._sender()
+        if sender is not self.transport_address:
+            return f"{peer_name(sender)} (via {self._transport_peer})"
+        return self._transport_peer
+
+    @property
+    def client(self) -> tuple[str, int | None] | None:
+        """The real client (``KnowsClient``): what a trusted proxy said, else None."""
+        return limit_client(self._client)
+
+    def describe(self, info: PeerInfo) -> PeerInfo:
+        """``DescribesPeer``: the engine's record plus the request's facts."""
+        request = self.ws.request
+        if request is None or self._presented is None:
+            return replace(info, transport="ws")
+        return describe_request(
+            info,
+            request,
+            self._presented,
+            subprotocol=self.subprotocol,
+            token_name=self.token_name,
+            client=self._client,
+        )
+
+    # -- bytes -------------------------------------------------------------
+
     def receive_data(self, data: bytes) -> None:
         ws = self.ws
-        ws.receive_data(data)  # an error queues its HTTP answer and raises
+        try:
+            ws.receive_data(data)  # an error queues its HTTP answer and raises
+        except ProtocolError as exc:
+            # websockets may quote the request line (a bad protocol version):
+            # the engine logs this text, and it must never carry a token.
+            exc.args = (scrub_tokens(str(exc)),)
+            raise
         if self.service is None and not self.finished and ws.phase is Phase.DECIDING:
             assert ws.request is not None
             self._decide(ws.request)
@@ -494,7 +314,7 @@ class WebSocketHandshake:
     def accept(self) -> tuple[Layer | None, bytes]:
         """101 Switching Protocols; the layer, and messages sent ahead of it."""
         try:
-            early = self.ws.accept()
+            early = self.ws.accept(self.subprotocol)
         except PeerClosed as exc:  # a close frame right behind the request
             raise ProtocolError(f"websocket: client closed before the 101: {exc}") from exc
         return self.ws, early
@@ -509,14 +329,16 @@ class WebSocketHandshake:
     # -- decisions ---------------------------------------------------------
 
     def _decide(self, request: HandshakeRequest) -> None:
-        if self.options.trust_proxy:
-            client = forwarded_client(request)
-            if client is not None:
-                self.peer = f"{client} (via {self._transport_peer})"
-        self._check_host(request)
-        path = _url_path(request.path)
+        # The token out of everything that may be logged or handed on, first.
+        self._presented = presented = find_token(request.path, request.headers)
+        target = presented.target
+        forwarding = self.options.forwarding
+        if forwarding is not None:
+            self._learn_client(forwarding, request)
+        self._check_host(request, target)
+        path = url_path(request.path)
         if not request.is_upgrade:
-            self._answer_http(request, path)
+            self._answer_http(request, path, target)
             return
         if not self._origin_ok(request):
             self.ws.reject(403, "Forbidden: this page's origin may not open WebSockets here.\n")
@@ -526,12 +348,52 @@ class WebSocketHandshake:
         reason = service_name_error(name) if path is not None else "bad request path"
         if reason:
             self.ws.reject(404, _REFUSALS[404])
-            raise ProtocolError(f"websocket: no service in path {shown(request.path)}: {reason}")
+            raise ProtocolError(f"websocket: no service in path {shown(target)}: {reason}")
+        if self.options.tokens is not None:
+            self._check_token(self.options.tokens, presented, name)
+        if presented.where == "subprotocol":
+            # A browser that offered subprotocols fails unless one is selected.
+            self.subprotocol = presented.echo
         self.service = name
 
-    def _check_host(self, request: HandshakeRequest) -> None:
+    def _sender(self) -> Any:
+        """Who sent the HTTP request: the source a PROXY header named (an
+        HTTP proxy behind a TCP load balancer), else the socket's peer.
+        Forwarding headers are judged by it, not by the load balancer."""
+        proxied = self.proxied() if self.proxied is not None else None
+        header = proxied.header if proxied is not None else None
+        if header is not None and header.source is not None and header.family != "unix":
+            return header.source.address, header.source.port
+        return self.transport_address
+
+    def _learn_client(self, forwarding: Forwarding, request: HandshakeRequest) -> None:
+        """Who the client is, if a trusted proxy says so (rightmost untrusted)."""
+        client = forwarding.client(self._sender(), request)
+        if client.problem is not None:
+            log.debug("%s: %s: forwarding header: %s", NAME, self.peer, client.problem)
+        if client.source != "transport":
+            self._client = client
+
+    def _check_token(self, tokens: TokenSource, presented: PresentedToken, service: str) -> None:
+        """401 without a good token, 403 with one for other services: before
+        the service is looked up, so a client without a token learns nothing
+        of what runs here."""
+        result = tokens.check(presented, service)
+        if result.ok:
+            self.token_name = result.name
+            log.debug("%s: %s: token of %r for %r", NAME, self.peer, result.name, service)
+            return
+        status = result.http_status or 401
+        self.ws.reject(status, _WRONG_SERVICE if status == 403 else _UNAUTHORIZED)
+        where = f" (token in the {presented.where})" if presented.where else ""
+        raise ProtocolError(
+            f"websocket: {status} for service {service!r}: {result.status.value}: "
+            f"{result.reason}{where}"
+        )
+
+    def _check_host(self, request: HandshakeRequest, target: str) -> None:
         """Exactly one Host, naming this daemon (see :class:`HostPolicy`);
-        behind a trusted proxy, X-Forwarded-Host too. Before anything else:
+        behind a trusted proxy, the host it forwards too. Before anything else:
         a rebound name gets neither a WebSocket nor a static file."""
         hosts = [v for k, v in request.headers if k.lower() == "host"]
         if len(hosts) != 1:
@@ -541,10 +403,9 @@ class WebSocketHandshake:
         if self.hosts is None:
             return
         names = [("Host", hosts[0])]
-        if self.options.trust_proxy:
-            forwarded = request.header("x-forwarded-host")
-            if forwarded is not None:
-                names.append(("X-Forwarded-Host", forwarded.split(",")[0]))
+        forwarded_host, _scheme = self._forwarded_host_and_scheme(request)
+        if forwarded_host is not None:
+            names.append(("forwarded host", forwarded_host))
         for header, value in names:
             if not self.hosts.allows(value):
                 self.finished = True
@@ -552,25 +413,34 @@ class WebSocketHandshake:
                 raise ProtocolError(
                     f"websocket: {header} {shown(value)} is not a name of this daemon"
                     f" (DNS rebinding?); --host NAME adds one; request {request.method}"
-                    f" {shown(request.path)}"
+                    f" {shown(target)}"
                 )
+
+    def _forwarded_host_and_scheme(
+        self, request: HandshakeRequest
+    ) -> tuple[str | None, str | None]:
+        forwarding = self.options.forwarding
+        if forwarding is None:
+            return None, None
+        sender = self._sender()
+        client = self._client or forwarding.client(sender, request)
+        return forwarding.host_and_scheme(sender, request, client)
 
     def _origin_ok(self, request: HandshakeRequest) -> bool:
         if self.options.origins is not None:
             return origin_allowed(request.origin, self.options.origins)
         if request.origin is None:
             return True  # not a browser
-        host = None
         scheme = "https" if self.secure else "http"
-        if self.options.trust_proxy:
-            forwarded = request.header("x-forwarded-host")
-            host = forwarded.split(",")[0] if forwarded else None
-            proto = (request.header("x-forwarded-proto") or "").split(",")[0].strip().lower()
-            scheme = proto if proto in ("http", "https") else scheme
+        host, proto = self._forwarded_host_and_scheme(request)
+        scheme = proto if proto in ("http", "https") else scheme
         return same_origin(request.origin, host or request.header("host"), scheme)
 
-    def _answer_http(self, request: HandshakeRequest, path: str | None) -> None:
-        """A plain HTTP request: a static file, 426 on a service path, or 404."""
+    def _answer_http(self, request: HandshakeRequest, path: str | None, target: str) -> None:
+        """A plain HTTP request: a static file, 426 on a service path, or 404.
+        Static files are public (the page must load to ask for a token);
+        with tokens, a service path is a 404 like any other, so a client
+        without a token cannot probe which services run."""
         self.finished = True
         ws = self.ws
         static = self.options.static
@@ -587,14 +457,14 @@ class WebSocketHandshake:
                 ("Cache-Control", "no-cache"),
                 ("X-Content-Type-Options", "nosniff"),
             ]
-            if self._pieces and isinstance(body, _Body):
+            if self._pieces and isinstance(body, SharedBody):
                 # The head now, the shared body as a buffer of its own next.
                 ws.respond(200, headers, b"", content_length=len(body))
                 if request.method != "HEAD":
                     self._body = memoryview(body)
             else:
                 ws.respond(200, headers, bytes(body))
-        elif not service_name_error(name) and self._known(name):
+        elif self.options.tokens is None and not service_name_error(name) and self._known(name):
             status = 426
             ws.respond(
                 426,
@@ -611,7 +481,7 @@ class WebSocketHandshake:
             NAME,
             self.peer,
             request.method,
-            shown(request.path),
+            shown(target),
             status,
         )
 
@@ -763,7 +633,7 @@ class ServerCertificates:
 
 class _WssHandshake(TLSHandshake):
     """TLS below the WebSocket handshake, showing the WebSocket side's
-    ``peer`` (``--trust-proxy``'s client). One class for every connection,
+    ``peer`` and ``client`` (``--trust-proxy``'s client). One class for every connection,
     and nothing that points back at the instance: a class made per
     connection, or a bound method kept in it, is a cycle the GC has to find."""
 
@@ -781,6 +651,56 @@ class _WssHandshake(TLSHandshake):
     @property
     def peer(self) -> str:
         return self._ws.peer
+
+    @property
+    def client(self) -> tuple[str, int | None] | None:
+        """The WebSocket side's client (a trusted proxy's forwarding header)."""
+        return self._ws.client
+
+
+class _ProxiedWebSocket(ProxiedHandshake):
+    """The PROXY protocol gate before a WebSocket handshake (``--proxy-protocol``).
+
+    Two differences from :class:`ProxiedHandshake`, both because the HTTP
+    request, not the PROXY header, has the last word on who the client is:
+    the WebSocket side learns where the header is (a weak reference: no
+    cycle), so that forwarding headers are judged by the address the PROXY
+    header names (an HTTP proxy behind a TCP balancer), never by the
+    balancer's own; and ``client`` stays None until the request is decided
+    (the engine learns the client once), while ``peer`` names the header's
+    client for the log lines of a refusal before that."""
+
+    def __init__(
+        self, gate: ProxyGate, inner: Handshake, addr: Any, ws: WebSocketHandshake
+    ) -> None:
+        super().__init__(gate, inner, addr)
+        self._ws = ws
+        ws.proxied = weakref.ref(self)
+
+    @property
+    def client(self) -> tuple[str, int | None] | None:
+        ws = self._ws
+        if ws.service is None and not ws.finished:
+            return None
+        return super().client
+
+    @property
+    def peer(self) -> str:
+        return self._ws.peer
+
+
+class _WebSocketProxyFront:
+    """``--proxy-protocol`` for ipc-websocketd: :class:`ProxyFront`'s policy,
+    every handshake behind a :class:`_ProxiedWebSocket`."""
+
+    def __init__(self, front: ProxyFront) -> None:
+        self.front = front
+
+    def wrap(self, addr: Any, handshake: Handshake) -> Handshake:
+        ws = handshake._ws if isinstance(handshake, _WssHandshake) else handshake
+        if not isinstance(ws, WebSocketHandshake):  # pragma: no cover - our factory's
+            return self.front.wrap(addr, handshake)
+        return _ProxiedWebSocket(self.front.policy.gate(addr), handshake, addr, ws)
 
 
 def _log_wss_identity(handshake: WebSocketHandshake, ident: certs.CertIdentity | None) -> None:
@@ -811,8 +731,10 @@ def build_daemon(
     allow_client: Sequence[str] = (),
     control_name: str = "ws",
     hold_pool: int = DEFAULT_HOLD_POOL,
+    proxy_protocol: TrustedNetworks | None = None,
 ) -> Daemon:
-    """Context, engine, listeners (systemd sockets first), metrics, keepalive.
+    """Context, engine, listeners (systemd sockets first), metrics, keepalive;
+    the PROXY protocol gate with ``proxy_protocol`` sources.
 
     Like :func:`daemons.tcpd.start_daemon` without the outbound side: a
     browser gateway only accepts.
@@ -839,13 +761,25 @@ def build_daemon(
     keepalive = Keepalive(daemon, ping_interval=ping_interval, idle_timeout=idle_timeout)
     daemon.on_switched = keepalive.switched
     daemon.on_stop = keepalive.goodbye
-    if tls is not None:
-        daemon.on_reload = tls.reload
+    if options.forwarding is not None:
+        daemon.trusted_proxies = options.forwarding.trusted
+    front = use_proxy_protocol(daemon, proxy_protocol or TrustedNetworks())
+    if front is not None:
+        daemon.front = _WebSocketProxyFront(front)
+    reloads = [part.reload for part in (tls, options.tokens) if part is not None]
+    if reloads:
+        daemon.on_reload = functools.partial(_reload_all, reloads)
     daemon.serve_control(f"{control_name}.ctl", flag="--control-name")  # fails first
     open_listeners(daemon, common, factory, DEFAULT_LISTEN)
     # The accepted Host names depend on the bound sockets (port 0, systemd's).
     hosts = HostPolicy.for_sockets(daemon.listening_sockets, options.hosts, secure=tls is not None)
     return daemon
+
+
+def _reload_all(parts: Sequence[Callable[[], None]]) -> None:
+    """SIGHUP: every part re-reads its files (each keeps its old state on error)."""
+    for reload in parts:
+        reload()
 
 
 @libipc_command(
@@ -914,9 +848,39 @@ def build_daemon(
 )
 @click.option(
     "--trust-proxy",
-    is_flag=True,
-    help="Behind a reverse proxy: log the client address from X-Forwarded-For "
-    "(and check same-origin against X-Forwarded-Host and X-Forwarded-Proto).",
+    "trust_proxy",
+    multiple=True,
+    metavar="CIDR",
+    help="A reverse proxy's address or network (10.0.0.0/8, 127.0.0.1, unix): "
+    "only from these peers are forwarding headers believed, for the client "
+    "address (rightmost untrusted hop), the per-IP limit, the Host and the "
+    "same-origin check (X-Forwarded-Host, X-Forwarded-Proto). Repeatable.",
+)
+@click.option(
+    "--forwarded-header",
+    type=click.Choice([h.value for h in ForwardedHeader]),
+    default=None,
+    help="The header the trusted proxies write (the other one is ignored). "
+    "[default: x-forwarded-for]",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Every WebSocket needs a token from FILE (lines TOKEN NAME "
+    "SERVICE[,SERVICE...]; re-read on SIGHUP), in the query (?token=), the "
+    "cookie ipc_token or the subprotocol ipc.token.TOKEN: else 401, or 403 "
+    "for another service. Static files stay public.",
+)
+@click.option(
+    "--token-secret",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Accept signed tokens (ipc token new) made with the secret in FILE "
+    "(32 bytes or more, not readable by others; re-read on SIGHUP). "
+    "With --token-file, either kind is accepted.",
 )
 @click.option(
     "--hold-pool",
@@ -938,6 +902,7 @@ def build_daemon(
     "names (loopback, localhost, listen addresses, this machine's name) get 421: "
     "the defence against DNS rebinding. Repeatable.",
 )
+@proxy_protocol_option
 @server_tls_options(purpose="serves wss://")
 @click.option(
     "--control-name",
@@ -954,9 +919,13 @@ def main(
     no_static: bool,
     ping_interval: float,
     idle_timeout: float,
-    trust_proxy: bool,
+    trust_proxy: tuple[str, ...],
+    forwarded_header: str | None,
+    token_file: Path | None,
+    token_secret: Path | None,
     hold_pool: int,
     hosts: tuple[str, ...],
+    proxy_protocol: TrustedNetworks,
     server_tls: ServerTLS,
     control_name: str,
 ) -> None:
@@ -988,18 +957,21 @@ def main(
             )
     if static_dir is not None and no_static:
         raise click.UsageError("--static and --no-static contradict each other")
+    forwarding = _forwarding(trust_proxy, forwarded_header)
+    tokens = _tokens(token_file, token_secret)
     setup_logging(common.verbosity, common.log_format)
     frame_log.setLevel(logging.DEBUG if common.verbosity >= 2 else logging.WARNING)
     with starting():
-        static = None if no_static else StaticFiles(static_dir or DEMO_DIR)
+        static = None if no_static else StaticFiles(static_dir or DEMO_DIR, name=NAME)
         tls = None if server_tls.cert is None else ServerCertificates(server_tls)
         options = WebSocketOptions(
             max_message_size=common.max_message_size,
             text_replies=text_replies,
             origins=origins or None,
-            trust_proxy=trust_proxy,
+            trust_proxy=forwarding,
             static=static,
             hosts=hosts,
+            tokens=tokens,
         )
         daemon = build_daemon(
             common,
@@ -1010,19 +982,53 @@ def main(
             allow_client=server_tls.allow_client,
             control_name=control_name,
             hold_pool=hold_pool,
+            proxy_protocol=proxy_protocol,
         )
     log.info(
-        "%s: %s, replies as %s, origins: %s, static files: %s",
+        "%s: %s, replies as %s, origins: %s, static files: %s, tokens: %s, trusted proxies: %s",
         NAME,
         "wss (TLS)" if tls else "ws",
         "text" if text_replies else "binary",
         ", ".join(origins) if origins else "same origin only",
         static.root if static else "none",
+        tokens.summary() if tokens else "none needed",
+        _proxies_summary(forwarding),
     )
     try:
         daemon.run()
     finally:
         daemon.ctx.close_all()
+
+
+def _forwarding(trust_proxy: Sequence[str], header: str | None) -> Forwarding | None:
+    """``--trust-proxy CIDR...`` and ``--forwarded-header``, checked (exit 2)."""
+    if header is not None and not trust_proxy:
+        raise click.UsageError("--forwarded-header needs --trust-proxy CIDR (whose header?)")
+    if not trust_proxy:
+        return None
+    try:
+        trusted = TrustedNetworks.parse(trust_proxy, flag="--trust-proxy")
+    except BadNetwork as exc:
+        raise click.BadParameter(str(exc), param_hint="'--trust-proxy'") from None
+    return Forwarding(trusted, ForwardedHeader(header or ForwardedHeader.X_FORWARDED_FOR.value))
+
+
+def _proxies_summary(forwarding: Forwarding | None) -> str:
+    if forwarding is None:
+        return "none"
+    trusted = forwarding.trusted
+    names = [str(n) for n in trusted.networks] + ([UNIX] if trusted.trusts_unix else [])
+    return f"{', '.join(names)} ({forwarding.header.value})"
+
+
+def _tokens(token_file: Path | None, token_secret: Path | None) -> TokenSource | None:
+    """``--token-file`` / ``--token-secret`` loaded; a bad file exits 2 naming it."""
+    if token_file is None and token_secret is None:
+        return None
+    try:
+        return TokenSource.open(token_file, token_secret, name=NAME)
+    except TokenSetupError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'{exc.flag}'") from None
 
 
 if __name__ == "__main__":

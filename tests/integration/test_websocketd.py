@@ -412,7 +412,7 @@ def test_max_connections(websocketd) -> None:
 
 
 def test_trust_proxy_logs_the_forwarded_client(websocketd) -> None:
-    daemon = websocketd("--trust-proxy", "--host", "chat.example.com")
+    daemon = websocketd("--trust-proxy", "127.0.0.1/32", "--host", "chat.example.com")
     headers = {
         "X-Forwarded-For": "203.0.113.50, 198.51.100.7",
         "X-Forwarded-Host": "chat.example.com",

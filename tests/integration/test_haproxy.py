@@ -99,6 +99,14 @@ def test_the_example_uses_the_variables_the_test_sets() -> None:
     assert len(servers) == 2 and all("send-proxy-v2" in line for line in servers), servers
 
 
+def test_the_docs_show_the_example_as_it_is() -> None:
+    """docs/ipc-tcpd.md includes docs/examples/haproxy.cfg verbatim, and
+    docs/ipc-tlsd.md links it: the page, the file and this test agree."""
+    page = (ROOT / "docs" / "ipc-tcpd.md").read_text()
+    assert "```\n" + EXAMPLE.read_text() + "```\n" in page
+    assert "(examples/haproxy.cfg)" in (ROOT / "docs" / "ipc-tlsd.md").read_text()
+
+
 @contextlib.contextmanager
 def haproxy(tcpd_port: int, tlsd_port: int) -> Iterator[tuple[int, int, LogReader]]:
     """The real HAProxy in the foreground with the example configuration;

@@ -257,7 +257,7 @@ class ProxyFront:
         """``handshake`` behind the gate for a peer at ``addr`` (accept()'s)."""
         return ProxiedHandshake(self.policy.gate(addr), handshake, addr)
 
-    def describe(self) -> str:
+    def summary(self) -> str:
         """The start-up log line's words: who must send a header."""
         return (
             f"PROXY protocol header required from {describe_sources(self.trusted)} "
@@ -293,5 +293,5 @@ def use_proxy_protocol(daemon: Gated, trusted: TrustedNetworks) -> ProxyFront | 
     front = ProxyFront.from_networks(trusted)
     daemon.front = front
     daemon.trusted_proxies = trusted.union(daemon.trusted_proxies)
-    log.info("%s: %s", daemon.name, front.describe())
+    log.info("%s: %s", daemon.name, front.summary())
     return front

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from daemons.codecs.proxied import ProxiedHandshake, ProxyFront, describe_sources
+from daemons.codecs.proxied import (
+    ProxiedHandshake,
+    ProxyFront,
+    describe_sources,
+    use_proxy_protocol,
+)
 from daemons.codecs.proxy import (
     V2_SIGNATURE,
     Endpoint,
@@ -383,7 +388,7 @@ def test_front_wraps_by_the_socket_peer() -> None:
 
 
 def test_front_describes_its_sources_for_the_log() -> None:
-    assert "from 127.0.0.1/32 (" in ProxyFront.from_cidrs(["127.0.0.1"]).describe()
+    assert "from 127.0.0.1/32 (" in ProxyFront.from_cidrs(["127.0.0.1"]).summary()
     both = TrustedNetworks.parse(["10.0.0.0/8", "::1", "unix"])
     assert describe_sources(both) == "10.0.0.0/8, ::1/128 and Unix-socket peers"
     assert describe_sources(TrustedNetworks()) == "nobody"
@@ -396,3 +401,25 @@ def test_a_gate_that_let_bytes_through_cannot_release_them() -> None:
         gate.release()
     with pytest.raises(UsageError):
         ProxyGate(True).release()
+
+
+class _Daemon:
+    """The members use_proxy_protocol sets (Daemon's)."""
+
+    def __init__(self, trusted: TrustedNetworks | None = None) -> None:
+        self.name = "ipc-test"
+        self.front: object = None
+        self.trusted_proxies = trusted
+
+
+def test_use_proxy_protocol_installs_the_front_and_adds_the_sources(caplog) -> None:
+    daemon = _Daemon(TrustedNetworks.parse(["10.0.0.0/8"]))  # --trust-proxy's, say
+    with caplog.at_level("INFO", logger="ipc.daemon.proxy"):
+        front = use_proxy_protocol(daemon, TrustedNetworks.parse(["127.0.0.1"]))  # type: ignore[arg-type]
+    assert isinstance(front, ProxyFront) and daemon.front is front
+    assert daemon.trusted_proxies is not None
+    assert [str(n) for n in daemon.trusted_proxies.networks] == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert "ipc-test: PROXY protocol header required from 127.0.0.1/32" in caplog.text
+    untouched = _Daemon()
+    assert use_proxy_protocol(untouched, TrustedNetworks()) is None  # type: ignore[arg-type]
+    assert untouched.front is None and untouched.trusted_proxies is None

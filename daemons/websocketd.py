@@ -186,7 +186,10 @@ class WebSocketOptions:
         object.__setattr__(self, "forwarding", trust)
 
 
-_UNAUTHORIZED = "Unauthorized: a valid token is needed (query token=, cookie ipc_token).\n"
+_UNAUTHORIZED = (
+    "Unauthorized: a valid token is needed"
+    " (query token=, cookie ipc_token or subprotocol ipc.token.TOKEN).\n"
+)
 _WRONG_SERVICE = "Forbidden: this token is not for this service.\n"
 
 
@@ -633,7 +636,8 @@ class ServerCertificates:
 
 class _WssHandshake(TLSHandshake):
     """TLS below the WebSocket handshake, showing the WebSocket side's
-    ``peer`` and ``client`` (``--trust-proxy``'s client). One class for every connection,
+    ``peer`` (``--trust-proxy``'s client; ``client`` and ``describe`` come
+    through TLSHandshake, which asks the inner handshake). One class for every connection,
     and nothing that points back at the instance: a class made per
     connection, or a bound method kept in it, is a cycle the GC has to find."""
 
@@ -651,11 +655,6 @@ class _WssHandshake(TLSHandshake):
     @property
     def peer(self) -> str:
         return self._ws.peer
-
-    @property
-    def client(self) -> tuple[str, int | None] | None:
-        """The WebSocket side's client (a trusted proxy's forwarding header)."""
-        return self._ws.client
 
 
 class _ProxiedWebSocket(ProxiedHandshake):

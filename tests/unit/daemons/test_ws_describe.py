@@ -14,6 +14,7 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from daemons.codecs.forwarded import ForwardedHeader
+from daemons.codecs.proxied import ProxyFront
 from daemons.codecs.wsrequest import (
     Forwarding,
     TokenScrubber,
@@ -23,13 +24,14 @@ from daemons.codecs.wsrequest import (
 from daemons.engine.tokens import TokenAuthority, mint, parse_token_file
 from daemons.engine.trust import TrustedNetworks
 from daemons.engine.webauth import TokenSource
-from daemons.websocketd import WebSocketHandshake, WebSocketOptions
+from daemons.websocketd import WebSocketHandshake, WebSocketOptions, _WebSocketProxyFront
 from ipc_core import ProtocolError
 from ipc_core.peerinfo import PeerInfo, encode
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
 ALICE = "alice-token-0123456789abcdef"
 BOB = "bob-token-0123456789abcdefgh"
+CAROL = "carol-token-0123456789abcdef"
 SECRET = b"s" * 32
 TOKENS = f"{ALICE} alice pong,chat-*\n{BOB} bob other\n"
 SOCKET_INFO = PeerInfo(
@@ -234,11 +236,12 @@ def test_peer_address_reads_the_engine_peer_names() -> None:
 
 def test_scrub_tokens_in_its_three_places() -> None:
     text = (
-        f"< GET /pong?a=1&token={ALICE}&%74oken={BOB} HTTP/1.1 | Cookie: x=1; ipc_token={ALICE}"
+        f"< GET /pong?a=1&token={ALICE}&%74oken={BOB}&t%6Fken={CAROL} HTTP/1.1"
+        f" | Cookie: x=1; ipc_token={ALICE}"
         f" | > Sec-WebSocket-Protocol: ipc.token.{ALICE}, chat | Referer: http://h/?token={BOB}"
     )
     clean = scrub_tokens(text)
-    assert ALICE not in clean and BOB not in clean
+    assert ALICE not in clean and BOB not in clean and CAROL not in clean
     assert "a=1" in clean and "x=1" in clean and "chat" in clean
     assert scrub_tokens("nothing here") == "nothing here"
 
@@ -261,3 +264,26 @@ def test_a_bad_request_line_quoting_the_token_is_logged_without_it() -> None:
     with pytest.raises(ProtocolError) as caught:
         hs.receive_data(f"GET /pong?token={ALICE} HTTP/2.0\r\nHost: x\r\n\r\n".encode())
     assert ALICE not in str(caught.value)
+
+
+# -- behind a PROXY protocol balancer -----------------------------------------------------
+
+
+def test_behind_a_proxy_header_the_request_decides_who_the_client_is() -> None:
+    front = _WebSocketProxyFront(ProxyFront.from_networks(TrustedNetworks.parse(["127.0.0.1"])))
+    options = WebSocketOptions(trust_proxy=TrustedNetworks.parse(["10.0.0.0/8"]))
+    for source, client in [
+        ("10.9.9.9", ("198.51.100.4", None)),
+        ("192.0.2.3", ("192.0.2.3", 5555)),
+    ]:
+        hs = WebSocketHandshake("127.0.0.1:4000", options)
+        wrapped = front.wrap(("127.0.0.1", 4000), hs)
+        wrapped.receive_data(f"PROXY TCP4 {source} 127.0.0.1 5555 8080\r\n".encode())
+        # The header alone does not settle it: an HTTP proxy may name another client.
+        assert wrapped.client is None  # type: ignore[attr-defined]
+        assert hs.peer == f"{source}:5555 (via 127.0.0.1:4000)"
+        wrapped.receive_data(request("/pong", "X-Forwarded-For: 198.51.100.4\r\n"))
+        assert hs.service == "pong"
+        assert wrapped.client == client  # type: ignore[attr-defined]
+        info = wrapped.describe(SOCKET_INFO)  # type: ignore[attr-defined]
+        assert info.client_address == client[0]

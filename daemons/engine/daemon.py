@@ -83,7 +83,6 @@ from ipc_core import (
     socket_path,
 )
 from ipc_core.peerinfo import PeerInfo, PeerInfoTooLarge
-from ipc_core.rundir import PEER_INFO_MARK
 
 from . import systemd
 from .control import ControlService, MetricsHttp
@@ -114,7 +113,8 @@ __all__ = ["Daemon", "Owner", "source_key", "tcp_idle_seconds"]
 log = logging.getLogger("ipc.daemon")
 
 _RECV_SIZE = 65536
-_PEER_INFO = PEER_INFO_MARK.decode()
+#: The lock mark of a service that asked for peer information (docs/protocol.md).
+_PEER_INFO = "peer-info"
 #: accept() errors that mean "out of descriptors or memory": pause, do not spin.
 _ACCEPT_PAUSE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
@@ -601,6 +601,12 @@ class Daemon:
         except BlockingIOError:
             return
         except OSError as exc:
+            if exc.errno == errno.ECONNRESET and not p.spoke:
+                # A port check (HAProxy's `check`, a load balancer's probe)
+                # often resets at once: counted, logged at debug level only.
+                reason = "reset the connection without sending anything (a health check?)"
+                self._fail(p, Failure.PEER_CLOSED, reason, flush=False)
+                return
             self._fail(p, Failure.READ_ERROR, f"read failed: {exc.strerror or exc}", flush=False)
             return
         if data:

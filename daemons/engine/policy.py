@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipc_core import InvalidServiceName, is_local_only, validate_name
-from ipc_core.rundir import LOCAL_ONLY_MARK
 
 __all__ = [
     "DEFAULT_PROTECTED",
@@ -159,7 +158,7 @@ def network_refusal(
 def _local_only(name: str, directory: Path, marks: frozenset[str] | None) -> bool:
     if marks is None:
         return is_local_only(name, directory)
-    return LOCAL_ONLY_MARK.decode() in marks
+    return "local-only" in marks  # the lock mark (docs/protocol.md)
 
 
 def policy_summary(access: ServiceAccess) -> str:

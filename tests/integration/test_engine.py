@@ -119,3 +119,26 @@ def test_a_metrics_timer_never_closes_a_newer_connection_on_the_same_descriptor(
         second.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
         pump_for(ctx, daemon, 0.1)
         assert second.recv(4096).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_probe_that_resets_at_once_is_not_a_warning(rundir, caplog):
+    """HAProxy's health check connects and resets: counted, debug-logged only."""
+    import logging
+    import struct as _struct
+
+    with Context() as ctx:
+        daemon = Daemon("test", ctx, ServiceAccess(), handshake_timeout=5)
+        listener = open_listener(parse_listen("127.0.0.1:0"))
+        daemon.listen(listener, lambda _peer: TcpdHandshake())
+        port = listener.getsockname()[1]
+        with caplog.at_level(logging.DEBUG, logger="ipc.daemon"):
+            for _ in range(3):
+                probe = socket.create_connection(("127.0.0.1", port), timeout=5)
+                pump(ctx, daemon, rounds=3)  # accepted: the handshake is waiting
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _struct.pack("ii", 1, 0))
+                probe.close()  # RST
+                pump(ctx, daemon, rounds=5)
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warnings == []
+        assert "without sending anything" in caplog.text
+        assert daemon.metrics.handshake_failures.value(reason="peer closed") == 3

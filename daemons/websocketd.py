@@ -991,7 +991,7 @@ def main(
         ", ".join(origins) if origins else "same origin only",
         static.root if static else "none",
         tokens.summary() if tokens else "none needed",
-        _proxies_summary(forwarding),
+        forwarding.summary() if forwarding else "none",
     )
     try:
         daemon.run()
@@ -1010,14 +1010,6 @@ def _forwarding(trust_proxy: Sequence[str], header: str | None) -> Forwarding | 
     except BadNetwork as exc:
         raise click.BadParameter(str(exc), param_hint="'--trust-proxy'") from None
     return Forwarding(trusted, ForwardedHeader(header or ForwardedHeader.X_FORWARDED_FOR.value))
-
-
-def _proxies_summary(forwarding: Forwarding | None) -> str:
-    if forwarding is None:
-        return "none"
-    trusted = forwarding.trusted
-    names = [str(n) for n in trusted.networks] + ([UNIX] if trusted.trusts_unix else [])
-    return f"{', '.join(names)} ({forwarding.header.value})"
 
 
 def _tokens(token_file: Path | None, token_secret: Path | None) -> TokenSource | None:

@@ -43,7 +43,7 @@ from typing import Any
 from ipc_core.peerinfo import PeerInfo
 
 from ..engine.tokens import SUBPROTOCOL_PREFIX, PresentedToken
-from ..engine.trust import TrustedNetworks, parse_ip
+from ..engine.trust import UNIX, TrustedNetworks, parse_ip
 from .forwarded import ClientAddress, ForwardedHeader, real_client
 from .ws import HandshakeRequest
 
@@ -287,6 +287,12 @@ class Forwarding:
 
     trusted: TrustedNetworks
     header: ForwardedHeader = ForwardedHeader.X_FORWARDED_FOR
+
+    def summary(self) -> str:
+        """For the start-up line: ``127.0.0.1/32, unix (x-forwarded-for)``."""
+        trusted = self.trusted
+        names = [str(n) for n in trusted.networks] + ([UNIX] if trusted.trusts_unix else [])
+        return f"{', '.join(names)} ({self.header.value})"
 
     def trusts(self, peer: Any) -> bool:
         """Whether the socket peer ``peer`` is one of the trusted proxies."""

@@ -79,6 +79,7 @@ from .codecs.wsrequest import (
 )
 from .engine import certs
 from .engine.daemon import Daemon
+from .engine.errors import Failure, HandshakeRefused
 from .engine.handshake import Handshake, names_peer
 from .engine.listeners import peer_name
 from .engine.log import setup_logging
@@ -389,9 +390,10 @@ class WebSocketHandshake:
         status = result.http_status or 401
         self.ws.reject(status, _WRONG_SERVICE if status == 403 else _UNAUTHORIZED)
         where = f" (token in the {presented.where})" if presented.where else ""
-        raise ProtocolError(
+        raise HandshakeRefused(
+            Failure.UNAUTHORIZED,
             f"websocket: {status} for service {service!r}: {result.status.value}: "
-            f"{result.reason}{where}"
+            f"{result.reason}{where}",
         )
 
     def _check_host(self, request: HandshakeRequest, target: str) -> None:

@@ -87,7 +87,7 @@ from ipc_core.peerinfo import PeerInfo, PeerInfoTooLarge
 from . import systemd
 from .control import ControlService, MetricsHttp
 from .deadlines import Deadlines
-from .errors import ErrorKind, Failure, LocalRefused
+from .errors import ErrorKind, Failure, HandshakeRefused, LocalRefused
 from .handshake import (
     DescribesPeer,
     Front,
@@ -621,12 +621,15 @@ class Daemon:
             self._fail(p, Failure.PEER_CLOSED, reason)
             return
         except ProtocolError as exc:
-            self._fail(p, Failure.PROTOCOL_ERROR, str(exc))
+            kind = exc.failure if isinstance(exc, HandshakeRefused) else Failure.PROTOCOL_ERROR
+            self._fail(p, kind, str(exc))
             return
         self._flush(p)
         if p.fd not in self._pending:
             return
-        if p.knows_client is not None and p.client is None and not self._learn_client(p):
+        # Asked until the service is named: a PROXY header names a client
+        # first, a trusted forwarding header behind it may name another.
+        if p.knows_client is not None and not self._learn_client(p):
             return
         if p.handshake.finished:
             self._finish(p)
@@ -648,7 +651,10 @@ class Daemon:
         if client is None:
             return True
         ip, port = client
-        p.client = ip if port is None else (f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+        name = ip if port is None else (f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+        if name == p.client:
+            return True
+        p.client = name
         source = source_key((ip, port or 0))
         if source is None or self._source_of.get(p.fd) == source:
             return True

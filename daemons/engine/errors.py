@@ -21,7 +21,7 @@ import enum
 
 from ipc_core import IPCError, MessageTooLarge, PeerNotReading, ProtocolError
 
-__all__ = ["ErrorKind", "Failure", "LocalRefused", "StartupError"]
+__all__ = ["ErrorKind", "Failure", "HandshakeRefused", "LocalRefused", "StartupError"]
 
 
 class StartupError(IPCError):
@@ -39,6 +39,9 @@ class Failure(enum.StrEnum):
     SERVICE_UNAVAILABLE = "service unavailable"
     #: The service read the peer information and said no (``ctx.refuse``).
     SERVICE_REFUSED = "service refused"
+    #: No valid credential (ipc-websocketd's tokens: 401, or 403 for a token
+    #: of another service).
+    UNAUTHORIZED = "unauthorized"
     TIMEOUT = "timeout"
     TOO_MANY = "too many connections"
     TOO_MANY_FROM_SOURCE = "too many from one address"
@@ -78,6 +81,15 @@ class ErrorKind(enum.StrEnum):
         if issubclass(error, ProtocolError):
             return cls.PROTOCOL
         return cls.IO
+
+
+class HandshakeRefused(ProtocolError):
+    """A handshake refused its peer for a reason that has its own kind (a
+    missing token is not a protocol error): the engine counts ``failure``."""
+
+    def __init__(self, failure: Failure, reason: str) -> None:
+        super().__init__(reason)
+        self.failure = failure
 
 
 class LocalRefused(IPCError):

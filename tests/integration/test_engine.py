@@ -142,3 +142,23 @@ def test_a_probe_that_resets_at_once_is_not_a_warning(rundir, caplog):
         assert warnings == []
         assert "without sending anything" in caplog.text
         assert daemon.metrics.handshake_failures.value(reason="peer closed") == 3
+
+
+def test_a_refusal_with_its_own_kind_is_counted_under_it(rundir):
+    """A token refusal is not a protocol error: HandshakeRefused carries its kind."""
+    from daemons.engine.errors import Failure, HandshakeRefused
+
+    class TokenHandshake(TcpdHandshake):
+        def receive_data(self, data: bytes) -> None:
+            raise HandshakeRefused(Failure.UNAUTHORIZED, "no token")
+
+    with Context() as ctx:
+        daemon = Daemon("test", ctx, ServiceAccess(), handshake_timeout=5)
+        listener = open_listener(parse_listen("127.0.0.1:0"))
+        daemon.listen(listener, lambda _peer: TokenHandshake())
+        client = socket.create_connection(("127.0.0.1", listener.getsockname()[1]), timeout=5)
+        client.sendall(b"pong\n")
+        pump(ctx, daemon)
+        assert client.recv(10) == b""
+        assert daemon.metrics.handshake_failures.value(reason="unauthorized") == 1
+        assert daemon.metrics.handshake_failures.value(reason="protocol error") == 0

@@ -682,12 +682,18 @@ class Daemon:
         """The peer named ``service``: policy, connection (through the door of
         a service that wants peer information), then the switch."""
         try:
-            local, wants_info = self._open_local(service)
+            local, offer = self._open_local(p, service)
         except LocalRefused as exc:
             self._reject(p, exc.failure, exc.reason)
             return
-        if wants_info:
-            self._offer(p, service, local)
+        except PeerInfoTooLarge as exc:
+            self._reject(p, Failure.PROTOCOL_ERROR, str(exc), status=431)
+            return
+        except (IPCError, OSError) as exc:  # a handshake's facts that do not fit the record
+            self._reject(p, Failure.INTERNAL, f"cannot describe the peer: {exc}", status=500)
+            return
+        if offer is not None:
+            self._offer(p, service, local, offer)
             return
         self._accept_peer(p, local, service, b"")
 
@@ -707,9 +713,11 @@ class Daemon:
         if leftover and p.fd in self.ctx:
             self.ctx.feed_switch(local.fileno(), leftover)
 
-    def _open_local(self, service: str) -> tuple[socket.socket, bool]:
-        """A connection to ``service`` for a network peer, and whether it is
-        the service's door (it asked for peer information). A name the policy
+    def _open_local(self, p: _Pending, service: str) -> tuple[socket.socket, bytes | None]:
+        """A connection to ``service`` for a network peer, and when it is the
+        service's door (it asked for peer information) the offer to send
+        there, made before connecting (a peer whose facts do not fit the
+        record costs the service nothing). A name the policy
         refuses is answered exactly like a name that does not exist (same
         status, same path through the handshake): a peer learns nothing of
         what runs here. The log keeps the real reason."""
@@ -719,9 +727,10 @@ class Daemon:
         if refusal is not None:
             raise LocalRefused(Failure.REFUSED, refusal)
         if _PEER_INFO not in marks:
-            return connect_local(service, rundir), False
+            return connect_local(service, rundir), None
+        offer = door.offer_frame(self._describe(p))
         try:
-            return connect_local(door_path(service, rundir).name, rundir), True
+            return connect_local(door_path(service, rundir).name, rundir), offer
         except LocalRefused as exc:
             if exc.failure is not Failure.UNKNOWN_SERVICE:
                 raise
@@ -730,19 +739,9 @@ class Daemon:
 
     # ------------------------------------------------------ peer information
 
-    def _offer(self, p: _Pending, service: str, local: socket.socket) -> None:
+    def _offer(self, p: _Pending, service: str, local: socket.socket, frame: bytes) -> None:
         """Send the peer information to ``service``'s door, then wait for its
         verdict without reading the peer (its bytes wait in the kernel)."""
-        try:
-            frame = door.offer_frame(self._describe(p))
-        except PeerInfoTooLarge as exc:
-            local.close()
-            self._reject(p, Failure.PROTOCOL_ERROR, str(exc), status=431)
-            return
-        except (IPCError, OSError) as exc:  # a handshake's facts that do not fit the record
-            local.close()
-            self._reject(p, Failure.INTERNAL, f"cannot describe the peer: {exc}", status=500)
-            return
         try:
             sent = local.send(frame)
         except OSError as exc:

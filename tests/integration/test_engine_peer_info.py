@@ -376,3 +376,33 @@ def test_door_frames_are_sent_by_this_process(rundir, engine):
         assert (pid, uid) == (os.getpid(), os.geteuid())
     finally:
         service.close()
+
+
+class HugeHeadersHandshake(TcpdHandshake):
+    """Describes a peer whose request headers would not fit the record."""
+
+    def describe(self, info):  # type: ignore[no-untyped-def]
+        import dataclasses
+
+        return dataclasses.replace(info, user_agent="x" * 20_000)
+
+
+def test_peer_information_too_large_to_relay_closes_that_peer(rundir, caplog):
+    with Context() as ctx:
+        daemon = Daemon("test", ctx, ServiceAccess(), handshake_timeout=1.0)
+        listener = open_listener(parse_listen("127.0.0.1:0"))
+        daemon.listen(listener, lambda _peer: HugeHeadersHandshake())
+        port = listener.getsockname()[1]
+        service = DoorService(rundir, "who")
+        try:
+            client = connect(port)
+            with caplog.at_level(logging.WARNING):
+                client.sendall(b"who\n")
+                pump(ctx, daemon)
+            assert client.recv(10) == b""
+            assert "limit is 16384" in caplog.text
+            service.door.settimeout(0.05)
+            with pytest.raises(TimeoutError):  # the service never saw it
+                service.door.accept()
+        finally:
+            service.close()

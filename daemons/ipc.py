@@ -7,6 +7,7 @@ ipc ls                  the services in the run directory, alive or stale
 ipc status [NAME...]    the counters of running daemons (their NAME.ctl services)
 ipc cert ...            a private CA and certificates for ipc-tlsd / wss
 ipc token ...           signed tokens for ipc-websocketd --token-secret
+ipc exec NAME -- PROG   any program as service NAME, one process per client
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ _MAX_SIZE = 0xFFFFFFFF
 
 
 class _Commands(LibipcGroup):
-    """Loads ``ipc cert`` (and with it ``cryptography``, ~50 ms) and ``ipc token`` only when used,
-    and turns any library or system error a command lets through into one
-    line and exit status 1: a user never sees a traceback."""
+    """Loads ``ipc cert`` (and with it ``cryptography``, ~50 ms), ``ipc token``
+    and ``ipc exec`` only when used, and turns any library or system error a
+    command lets through into one line and exit status 1: a user never sees a
+    traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -47,7 +49,7 @@ class _Commands(LibipcGroup):
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), "cert", "token"])
+        return sorted([*super().list_commands(ctx), "cert", "exec", "token"])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name == "cert":
@@ -58,6 +60,10 @@ class _Commands(LibipcGroup):
             from .ipc_token import token
 
             return token
+        if name == "exec":
+            from .ipc_exec import exec_command
+
+            return exec_command
         return super().get_command(ctx, name)
 
 

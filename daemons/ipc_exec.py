@@ -1,0 +1,509 @@
+"""``ipc exec NAME -- PROGRAM ARGS...``: any program becomes a LibIPC service.
+
+Why: websocketd's appeal is that a script reading stdin and writing stdout
+is a WebSocket server. Here the script becomes the local service NAME, and
+with the daemons in front it is reachable over TCP, TLS and WebSocket at
+once, with the client's identity in its environment.
+
+Theory of operation
+-------------------
+One Context, one loop, no thread per client. The service opts in to peer
+information (``service_init(NAME, peer_info=True)``), so a client relayed
+by ipc-tcpd, ipc-tlsd or ipc-websocketd arrives with a PeerInfo; a local
+client that connects to NAME directly arrives without one.
+
+Each CONNECTION starts one process (:func:`daemons.engine.children.spawn`)
+whose stdin and stdout are one end of a Unix socket pair, and whose stderr
+is a pipe. The other end of the pair is switched with the client
+(``ctx.add_switch``): the loop relays both ways, with a Sans-I/O layer on
+the program's end for line and raw modes (:mod:`daemons.codecs.lines`) and
+none for framed mode. The switch gives back-pressure for free: when the
+client's queue is over the mark the loop stops reading the program (its
+socket buffer fills, the program blocks in write); when the program does
+not read its stdin the loop stops reading the client.
+
+Lifecycle: the client leaving closes the pair (the program reads EOF), then
+:meth:`Children.stop` sends SIGTERM to its process group after ``--grace``
+and SIGKILL a grace later; the program exiting (a pidfd in the loop, reaped
+at once) closes the client once its last output is relayed, and the exit
+status is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import socket
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ipc_core import Context, EventType, IPCError, PeerInfo, ServiceBusy, UsageError
+
+from .codecs.lines import LineLayer, RawLayer
+from .engine.cgienv import base_environment, connection_environment
+from .engine.children import Child, Children, describe_status, spawn
+from .engine.listeners import raise_fd_limit
+from .engine.log import LOG_FORMATS, LogThrottle, escape_log_text, setup_logging
+from .engine.options import libipc_command, rundir_option, seconds, version
+
+__all__ = ["ExecService", "exec_command"]
+
+log = logging.getLogger("ipc.exec")
+
+MODES = ("line", "framed", "raw")
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+#: After its program exited, how long a client waits for the program's last
+#: output before it is closed anyway (a background grandchild may hold the
+#: program's stdout open).
+DRAIN_SECONDS = 1.0
+_UCRED = struct.Struct("3i")
+
+
+class _Client:
+    """One client connection and its program."""
+
+    __slots__ = ("child", "client_fd", "closed_client", "program_fd", "reason")
+
+    def __init__(self, client_fd: int, program_fd: int, child: Child) -> None:
+        self.client_fd = client_fd
+        self.program_fd = program_fd
+        self.child = child
+        self.closed_client = False
+        self.reason: str | None = None
+
+
+class ExecService:
+    """The service NAME: one program per client connection."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        name: str,
+        path: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str],
+        mode: str = "line",
+        max_processes: int = 256,
+        grace: float = 5.0,
+        stderr_rate: int = 50,
+    ) -> None:
+        if mode not in MODES:
+            raise UsageError(f"mode must be one of {', '.join(MODES)}")
+        self.ctx = ctx
+        self.name = name
+        self.path = path
+        self.argv = list(argv)
+        self.program = os.path.basename(argv[0]) or argv[0]
+        self.env = env
+        self.mode = mode
+        self.max_processes = max_processes
+        self.children = Children(ctx, grace=grace, stderr_rate=stderr_rate)
+        self.listener = -1
+        self._by_client: dict[int, _Client] = {}
+        self._by_program: dict[int, _Client] = {}
+        self._refusals = LogThrottle()
+        self._failures = LogThrottle()
+        self._software = f"ipc-exec/{version()}"
+
+    def start(self) -> None:
+        """Listen as NAME (ServiceBusy if it runs already)."""
+        self.listener = self.ctx.service_init(self.name, peer_info=True)
+
+    def serve(self) -> None:
+        """Run until the Context is stopped (SIGINT/SIGTERM), then stop every child."""
+        ctx = self.ctx
+        try:
+            for event in ctx:
+                kind = event.type
+                if kind is EventType.EXTERNAL:
+                    self.children.handle(event.fd)
+                elif kind is EventType.CONNECTION:
+                    self._connected(event.fd, event.peer)
+                elif kind is EventType.DISCONNECTION:
+                    self._disconnected(event.fd, event.reason)
+                elif kind is EventType.MESSAGE_RX:
+                    self._early_message(event.fd, event.message or b"")
+        finally:
+            ctx.close_all()
+            self.children.shutdown()
+
+    # ------------------------------------------------------------ connecting
+
+    def _label(self, fd: int, peer: PeerInfo | None) -> str:
+        if peer is None:
+            try:
+                sock = self.ctx.socket_of(fd)
+                pid = _UCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+                )[0]
+                return f"local pid {pid}"
+            except (OSError, IPCError, struct.error):
+                return f"local client {fd}"
+        address = peer.client_address or "unknown"
+        if ":" in address:
+            address = f"[{address}]"
+        port = f":{peer.client_port}" if peer.client_port is not None else ""
+        return escape_log_text(f"{peer.transport} {address}{port}")
+
+    def _refuse(self, fd: int, peer: PeerInfo | None, reason: str) -> None:
+        if peer is not None:
+            self.ctx.refuse(fd, reason)
+        else:
+            self.ctx.close(fd)
+
+    def _connected(self, fd: int, peer: PeerInfo | None) -> None:
+        label = self._label(fd, peer)
+        if len(self.children) >= self.max_processes:
+            more = self._refusals.due()
+            if more is not None:
+                log.warning(
+                    "%s refused: %d processes running (--max-processes)%s",
+                    label,
+                    len(self.children),
+                    more,
+                )
+            self._refuse(fd, peer, f"too many clients of {self.name} (--max-processes)")
+            return
+        local_pid = local_uid = None
+        if peer is None:
+            with contextlib.suppress(OSError, IPCError, struct.error):
+                local_pid, local_uid, _gid = _UCRED.unpack(
+                    self.ctx.socket_of(fd).getsockopt(
+                        socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size
+                    )
+                )
+        env = connection_environment(
+            self.env,
+            self.name,
+            peer,
+            software=self._software,
+            local_pid=local_pid,
+            local_uid=local_uid,
+        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = spawn(self.path, self.argv, env, theirs.fileno(), err_w)
+        except OSError as exc:
+            ours.close()
+            os.close(err_r)
+            more = self._failures.due()
+            if more is not None:
+                log.error(
+                    "cannot start %s for %s: %s; closing the client%s",
+                    self.path,
+                    label,
+                    exc.strerror or exc,
+                    more,
+                )
+            self._refuse(fd, peer, f"{self.name}: the program cannot be started")
+            return
+        finally:
+            theirs.close()
+            os.close(err_w)
+        child = Child(pid, self.program, label)
+        child.on_exit = self._exited
+        self.children.watch(child, err_r)
+        ours.setblocking(False)
+        program_fd = ours.fileno()
+        self.ctx.add_switch(fd, ours)  # sends the door's accept first
+        if self.mode == "line":
+            self.ctx.set_switch_codec(program_fd, LineLayer(self.ctx.max_message_size))
+        elif self.mode == "raw":
+            self.ctx.set_switch_codec(program_fd, RawLayer(self.ctx.max_message_size))
+        client = _Client(fd, program_fd, child)
+        self._by_client[fd] = client
+        self._by_program[program_fd] = client
+        log.debug("%s: started %s", label, child.name)
+
+    def _early_message(self, fd: int, message: bytes) -> None:
+        """A message read with the connection (right behind a door's offer),
+        queued before the switch: it goes to the program first."""
+        client = self._by_client.get(fd)
+        if client is not None and fd in self.ctx:
+            self.ctx.feed_switch(fd, len(message).to_bytes(4, "big") + message)
+
+    # ------------------------------------------------------------ closing
+
+    def _disconnected(self, fd: int, reason: str | None) -> None:
+        client = self._by_client.pop(fd, None)
+        if client is not None:
+            client.closed_client = True
+            if reason and client.reason is None:
+                client.reason = reason
+                log.info("%s (%s): closed: %s", client.child.name, client.child.label, reason)
+            return
+        client = self._by_program.pop(fd, None)
+        if client is None:
+            return
+        if reason and client.reason is None:
+            client.reason = reason
+            log.info("%s (%s): closed: %s", client.child.name, client.child.label, reason)
+        # The program's stdin and stdout are closed: it has the grace period.
+        self.children.stop(client.child)
+
+    def _exited(self, child: Child) -> None:
+        status = child.status or 0
+        text = describe_status(status)
+        level = logging.INFO if status == 0 else logging.WARNING
+        log.log(level, "%s (%s) %s; its client is closed", child.name, child.label, text)
+        client = next(
+            (c for c in self._by_program.values() if c.child is child),
+            None,
+        )
+        if client is None:
+            return
+        program_fd = client.program_fd
+
+        def drained() -> None:
+            if self._by_program.get(program_fd) is client and program_fd in self.ctx:
+                self.ctx.close(program_fd)  # the client goes once its queue is written
+
+        self.ctx.call_later(DRAIN_SECONDS, drained)
+
+
+def _resolve(program: str, env: dict[str, str]) -> str | None:
+    """The path to execute: as given when it holds a slash, else looked up
+    in the program's PATH. None when nothing executable is there."""
+    if "/" in program:
+        path = Path(program)
+        ok = path.is_file() and os.access(path, os.X_OK)
+        return str(path.absolute()) if ok else None
+    return shutil.which(program, path=env.get("PATH", ""))
+
+
+def _fail(message: str) -> None:
+    click.echo(f"ipc exec: {message}", err=True)
+    raise click.exceptions.Exit(2)
+
+
+def _parse_env(values: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE", param_hint="'--env'")
+        pairs.append((name, text))
+    return pairs
+
+
+@libipc_command(
+    "exec",
+    prog="ipc exec",
+    env_prefix="IPC_EXEC",
+    examples=[
+        (
+            "ipc exec counter -- ./count.sh",
+            "each client gets its own count.sh (one line, one message)",
+        ),
+        (
+            "ipc exec shout -- tr a-z A-Z",
+            "line mode: each message a line on stdin, each line a reply",
+        ),
+        (
+            "ipc exec env --env GREETING=hi -- /usr/bin/env",
+            "the program sees GREETING and the CGI variables",
+        ),
+        ("ipc exec blob --raw -- gzip -c", "raw mode: each read of stdout is one message"),
+        (
+            "ipc-websocketd --listen :8080 & ipc exec counter -- ./count.sh",
+            "ws://host:8080/counter runs count.sh",
+        ),
+    ],
+    notes=[
+        "Without PROGRAM on the command line, IPC_EXEC_PROGRAM and IPC_EXEC_ARGS "
+        "(split like a shell) name it: the systemd unit ipc-exec@NAME reads them "
+        "from /etc/libipc/ipc-exec@NAME.env.",
+        "The program's environment holds PATH (a safe default), --pass-env and "
+        "--env variables, and what the connection says: REMOTE_ADDR, REMOTE_PORT, "
+        "SERVER_PORT, PATH_INFO, QUERY_STRING, HTTP_*, SSL_CLIENT_*, IPC_TRANSPORT, "
+        "IPC_SERVICE, IPC_TOKEN_NAME (docs/ipc-exec.md has the table).",
+    ],
+)
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="line",
+    help="line: a message is a line; framed: the program speaks LibIPC frames; "
+    "raw: each read is a message.",
+)
+@click.option("--framed", is_flag=True, help="Short for --mode framed.")
+@click.option("--raw", is_flag=True, help="Short for --mode raw.")
+@click.option(
+    "--env",
+    "set_env",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set a variable in the program's environment (repeatable).",
+)
+@click.option(
+    "--pass-env",
+    multiple=True,
+    metavar="NAME",
+    help="Keep this variable of ipc exec's environment (repeatable); others are scrubbed.",
+)
+@click.option(
+    "--max-processes",
+    type=click.IntRange(1, 100_000),
+    default=256,
+    metavar="N",
+    help="Programs running at once; more clients are refused (and closed).",
+)
+@click.option(
+    "--grace",
+    type=seconds(0),
+    default=5.0,
+    metavar="SECONDS",
+    help="After the client leaves: SIGTERM after this, SIGKILL after twice this.",
+)
+@click.option(
+    "--max-message-size",
+    type=click.IntRange(1, 0xFFFFFFFF),
+    default=DEFAULT_MAX_MESSAGE_SIZE,
+    metavar="BYTES",
+    help="Longest message, and longest line in line mode (a longer one closes the client).",
+)
+@click.option(
+    "--stderr-rate",
+    type=click.IntRange(1, 1_000_000),
+    default=50,
+    metavar="LINES",
+    help="Program stderr lines logged per second (all programs); the rest are dropped and counted.",
+)
+@rundir_option
+@click.option("-v", "--verbose", count=True, help="More log output (-v debug).")
+@click.option("-q", "--quiet", count=True, help="Less log output (-q warnings, -qq errors).")
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="auto",
+    help="human (timestamps), json (one object a line), auto (human, journald-aware).",
+)
+def exec_command(
+    name: str,
+    command: tuple[str, ...],
+    mode: str,
+    framed: bool,
+    raw: bool,
+    set_env: tuple[str, ...],
+    pass_env: tuple[str, ...],
+    max_processes: int,
+    grace: float,
+    max_message_size: int,
+    stderr_rate: int,
+    rundir: Path | None,
+    verbose: int,
+    quiet: int,
+    log_format: str,
+) -> None:
+    """Serve NAME: each client connection runs one PROGRAM process.
+
+    In line mode (the default) each message is a line on the program's
+    stdin and each line it writes on stdout is a message; --framed passes
+    LibIPC frames through; --raw makes each read of stdout a message. Its
+    stderr goes to the log. When the client leaves, the program's stdin is
+    closed; when the program exits, the client is closed.
+    """
+    if framed and raw:
+        raise click.UsageError("--framed and --raw exclude each other")
+    if framed:
+        mode = "framed"
+    elif raw:
+        mode = "raw"
+    argv = list(command)
+    if not argv:
+        program = os.environ.get("IPC_EXEC_PROGRAM", "").strip()
+        if not program:
+            raise click.UsageError("no PROGRAM: write it after --, or set IPC_EXEC_PROGRAM")
+        try:
+            argv = [program, *shlex.split(os.environ.get("IPC_EXEC_ARGS", ""))]
+        except ValueError as exc:
+            raise click.UsageError(f"IPC_EXEC_ARGS: {exc}") from None
+    try:
+        env = base_environment(pass_env, _parse_env(set_env), os.environ)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    path = _resolve(argv[0], env)
+    if path is None:
+        _fail(f"{argv[0]}: no such executable program (PATH={env['PATH']})")
+        return
+    _quiet_group_logging()
+    setup_logging(verbose - quiet, log_format)
+    _ensure_std_descriptors()
+    raise_fd_limit(64 + 5 * max_processes)
+    try:
+        ctx = Context(rundir_path=rundir, max_message_size=max_message_size, switch_events=False)
+    except IPCError as exc:
+        _fail(str(exc))
+        return
+    service = ExecService(
+        ctx,
+        name,
+        path,
+        argv,
+        env=env,
+        mode=mode,
+        max_processes=max_processes,
+        grace=grace,
+        stderr_rate=stderr_rate,
+    )
+    try:
+        service.start()
+    except ServiceBusy as exc:
+        ctx.close_all()
+        _fail(f"{exc} (is another ipc exec {name} running?)")
+        return
+    except IPCError as exc:
+        ctx.close_all()
+        _fail(str(exc))
+        return
+    ctx.handle_signals()
+    log.info(
+        "serving %r in %s: %s (%s mode, at most %d processes)",
+        name,
+        ctx.rundir,
+        shlex.join(argv),
+        mode,
+        max_processes,
+    )
+    service.serve()
+
+
+def _quiet_group_logging() -> None:
+    """``ipc``'s own basicConfig handler would print every line twice."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if not getattr(handler, "_libipc_daemon_handler", False):
+            root.removeHandler(handler)
+
+
+def _ensure_std_descriptors() -> None:
+    """Descriptors 0-2 open (on /dev/null if need be), so a socket pair never
+    lands there and a child's dup2 onto 0-2 always clears close-on-exec."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Run as a program of its own (``python -m daemons.ipc_exec``)."""
+    return exec_command.main(argv, prog_name="ipc exec")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""``ipc exec``: real programs as services, real clients, real daemons.
+
+Each test starts ``ipc exec`` as a subprocess in a fresh run directory and
+talks to it over its Unix socket (a local client), through ipc-tcpd or
+through ipc-websocketd (peer information as CGI variables). The programs
+are real: ``cat``, bash scripts, Python scripts; the process table and
+``/proc/PID/fd`` are read to prove that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from ipc_core import encode
+from tests.helpers import (
+    BIN,
+    LogReader,
+    Processes,
+    recv_exact,
+    recv_msg,
+    start_listening_daemon,
+    wait_for,
+)
+from tests.integration.test_websocketd import websocketd  # noqa: F401
+
+pytestmark = pytest.mark.timeout(90)
+
+#: Prints its environment as one JSON line, then echoes lines.
+PRINTENV = r"""#!/usr/bin/env python3
+import json, os, sys
+print(json.dumps(dict(os.environ)), flush=True)
+for line in sys.stdin:
+    print("echo:" + line.rstrip("\n"), flush=True)
+"""
+
+
+@dataclass
+class Exec:
+    """A running ``ipc exec``: its process, its log, its service."""
+
+    proc: subprocess.Popen[bytes]
+    logs: LogReader
+    name: str
+    rundir: Path
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(str(self.rundir / self.name))
+        return s
+
+    def children(self) -> list[int]:
+        return children_of(self.proc.pid)
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+def children_of(pid: int) -> list[int]:
+    """The live (or zombie) children of ``pid``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.fixture
+def start_exec(rundir: Path, procs: Processes) -> Iterator[Callable[..., Exec]]:
+    """``start_exec(NAME, *options, "--", PROGRAM, ARGS...)``: ipc exec, up."""
+
+    def start(name: str, *args: str | Path, env: dict[str, str] | None = None) -> Exec:
+        proc = procs.start(
+            BIN / "ipc",
+            "exec",
+            "--rundir",
+            rundir,
+            name,
+            *args,
+            env={"RUNDIR": str(rundir), **(env or {})},
+        )
+        logs = LogReader(proc)
+        logs.wait_for("serving")  # logged once listening (a probe would start a process)
+        assert proc.poll() is None, logs.text()
+        return Exec(proc, logs, name, rundir)
+
+    yield start
+
+
+def script(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def ask(s: socket.socket, message: bytes) -> bytes:
+    s.sendall(encode(message))
+    return recv_msg(s)
+
+
+def closed(s: socket.socket, timeout: float = 10.0) -> bool:
+    """True once the service closed ``s`` (EOF or reset), reading what is left."""
+    s.settimeout(timeout)
+    with contextlib.suppress(ConnectionResetError):
+        while s.recv(65536):
+            pass
+    return True
+
+
+# --------------------------------------------------------------------- modes
+
+
+def test_cat_in_line_mode_echoes_each_message_as_a_line(start_exec) -> None:
+    ex = start_exec("cat", "--", "cat")
+    with ex.connect() as s:
+        assert ask(s, b"hello") == b"hello"
+        assert ask(s, b"") == b""
+        # A message with a newline is written as it is: two lines, two replies.
+        s.sendall(encode(b"one\ntwo"))
+        assert recv_msg(s) == b"one" and recv_msg(s) == b"two"
+        big = b"x" * 200_000  # one long line, across many reads
+        assert ask(s, big) == big
+    with ex.connect() as a, ex.connect() as b:  # one process each
+        assert ask(a, b"A") == b"A" and ask(b, b"B") == b"B"
+        assert len(ex.children()) == 2
+
+
+def test_framed_mode_passes_frames_through(start_exec) -> None:
+    ex = start_exec("frames", "--framed", "--", "cat")
+    with ex.connect() as s:
+        for payload in (b"", b"a\nb", bytes(range(256)) * 100):
+            assert ask(s, payload) == payload
+
+
+def test_raw_mode_makes_each_read_a_message(start_exec, tmp_path: Path) -> None:
+    prog = script(tmp_path, "raw.sh", "#!/bin/bash\nprintf 'no newline here'\nexec cat\n")
+    ex = start_exec("raw", "--raw", "--", prog)
+    with ex.connect() as s:
+        assert recv_msg(s) == b"no newline here"
+        assert ask(s, b"abc") == b"abc"  # the payload alone on stdin, no newline
+
+
+def test_a_bash_script_with_state(start_exec, tmp_path: Path) -> None:
+    prog = script(
+        tmp_path,
+        "count.sh",
+        '#!/bin/bash\nn=0\nwhile read -r line; do n=$((n+1)); echo "$n: $line"; done\n',
+    )
+    ex = start_exec("bash", "--", prog)
+    with ex.connect() as s:
+        assert ask(s, b"a") == b"1: a"
+        assert ask(s, b"b") == b"2: b"
+        s.sendall(encode(b"crlf\r"))
+        assert recv_msg(s) == b"3: crlf"  # a \r before the newline is dropped
+
+
+def test_a_line_over_the_limit_closes_that_client(start_exec, tmp_path: Path) -> None:
+    prog = script(
+        tmp_path, "long.sh", '#!/bin/bash\nread -r n\nhead -c "$n" /dev/zero | tr "\\0" x\necho\n'
+    )
+    ex = start_exec("long", "--max-message-size", "1000", "--", prog)
+    with ex.connect() as ok:
+        assert ask(ok, b"1000") == b"x" * 1000
+    with ex.connect() as s:
+        s.sendall(encode(b"5000"))
+        assert closed(s)
+    ex.logs.wait_for("line of more than 1000 bytes")
+
+
+# ----------------------------------------------------------------- environment
+
+
+def test_a_local_client_gets_a_scrubbed_environment(start_exec, tmp_path: Path) -> None:
+    prog = script(tmp_path, "printenv.py", PRINTENV.replace("python3", sys.executable, 1))
+    ex = start_exec(
+        "env",
+        "--env",
+        "GREETING=hello world",
+        "--pass-env",
+        "KEEP_ME",
+        "--",
+        prog,
+        env={"SECRET_TOKEN": "hunter2", "KEEP_ME": "kept", "LD_PRELOAD": "/nope.so"},
+    )
+    with ex.connect() as s:
+        env = json.loads(recv_msg(s))
+        assert ask(s, b"hi") == b"echo:hi"
+    assert env["GREETING"] == "hello world" and env["KEEP_ME"] == "kept"
+    assert "SECRET_TOKEN" not in env and "LD_PRELOAD" not in env and "RUNDIR" not in env
+    assert env["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    assert env["IPC_SERVICE"] == "env" and env["IPC_TRANSPORT"] == "local"
+    assert env["IPC_CLIENT_PID"] == str(os.getpid())
+    assert "REMOTE_ADDR" not in env and "QUERY_STRING" not in env
+
+
+def test_through_ipc_tcpd_the_program_sees_the_client(
+    start_exec, procs: Processes, rundir: Path, tmp_path: Path
+) -> None:
+    prog = script(tmp_path, "printenv.py", PRINTENV.replace("python3", sys.executable, 1))
+    start_exec("env", "--", prog)
+    _p, _logs, port = start_listening_daemon(
+        procs, "ipc-tcpd", "--listen", "127.0.0.1:0", env={"RUNDIR": str(rundir)}
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"env")
+        assert recv_exact(s, 2) == b"ok"
+        env = json.loads(recv_msg(s))
+        assert ask(s, b"over tcp") == b"echo:over tcp"
+        mine = s.getsockname()
+    assert env["IPC_TRANSPORT"] == "tcp"
+    assert env["REMOTE_ADDR"] == "127.0.0.1" and env["REMOTE_PORT"] == str(mine[1])
+    assert env["SERVER_PORT"] == str(port) and env["SERVER_ADDR"] == "127.0.0.1"
+    assert "IPC_CLIENT_PID" not in env and "HTTPS" not in env
+
+
+def test_through_ipc_websocketd_the_program_sees_the_request(
+    start_exec,
+    websocketd,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    prog = script(tmp_path, "printenv.py", PRINTENV.replace("python3", sys.executable, 1))
+    start_exec("env", "--", prog)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("secret-token-0123456789abcdef alice env\n")
+    tokens.chmod(0o600)
+    daemon = websocketd("--token-file", str(tokens))
+    origin = f"http://127.0.0.1:{daemon.port}"
+    headers = {"Cookie": "theme=dark", "User-Agent": "test-agent/2", "Authorization": "Basic eA=="}
+    url = "env?room=lobby&token=secret-token-0123456789abcdef&name=%C3%A9+x"
+    with daemon.connect(url, origin=origin, additional_headers=headers) as ws:
+        env = json.loads(ws.recv(timeout=5))
+        ws.send("via websocket")
+        assert ws.recv(timeout=5) in ("echo:via websocket", b"echo:via websocket")
+    assert env["IPC_TRANSPORT"] == "ws" and env["IPC_SERVICE"] == "env"
+    assert env["REMOTE_ADDR"] == "127.0.0.1" and env["REMOTE_PORT"].isdigit()
+    assert env["SERVER_PORT"] == str(daemon.port)
+    assert env["PATH_INFO"] == "/env"
+    assert env["QUERY_STRING"] == "room=lobby&name=%C3%A9%20x"  # the token is not passed on
+    assert env["REQUEST_URI"] == "/env?room=lobby&name=%C3%A9%20x"
+    assert env["HTTP_ORIGIN"] == origin
+    assert env["HTTP_COOKIE"] == "theme=dark"
+    assert env["HTTP_USER_AGENT"] == "test-agent/2"
+    assert env["HTTP_AUTHORIZATION"] == "Basic eA==" and env["AUTH_TYPE"] == "Basic"
+    assert env["IPC_TOKEN_NAME"] == "alice"
+    assert "secret-token" not in json.dumps(env)
+
+
+def test_reserved_or_bad_variables_are_usage_errors(rundir: Path) -> None:
+    for args in (
+        ["--env", "REMOTE_ADDR=1.2.3.4"],
+        ["--pass-env", "HTTP_COOKIE"],
+        ["--env", "NOEQUALS"],
+        ["--env", "1BAD=x"],
+    ):
+        out = subprocess.run(
+            [BIN / "ipc", "exec", "--rundir", rundir, "x", *args, "--", "cat"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert out.returncode == 2, (args, out.stderr)
+        assert b"Traceback" not in out.stderr
+    assert not (rundir / "x").exists()
+
+
+# ------------------------------------------------------------------- lifecycle
+
+
+def test_a_program_exiting_with_an_error_closes_its_client(start_exec, tmp_path: Path) -> None:
+    prog = script(tmp_path, "fail.sh", '#!/bin/bash\nread -r x\necho "bye $x"\nexit 3\n')
+    ex = start_exec("fail", "--", prog)
+    with ex.connect() as s:
+        assert ask(s, b"now") == b"bye now"  # the last line arrives before the close
+        assert closed(s)
+    line = ex.logs.wait_for("exited with status 3")
+    assert re.search(r"fail\.sh\[\d+\] \(local pid \d+\)", line)
+    wait_for(lambda: not ex.children(), what="child reaped")
+
+
+def test_stderr_goes_to_the_log_escaped_with_the_name_and_pid(start_exec, tmp_path: Path) -> None:
+    prog = script(tmp_path, "warn.sh", "#!/bin/bash\necho 'careful \x1b[31mred' >&2\nexec cat\n")
+    ex = start_exec("warn", "--", prog)
+    with ex.connect() as s:
+        assert ask(s, b"x") == b"x"
+        line = ex.logs.wait_for("careful")
+    assert re.search(r"warn\.sh\[\d+\]: careful \\x1b\[31mred", line), line
+
+
+def test_a_program_that_cannot_run_costs_only_its_client(start_exec, tmp_path: Path) -> None:
+    prog = script(tmp_path, "flaky.sh", "#!/bin/bash\nexec cat\n")
+    ex = start_exec("flaky", "--", prog)
+    with ex.connect() as served:
+        assert ask(served, b"1") == b"1"
+        prog.chmod(0o644)  # no longer executable
+        with ex.connect() as s:
+            assert closed(s)
+        ex.logs.wait_for("cannot start")
+        assert ask(served, b"2") == b"2"  # the running one is unaffected
+        prog.chmod(0o755)
+        with ex.connect() as s:
+            assert ask(s, b"3") == b"3"
+
+
+def test_leaving_closes_stdin_then_sigterm_then_sigkill(start_exec, tmp_path: Path) -> None:
+    prog = script(
+        tmp_path,
+        "stubborn.sh",
+        "#!/bin/bash\ntrap '' TERM\necho ready\nwhile true; do sleep 0.05; done\n",
+    )
+    ex = start_exec("stubborn", "--grace", "0.5", "--", prog)
+    with ex.connect() as s:
+        assert recv_msg(s) == b"ready"
+        (pid,) = ex.children()
+    ex.logs.wait_for("SIGTERM")
+    ex.logs.wait_for("SIGKILL")
+    ex.logs.wait_for("killed by SIGKILL")
+    wait_for(lambda: not alive(pid) and not ex.children(), what="stubborn gone")
+
+
+def test_stdin_closed_lets_a_well_behaved_program_end_at_once(start_exec, tmp_path: Path) -> None:
+    ex = start_exec("cat", "--grace", "30", "--", "cat")
+    with ex.connect() as s:
+        assert ask(s, b"x") == b"x"
+    # cat sees EOF on stdin and exits: long before the 30 s grace.
+    wait_for(lambda: not ex.children(), timeout=5, what="cat gone")
+    assert "SIGTERM" not in ex.logs.text()
+
+
+def test_max_processes_refuses_beyond_the_limit(
+    start_exec,
+    websocketd,  # noqa: F811
+) -> None:
+    ex = start_exec("two", "--max-processes", "2", "--", "cat")
+    a, b = ex.connect(), ex.connect()
+    try:
+        assert ask(a, b"a") == b"a"
+        assert ask(b, b"b") == b"b"
+        with ex.connect() as c:
+            assert closed(c)
+        ex.logs.wait_for("--max-processes")
+        # Through ipc-websocketd the refusal is the service's: 403.
+        daemon = websocketd()
+        with pytest.raises(InvalidStatus) as info:
+            daemon.connect("two").close()
+        assert info.value.response.status_code == 403
+        assert ask(a, b"still") == b"still"
+    finally:
+        a.close()
+    wait_for(lambda: len(ex.children()) == 1, what="a's cat gone")
+    with ex.connect() as c:
+        assert ask(c, b"c") == b"c"
+    b.close()
+
+
+def test_a_double_start_and_a_missing_program_exit_2(start_exec, rundir: Path) -> None:
+    start_exec("busy", "--", "cat")
+    out = subprocess.run(
+        [BIN / "ipc", "exec", "--rundir", rundir, "busy", "--", "cat"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 2 and b"already running" in out.stderr, out.stderr
+    out = subprocess.run(
+        [BIN / "ipc", "exec", "--rundir", rundir, "other", "--", "no-such-program-xyz"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 2 and b"no-such-program-xyz" in out.stderr, out.stderr
+    assert b"Traceback" not in out.stderr
+    assert not (rundir / "other").exists()
+
+
+def test_the_program_from_the_environment(start_exec) -> None:
+    """The systemd unit's way: IPC_EXEC_PROGRAM and IPC_EXEC_ARGS (split like a shell)."""
+    ex = start_exec(
+        "envprog",
+        env={
+            "IPC_EXEC_PROGRAM": "sed",
+            "IPC_EXEC_ARGS": "-u 's/a b/A B/'",
+            "IPC_EXEC_GRACE": "1",
+        },
+    )
+    with ex.connect() as s:
+        assert ask(s, b"a b c") == b"A B c"
+
+
+def test_sigterm_stops_the_service_and_every_program(start_exec, tmp_path: Path) -> None:
+    ex = start_exec("stop", "--grace", "0.5", "--", "cat")
+    with ex.connect() as a, ex.connect() as b:
+        assert ask(a, b"a") == b"a" and ask(b, b"b") == b"b"
+        pids = ex.children()
+        assert len(pids) == 2
+        ex.proc.send_signal(signal.SIGTERM)
+        assert ex.proc.wait(timeout=10) == 0
+    assert not any(alive(p) for p in pids)
+    assert not (ex.rundir / "stop").exists() and not (ex.rundir / "stop.door").exists()
+
+
+# --------------------------------------------------------- bounds and leaks
+
+
+def test_thousands_of_connections_leave_no_zombie_and_no_descriptor(start_exec) -> None:
+    ex = start_exec("cycles", "--", "cat")
+    with ex.connect() as s:
+        assert ask(s, b"warm") == b"warm"
+    wait_for(lambda: not ex.children(), what="first cat gone")
+    baseline = ex.fds()
+    deadline = time.monotonic() + 20
+    cycles = 0
+    while cycles < 2000 and time.monotonic() < deadline:
+        batch = [ex.connect() for _ in range(8)]
+        for n, s in enumerate(batch):
+            s.sendall(encode(b"%d" % n))
+        for n, s in enumerate(batch):
+            assert recv_msg(s) == b"%d" % n
+            s.close()
+        cycles += len(batch)
+    assert cycles >= 1000, f"only {cycles} cycles in 20 s"
+    wait_for(lambda: not ex.children(), timeout=20, what="every cat reaped")
+    wait_for(lambda: ex.fds() == baseline, timeout=10, what=f"back to {baseline} descriptors")
+    assert ex.proc.poll() is None
+
+
+def test_a_program_that_never_reads_holds_the_client_back(start_exec) -> None:
+    ex = start_exec("sleepy", "--", "sleep", "60")
+    before = ex.rss_kib()
+    with ex.connect() as s:
+        s.setblocking(False)
+        sent = 0
+        chunk = encode(b"x" * 65000)
+        pending = chunk
+        stalled_since = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                n = s.send(pending)
+                sent += n
+                pending = pending[n:] or chunk  # whole frames only
+                stalled_since = None
+            except BlockingIOError:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 1.0:
+                    break
+                time.sleep(0.01)
+        assert stalled_since is not None, f"{sent} bytes taken without stalling"
+        assert sent < 64 * 1024 * 1024
+        assert ex.rss_kib() - before < 32 * 1024, "the service buffered the flood"
+
+
+def test_a_program_that_floods_is_paused_while_the_client_does_not_read(
+    start_exec,
+) -> None:
+    ex = start_exec("yes", "--", "yes", "flood")
+    with ex.connect() as s:
+        assert recv_msg(s) == b"flood"
+        samples = []
+        for _ in range(4):
+            time.sleep(0.5)
+            samples.append(ex.rss_kib())
+        # Paused: the service's memory stays flat while nobody reads.
+        assert max(samples) - min(samples) < 8 * 1024, samples
+        (pid,) = ex.children()
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        assert state == "S", f"yes is {state}, not blocked in write"

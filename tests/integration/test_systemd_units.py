@@ -29,6 +29,7 @@ DAEMONS = {
     "ipc-tcpd": "tcpd",
     "ipc-tlsd": "tlsd",
     "ipc-websocketd": "websocketd",
+    "ipc-httpd": "httpd",
 }  # daemon -> its socket's FileDescriptorName
 TEMPLATES = ("ipc-pongd@.service", "ipc-service@.service")
 RUNDIR = "/run/libipc"

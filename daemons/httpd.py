@@ -292,6 +292,7 @@ def build_daemon(
     "hosts",
     multiple=True,
     metavar="NAME[:PORT]",
+    envvar="IPC_HTTPD_HOST",
     help="A name clients use to reach this daemon. Requests whose Host is not "
     "one of the daemon's names (loopback, localhost, listen addresses, this "
     "machine's name) get 421: the defence against DNS rebinding. Repeatable.",

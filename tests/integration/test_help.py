@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import click
 import pytest
 
-from daemons import ipc, ipcd, tcpd, tlsd, websocketd
+from daemons import httpd, ipc, ipcd, tcpd, tlsd, websocketd
 from tests.helpers import BIN
 
 #: Daemons: every option is an environment variable ``PREFIX_OPTION``.
@@ -26,6 +26,7 @@ DAEMONS: dict[str, click.Command] = {
     "ipc-tcpd": tcpd.main,
     "ipc-tlsd": tlsd.main,
     "ipc-websocketd": websocketd.main,
+    "ipc-httpd": httpd.main,
 }
 #: click's generic metavars, which say nothing about units.
 GENERIC_METAVARS = ("TEXT", "FLOAT", "INTEGER", "PATH", "RANGE")
@@ -108,7 +109,12 @@ def test_daemon_help_shows_env_vars_defaults_and_listen_address(
         if isinstance(default, int | float | str) and default not in (False, 0, ""):
             assert f"default: {default}" in text, f"{name} {option.opts[0]}: default not shown"
     if name != "ipcd":
-        expected = {"ipc-tcpd": "9000", "ipc-tlsd": "9443", "ipc-websocketd": "8080"}[name]
+        expected = {
+            "ipc-tcpd": "9000",
+            "ipc-tlsd": "9443",
+            "ipc-websocketd": "8080",
+            "ipc-httpd": "8000",
+        }[name]
         assert f"else 127.0.0.1:{expected}" in text or f"else :{expected}" in text
 
 

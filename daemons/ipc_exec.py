@@ -109,6 +109,7 @@ class ExecService:
         self.listener = -1
         self._by_client: dict[int, _Client] = {}
         self._by_program: dict[int, _Client] = {}
+        self._by_pid: dict[int, _Client] = {}
         self._refusals = LogThrottle()
         self._failures = LogThrottle()
         self._software = f"ipc-exec/{version()}"
@@ -222,6 +223,7 @@ class ExecService:
         client = _Client(fd, program_fd, child)
         self._by_client[fd] = client
         self._by_program[program_fd] = client
+        self._by_pid[pid] = client
         log.debug("%s: started %s", label, child.name)
 
     def _early_message(self, fd: int, message: bytes) -> None:
@@ -252,15 +254,18 @@ class ExecService:
 
     def _exited(self, child: Child) -> None:
         status = child.status or 0
-        text = describe_status(status)
         level = logging.INFO if status == 0 else logging.WARNING
-        log.log(level, "%s (%s) %s; its client is closed", child.name, child.label, text)
-        client = next(
-            (c for c in self._by_program.values() if c.child is child),
-            None,
-        )
-        if client is None:
+        client = self._by_pid.pop(child.pid, None)
+        if client is None or self._by_program.get(client.program_fd) is not client:
+            log.log(level, "%s (%s) %s", child.name, child.label, describe_status(status))
             return
+        log.log(
+            level,
+            "%s (%s) %s; closing its client",
+            child.name,
+            child.label,
+            describe_status(status),
+        )
         program_fd = client.program_fd
 
         def drained() -> None:

@@ -31,7 +31,7 @@ DAEMONS = {
     "ipc-websocketd": "websocketd",
     "ipc-httpd": "httpd",
 }  # daemon -> its socket's FileDescriptorName
-TEMPLATES = ("ipc-pongd@.service", "ipc-service@.service")
+TEMPLATES = ("ipc-pongd@.service", "ipc-service@.service", "ipc-exec@.service")
 RUNDIR = "/run/libipc"
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
 Unit = dict[str, dict[str, list[str]]]
@@ -132,7 +132,7 @@ def test_systemd_analyze_verify(installed: Path) -> None:
     # Templates are verified through an instance (verify would otherwise make
     # up the instance "i", and ipc-service@i would run a program "i").
     # ipc-service@ipc runs "ipc", which exists.
-    for template, instance in zip(TEMPLATES, ("pong", "ipc"), strict=True):
+    for template, instance in zip(TEMPLATES, ("pong", "ipc", "counter"), strict=True):
         link = installed / template.replace("@", f"@{instance}")
         if not link.exists():
             link.symlink_to(template)

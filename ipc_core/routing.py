@@ -77,14 +77,21 @@ def connect_direct(name: str, directory: Path, timeout: float = 5.0) -> socket.s
     sock.settimeout(timeout)
     try:
         sock.connect(os.fsencode(path))
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        sock.close()
-        raise ServiceUnavailable(f"no service {name!r} in {directory} ({exc.strerror})") from None
     except OSError as exc:
         sock.close()
-        raise ServiceUnavailable(f"cannot connect to service {name!r}: {exc.strerror}") from exc
+        raise connect_error(name, directory, exc) from (
+            None if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)) else exc
+        )
     sock.settimeout(None)  # the timeout was for connecting; the caller decides the rest
     return sock
+
+
+def connect_error(name: str, directory: Path, exc: OSError) -> ServiceUnavailable:
+    """The error for a failed connection to the local socket of ``name``
+    (shared by the blocking and the asyncio clients)."""
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+        return ServiceUnavailable(f"no service {name!r} in {directory} ({exc.strerror})")
+    return ServiceUnavailable(f"cannot connect to service {name!r}: {exc.strerror}")
 
 
 def ask_router(
@@ -107,12 +114,19 @@ def ask_router(
             raise PeerClosed(f"router failed: {exc}") from exc
     finally:
         router.close()
+    sock = router_answer(name, data, fd)
+    # O_NONBLOCK lives on the open file description ipcd shared with us:
+    # make the descriptor agree with the blocking socket object we return.
+    sock.setblocking(True)
+    return sock
+
+
+def router_answer(name: str, data: bytes, fd: int | None) -> socket.socket:
+    """The router's answer (``data`` and the descriptor it passed, if any)
+    as the connected socket, or ServiceUnavailable naming its reason. The
+    socket's blocking mode is whatever ipcd left: the caller sets its own."""
     if data[:2] == b"ok" and fd is not None:
-        sock = socket.socket(fileno=fd)
-        # O_NONBLOCK lives on the open file description ipcd shared with us:
-        # make the descriptor agree with the blocking socket object we return.
-        sock.setblocking(True)
-        return sock
+        return socket.socket(fileno=fd)
     if fd is not None:
         os.close(fd)
     if len(data) >= 4 and int.from_bytes(data[:4], "big") == len(data) - 4:
@@ -123,23 +137,41 @@ def ask_router(
 
 def connect(name: str, directory: Path, timeout: float = 5.0) -> socket.socket:
     """Connect to ``name``, through the router when ``IPC_NETWORK`` says so."""
-    network = os.environ.get("IPC_NETWORK")
-    if network:
+    route = route_for(name)
+    if route is not None:
+        target, network = route
         try:
-            routes = parse_network(network)
-        except ProtocolError as exc:
-            log.warning("ignoring IPC_NETWORK: %s", exc)
-            routes = {}
-        target = routes.get(name)
-        if target is not None:
-            try:
-                router = connect_direct(ROUTER_SERVICE, directory, timeout)
-            except ServiceUnavailable as exc:
-                log.debug("router not running (%s); connecting to %r directly", exc, name)
-                return _direct_or_no_router(name, target, directory, timeout)
-            return ask_router(router, name, network, timeout)
-        log.debug("IPC_NETWORK has no route for %r; connecting directly", name)
+            router = connect_direct(ROUTER_SERVICE, directory, timeout)
+        except ServiceUnavailable as exc:
+            log.debug("router not running (%s); connecting to %r directly", exc, name)
+            return _direct_or_no_router(name, target, directory, timeout)
+        return ask_router(router, name, network, timeout)
     return connect_direct(name, directory, timeout)
+
+
+def route_for(name: str) -> tuple[str, str] | None:
+    """``(target, IPC_NETWORK)`` when ``IPC_NETWORK`` names a route for
+    ``name`` (then the router is asked), else None (connect directly)."""
+    network = os.environ.get("IPC_NETWORK")
+    if not network:
+        return None
+    try:
+        routes = parse_network(network)
+    except ProtocolError as exc:
+        log.warning("ignoring IPC_NETWORK: %s", exc)
+        routes = {}
+    target = routes.get(name)
+    if target is None:
+        log.debug("IPC_NETWORK has no route for %r; connecting directly", name)
+        return None
+    return target, network
+
+
+def no_router_error(name: str, target: str, directory: Path) -> ServiceUnavailable:
+    """A route exists, ipcd does not run and no local service answers."""
+    return ServiceUnavailable(
+        f"route for {name!r} via {target} but no router at {directory / ROUTER_SERVICE}: start ipcd"
+    )
 
 
 def _direct_or_no_router(name: str, target: str, directory: Path, timeout: float) -> socket.socket:
@@ -148,7 +180,4 @@ def _direct_or_no_router(name: str, target: str, directory: Path, timeout: float
     try:
         return connect_direct(name, directory, timeout)
     except ServiceUnavailable:
-        raise ServiceUnavailable(
-            f"route for {name!r} via {target} but no router at"
-            f" {directory / ROUTER_SERVICE}: start ipcd"
-        ) from None
+        raise no_router_error(name, target, directory) from None

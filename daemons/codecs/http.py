@@ -400,7 +400,8 @@ class HttpConnection:
             self._current = _Request(request.method, "", None, False, False)
             self._fail(
                 421,
-                f"Host {shown(text)} is not a name of this daemon (DNS rebinding?); --host NAME adds one",
+                f"Host {shown(text)} is not a name of this daemon (DNS rebinding?); "
+                "--host NAME adds one",
             )
         self._host_ok = value
 

@@ -69,7 +69,6 @@ from .engine.flows import Flow, FlowLimits, FlowTable
 from .engine.listeners import (
     ListenAddress,
     bound_address,
-    exposed_addresses,
     open_listener,
     peer_name,
 )
@@ -84,7 +83,7 @@ from .engine.options import (
     rundir_option,
     seconds,
 )
-from .engine.policy import exposure_warning, network_refusal, policy_summary
+from .engine.policy import network_refusal
 from .engine.startup import bind_error, starting
 from .engine.trust import parse_ip
 
@@ -1116,11 +1115,6 @@ def start_udpd(
     except BaseException:
         daemon.close()
         raise
-    if inbound.listeners:
-        log.info("%s: %s", daemon.name, policy_summary(daemon.access))
-        warning = exposure_warning(exposed_addresses(inbound.sockets), daemon.access)
-        if warning is not None:
-            log.warning("%s: %s", daemon.name, warning)
     return daemon, outbound
 
 

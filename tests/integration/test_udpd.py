@@ -642,3 +642,34 @@ def test_help_has_examples_env_vars_and_ranges() -> None:
             )
             assert bad_run.returncode == 2, (flag, bad, bad_run.stderr)
     assert os.access(BIN / "ipc-udpd", os.X_OK)
+
+
+def test_two_hosts_through_ipcd(rundir: Path, procs: Processes) -> None:
+    """Host A: ipcd and ipc-udpd (the local service udp); host B: pongd behind
+    ipc-udpd. A client on A reaches pong on B with IPC_NETWORK, over UDP."""
+    import tempfile
+
+    host_b = Path(tempfile.mkdtemp(prefix="ipc-b-", dir="/tmp"))
+    try:
+        procs.pongd(host_b)
+        _proc, _logs, port = start_udpd(procs, host_b, "--listen", "127.0.0.1:0=pong")
+        procs.start(BIN / "ipcd", env={"RUNDIR": str(rundir)})
+        wait_for(lambda: connectable(rundir / "ipc"), what="ipcd up")
+        start_outbound_only(procs, rundir)
+        out = subprocess.run(
+            [BIN / "ipc", "send", "pong", "hello over udp"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={
+                **os.environ,
+                "RUNDIR": str(rundir),
+                "IPC_NETWORK": f"pong udp://127.0.0.1:{port}/pong",
+            },
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "hello over udp"
+    finally:
+        procs.stop_all()
+        shutil.rmtree(host_b, ignore_errors=True)

@@ -100,6 +100,15 @@ def _memory(pids: list[int]) -> tuple[int, int, int]:
     return sum(rss_kib(p) for p in pids), sum(pss_kib(p) for p in pids), procs
 
 
+def _stop(h: Harness, target: servers.Target) -> None:
+    """Stop a target and, for ours, its service (and with it every cat)."""
+    h.stop(target)
+    extra = _EXTRA.pop(id(target), None)
+    for proc in list(h.procs):
+        if proc.pid == extra:
+            h.stop(proc)
+
+
 def _hold(h: Harness, target: servers.Target, n: int) -> dict:
     pids = _pids(target)
     time.sleep(0.3)
@@ -135,17 +144,16 @@ def run(h: Harness, res: SuiteResult) -> None:
     load = ["-c", CONNECTIONS, "-s", 64, *h.lg_time()]
     try:
         figs = h.measure({name: partial(t.loadgen, load) for name, t in targets.items()})
-        held = {
-            name: _hold(h, t.target, CONNECTIONS) for name, t in targets.items() if name != LINES
-        }
     finally:
         for t in targets.values():
-            h.stop(t.target)
-        for pid in list(_EXTRA.values()):
-            for proc in list(h.procs):
-                if proc.pid == pid:
-                    h.stop(proc)
-        _EXTRA.clear()
+            _stop(h, t.target)
+    held = {}
+    for name in (OURS, PEER):  # fresh servers: idle means never used
+        target = starters[name]()
+        try:
+            held[name] = _hold(h, target, CONNECTIONS)
+        finally:
+            _stop(h, target)
     res.raw = {"figures": figs, "held": held}
 
     t = res.table(

@@ -478,8 +478,10 @@ class HttpConnection:
     ) -> None:
         """One whole answer to the current request, then the next cycle."""
         conn = self._h11
-        if conn.our_state is not h11.SEND_RESPONSE:
-            return
+        if conn.our_state is not h11.SEND_RESPONSE and not (
+            conn.our_state is h11.IDLE and conn.their_state is h11.ERROR
+        ):
+            return  # answered already (or nothing was asked)
         current = self._current
         fields = [*headers, (b"content-length", str(len(body)).encode())]
         if text:
@@ -524,8 +526,8 @@ class HttpConnection:
 
     def _bad_request(self, exc: h11.RemoteProtocolError) -> NoReturn:
         status = exc.error_status_hint if exc.error_status_hint in _ANSWERS else 400
-        if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # no answer begun
-            self._out.append(_raw_answer(status))
+        self._current = None  # h11 answers a request it could not parse, too
+        self._answer(status, _ANSWERS[status], close=True)
         self.must_close = True
         raise ProtocolError(f"http: {status}: bad request: {exc}")
 
@@ -625,8 +627,8 @@ def _reason(status: int) -> bytes:
 
 
 def _raw_answer(status: int) -> bytes:
-    """An answer when h11 cannot send one (no request read, or a request it
-    refused to parse): fixed text, closing."""
+    """An answer h11 cannot send: 408 before any request arrived (h11 only
+    answers a request, or one it could not parse). Fixed text, closing."""
     body = _ANSWERS.get(status, b"Bad request.\n")
     phrase = HTTPStatus(status).phrase.encode()
     return (

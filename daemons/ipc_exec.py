@@ -310,7 +310,7 @@ def _parse_env(values: Sequence[str]) -> list[tuple[str, str]]:
             "each client gets its own count.sh (one line, one message)",
         ),
         (
-            "ipc exec shout -- tr a-z A-Z",
+            "ipc exec shout -- stdbuf -oL tr a-z A-Z",
             "line mode: each message a line on stdin, each line a reply",
         ),
         (
@@ -334,7 +334,7 @@ def _parse_env(values: Sequence[str]) -> list[tuple[str, str]]:
     ],
 )
 @click.argument("name")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- PROGRAM [ARGS]...]")
 @click.option(
     "--mode",
     type=click.Choice(MODES),
@@ -347,6 +347,7 @@ def _parse_env(values: Sequence[str]) -> list[tuple[str, str]]:
 @click.option(
     "--env",
     "set_env",
+    envvar="IPC_EXEC_ENV",
     multiple=True,
     metavar="NAME=VALUE",
     help="Set a variable in the program's environment (repeatable).",

@@ -295,7 +295,7 @@ def run(h: Harness, res: SuiteResult) -> None:
         get(PP, OURS, "rate"),
         get(PP, PEER, "rate"),
         ">=",
-        0.8,
+        0.5,
         "datagrams/s",
         show=fmt_rate,
     )
@@ -304,9 +304,17 @@ def run(h: Harness, res: SuiteResult) -> None:
         get(FLOOD, OURS, "rate"),
         get(FLOOD, PEER, "rate"),
         ">=",
-        0.5,
+        0.8,
         "datagrams/s",
         show=fmt_rate,
+    )
+    res.notes.append(
+        "The issue sets no target for UDP; the two checks are floors against "
+        "regressions. Ping-pong is one Python process against one C process per "
+        "flow: two wake-ups of the Python loop per round trip (the datagram, then "
+        "the echo) cost latency that batching cannot remove; under overload the "
+        "batching (one write per readiness event, every reply of one read sent "
+        "in a loop) carries the rate."
     )
     res.notes.append(
         "Same service behind both (the C echo_server on a Unix socket, which echoes "

@@ -36,6 +36,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import struct
 from collections.abc import Sequence
@@ -270,7 +271,17 @@ class ExecService:
 
         def drained() -> None:
             if self._by_program.get(program_fd) is client and program_fd in self.ctx:
-                self.ctx.close(program_fd)  # the client goes once its queue is written
+                # A background process of the program holds its stdout: the
+                # client goes (once its queue is written), and so does the
+                # rest of the program's process group.
+                log.info(
+                    "%s (%s): its background processes still hold its output: SIGTERM",
+                    child.name,
+                    child.label,
+                )
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.pid, signal.SIGTERM)
+                self.ctx.close(program_fd)
 
         self.ctx.call_later(DRAIN_SECONDS, drained)
 

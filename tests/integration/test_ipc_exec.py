@@ -500,3 +500,31 @@ def test_a_program_that_floods_is_paused_while_the_client_does_not_read(
         (pid,) = ex.children()
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
         assert state == "S", f"yes is {state}, not blocked in write"
+
+
+def test_the_program_inherits_only_its_three_descriptors(start_exec, tmp_path: Path) -> None:
+    prog = script(
+        tmp_path,
+        "fds.py",
+        f"#!{sys.executable}\nimport os\nprint(' '.join(sorted(os.listdir('/proc/self/fd'))))\n",
+    )
+    ex = start_exec("fds", "--", prog)
+    with ex.connect() as a, ex.connect() as b:  # a second client: nothing of the first
+        for s in (a, b):
+            # 3 is the directory listdir opened
+            assert recv_msg(s) == b"0 1 2 3"
+
+
+def test_a_background_process_holding_stdout_does_not_hold_the_client(
+    start_exec, tmp_path: Path
+) -> None:
+    prog = script(tmp_path, "bg.sh", "#!/bin/bash\nsleep 30 &\necho $!\nexit 0\n")
+    ex = start_exec("bg", "--", prog)
+    with ex.connect() as s:
+        background = int(recv_msg(s))
+        started = time.monotonic()
+        assert closed(s)
+        assert time.monotonic() - started < 8
+    ex.logs.wait_for("exited with status 0")
+    ex.logs.wait_for("background processes still hold its output")
+    wait_for(lambda: not alive(background), what="the background sleep gone")

@@ -373,6 +373,8 @@ class HttpConnection:
             self.phase = Phase.DECIDING
         elif not post:
             self._answer_ok()
+        elif self._h11.they_are_waiting_for_100_continue:
+            self._out.append(self._h11.send(h11.InformationalResponse(status_code=100, headers=[])))
 
     def _take_body(self, data: bytes) -> None:
         current = self._current
@@ -393,8 +395,7 @@ class HttpConnection:
         if value is not None and value == self._host_ok:
             return
         if value is None:
-            self._current = _Request(request.method, "", None, False, False)
-            self._fail(400, "no Host header")
+            return  # HTTP/1.0 (h11 refuses an HTTP/1.1 request without one): not a browser
         text = value.decode("latin-1")
         if not self.hosts.allows(text):
             self._current = _Request(request.method, "", None, False, False)

@@ -458,3 +458,33 @@ def test_slow_and_vanished_clients_do_not_hurt_others(rundir: Path, procs: Proce
     half.close()
     for _ in range(3):
         assert request(port, "POST", "/kit", b"count")[2] == b"1"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        post_bytes("/pong", b"bye", "Connection: close\r\n"),
+        b"POST /pong HTTP/1.0\r\nContent-Length: 3\r\n\r\nbye",
+    ],
+    ids=["connection-close", "http-1.0"],
+)
+def test_the_daemon_closes_when_asked(served: tuple[LogReader, int], request_bytes: bytes) -> None:
+    _logs, port = served
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with s:
+        s.sendall(request_bytes)
+        data = b""
+        while chunk := s.recv(65536):  # EOF after the answer: the daemon closed
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\nbye")
+
+
+def test_expect_100_continue_with_curl(served: tuple[LogReader, int]) -> None:
+    _logs, port = served
+    t0 = time.monotonic()
+    out = curl_stdin(
+        b"y" * 3000, "-H", "Expect: 100-continue", "--expect100-timeout", "5",
+        f"http://127.0.0.1:{port}/pong",
+    )  # fmt: skip
+    assert out.stdout == b"y" * 3000
+    assert time.monotonic() - t0 < 4  # the 100 came: curl did not wait its timeout

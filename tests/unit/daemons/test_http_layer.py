@@ -339,3 +339,15 @@ def test_describe_the_first_request() -> None:
     assert info.cookie == "c=1"
     assert info.origin == "https://app.example"
     assert info.client_address == "127.0.0.1"
+
+
+def test_expect_100_continue_on_a_later_request() -> None:
+    conn, _ = opened(post(b"x"))
+    conn.send(encode(b"y"))
+    conn.data_to_send()
+    head = post(b"", extra="Expect: 100-continue\r\n").replace(
+        b"Content-Length: 0", b"Content-Length: 2"
+    )
+    assert conn.receive_data(head) == b""
+    assert conn.data_to_send().startswith(b"HTTP/1.1 100 ")
+    assert conn.receive_data(b"ab") == encode(b"ab")

@@ -145,17 +145,22 @@ class HttpDriver:
         late = [
             fd
             for fd, (conn, _layer) in self.conns.items()
-            if conn.waiting_since is not None and conn.waiting_since <= limit
+            if (since := conn.busy_since) is not None and since <= limit
         ]
         for fd in late:
             conn = self.conns[fd][0]
-            conn.expire()
+            status = conn.expire()
+            if status == 504:
+                why = f"service {conn.service!r} did not reply"
+            else:
+                why = "the request body did not arrive"
             log.warning(
-                "%s: %s: service %r did not reply within %g s (--reply-timeout): 504",
+                "%s: %s: %s within %g s (--reply-timeout): %s",
                 NAME,
                 conn.peer,
-                conn.service,
+                why,
                 self.reply_timeout,
+                status,
             )
             self.close(fd)
 
@@ -278,7 +283,8 @@ def build_daemon(
     type=seconds(0),
     default=DEFAULT_REPLY_TIMEOUT,
     metavar="SECONDS",
-    help="Answer 504 (and close) when the service has not replied this long. 0 = off.",
+    help="Answer 504 (and close) when the service has not replied this long, "
+    "408 when a request body has not arrived in this long. 0 = off.",
 )
 @click.option(
     "--idle-timeout",

@@ -181,6 +181,9 @@ class HttpConnection:
         #: When the request now with the service was sent to it (monotonic);
         #: None when no request waits. The driver's sweep reads it.
         self.waiting_since: float | None = None
+        #: When the head of a POST whose body is still coming arrived
+        #: (monotonic); None otherwise. The same sweep bounds it (408).
+        self.reading_since: float | None = None
         #: The connection must be closed once its answers are written.
         self.must_close = False
         #: Called (by the layer, from any of its methods) when the driver has
@@ -231,7 +234,7 @@ class HttpConnection:
             and self._current is not None
             and self._h11.our_state is h11.SEND_RESPONSE
         ):
-            self.waiting_since = None
+            self.waiting_since = self.reading_since = None
             self._answer(502, _ANSWERS[502], close=True)
             log.warning(
                 "ipc-httpd: %s: service %r closed with a request unanswered (502)",
@@ -256,13 +259,26 @@ class HttpConnection:
         """The driver should call :meth:`take_up` or close."""
         return bool(self._up) or self.must_close
 
-    def expire(self) -> None:
-        """The reply is late: 504, and the connection closes (a late reply
-        would otherwise answer the next request)."""
-        if self.waiting_since is None:
-            return
-        self.waiting_since = None
-        self._answer(504, _ANSWERS[504], close=True)
+    @property
+    def busy_since(self) -> float | None:
+        """Since when the current request has been in progress (its body
+        arriving, or its reply awaited); None when none is."""
+        return self.waiting_since if self.waiting_since is not None else self.reading_since
+
+    def expire(self) -> int | None:
+        """The current request took too long: 504 if its reply is late (a
+        late reply would otherwise answer the next request), 408 if its body
+        is; the connection closes. The status, or None if nothing was late."""
+        if self.waiting_since is not None:
+            status = 504
+        elif self.reading_since is not None:
+            status = 408
+        else:
+            return None
+        self.waiting_since = self.reading_since = None
+        self._answer(status, _ANSWERS[status], close=True)
+        self.must_close = True
+        return status
 
     # -- the handshake's ---------------------------------------------------
 
@@ -318,6 +334,7 @@ class HttpConnection:
                     body = self._body
                     up += header(len(body)) + body
                     self._body = bytearray()
+                    self.reading_since = None
                     self.waiting_since = time.monotonic()
                 else:
                     self._next_cycle()
@@ -364,6 +381,7 @@ class HttpConnection:
         post = method == b"POST"
         self._current = _Request(method, name, origin, cors, post)
         if post:
+            self.reading_since = time.monotonic()
             length = _header(request, b"content-length")
             limit = self.options.max_message_size
             if length is not None and length.isdigit() and int(length) > limit:

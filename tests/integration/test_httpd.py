@@ -66,7 +66,11 @@ CURL = "/usr/bin/curl"
 
 def start_kit(procs: Processes, rundir: Path, name: str = "kit", *extra: str) -> None:
     proc = procs.start(sys.executable, "-c", KIT, name, *extra, env={"RUNDIR": str(rundir)})
-    wait_for(lambda: connectable(rundir / name) or proc.poll() is not None, what=f"{name} up")
+    sockets = [rundir / name] + ([rundir / f"{name}.door"] if extra else [])
+    wait_for(
+        lambda: all(connectable(s) for s in sockets) or proc.poll() is not None,
+        what=f"{name} up",
+    )
     assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
 
 
@@ -298,6 +302,19 @@ def test_no_reply_in_time_is_504(served: tuple[LogReader, int]) -> None:
     assert 0.9 < time.monotonic() - t0 < 8
     logs.wait_for("--reply-timeout")
     assert request(port, "POST", "/kit", b"fine")[2] == b"fine"
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(served: tuple[LogReader, int]) -> None:
+    logs, port = served
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with s:
+        s.sendall(post_bytes("/kit", b"count"))
+        assert raw_answers(s, 1)[0][2] == b"1"
+        s.sendall(post_bytes("/kit", b"count")[:-2])  # trickles, then stops
+        [(status, headers, _)] = raw_answers(s, 1)
+        assert status == 408 and headers["connection"] == "close"
+        assert closed_by_peer(s)
+    logs.wait_for("the request body did not arrive within 1 s")
 
 
 def test_other_methods_405(served: tuple[LogReader, int]) -> None:

@@ -351,3 +351,20 @@ def test_expect_100_continue_on_a_later_request() -> None:
     assert conn.receive_data(head) == b""
     assert conn.data_to_send().startswith(b"HTTP/1.1 100 ")
     assert conn.receive_data(b"ab") == encode(b"ab")
+
+
+def test_a_body_that_does_not_arrive_is_408() -> None:
+    conn, _ = opened(post(b"abcdef")[:-3])
+    assert conn.reading_since is not None and conn.busy_since == conn.reading_since
+    assert conn.expire() == 408
+    [(status, headers, _)] = answers(conn.data_to_send())
+    assert status == 408 and headers["connection"] == "close"
+    assert conn.must_close and conn.busy_since is None
+
+
+def test_nothing_in_progress_nothing_expires() -> None:
+    conn, _ = opened(post(b"x"))
+    conn.send(encode(b"y"))
+    conn.data_to_send()
+    assert conn.busy_since is None and conn.expire() is None
+    assert conn.data_to_send() == b""

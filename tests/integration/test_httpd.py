@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import h11
@@ -505,3 +507,47 @@ def test_expect_100_continue_with_curl(served: tuple[LogReader, int]) -> None:
     )  # fmt: skip
     assert out.stdout == b"y" * 3000
     assert time.monotonic() - t0 < 4  # the 100 came: curl did not wait its timeout
+
+
+# -- systemd socket activation, metrics, PROXY protocol ------------------------------
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None,
+    reason="systemd-socket-activate not installed (Debian package: systemd)",
+)
+def test_socket_activated_with_metrics(rundir: Path, procs: Processes) -> None:
+    """The unit's way: systemd holds the ports (fd names ``httpd`` and
+    ``metrics``); a --listen that cannot work proves the inherited one is used."""
+    from tests.integration.test_activation import UNUSABLE_LISTEN, free_port, socket_activate
+
+    procs.pongd(rundir)
+    port, metrics_port = free_port(), free_port()
+    _proc, logs = socket_activate(
+        procs,
+        "ipc-httpd",
+        [(port, "httpd"), (metrics_port, "metrics")],
+        "--listen",
+        UNUSABLE_LISTEN,
+        env={"RUNDIR": str(rundir)},
+    )
+    assert request(port, "POST", "/pong", b"activated")[2] == b"activated"
+    logs.wait_for(f"listening on 127.0.0.1:{port}")
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    assert "ipc_switched_total 1" in body
+    assert 'ipc_messages_total{direction="in"} 1' in body
+
+
+def test_proxy_protocol_names_the_client(rundir: Path, procs: Processes) -> None:
+    procs.pongd(rundir)
+    logs, port = httpd(procs, rundir, "--proxy-protocol", "127.0.0.1")
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with s:
+        s.sendall(b"PROXY TCP4 203.0.113.5 127.0.0.1 51234 8000\r\n" + post_bytes("/pong", b"p"))
+        assert raw_answers(s, 1)[0][2] == b"p"
+    logs.wait_for("203.0.113.5:51234 (via 127.0.0.1:")
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with s:
+        s.sendall(post_bytes("/pong", b"no header"))  # a listed source must send one
+        assert closed_by_peer(s)

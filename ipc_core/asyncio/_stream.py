@@ -1,9 +1,11 @@
 """One LibIPC connection on an asyncio transport: the protocol and its API.
 
-The connection is the transport's :class:`asyncio.Protocol` (as in
-python-websockets, the connection *is* the protocol), so the bytes go
-``data_received -> FrameDecoder.feed -> queue`` with no stream layer in
-between. Only this module touches the transport.
+The connection is the transport's protocol (as in python-websockets, the
+connection *is* the protocol; a :class:`asyncio.BufferedProtocol`, so the
+transport reads into a buffer shared by the loop's connections, as Context
+reads into one), and the bytes go ``buffer_updated -> FrameDecoder.feed ->
+queue`` with no stream layer in between. Only this module touches the
+transport.
 
 Flow control, both ways:
 
@@ -28,8 +30,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .. import door as _door
 from .._connections import LINGER_SECONDS, header_hint, peer_of
@@ -48,7 +51,23 @@ _ACCEPT_FRAME = _door.accept_frame()
 Message = bytes | bytearray | memoryview
 
 
-class Connection(asyncio.Protocol):
+_READ_BUFFER = 256 * 1024
+_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """The read buffer of this thread's event loop, shared by its
+    connections as Context shares one: a transport calls ``get_buffer``,
+    reads into it and calls ``buffer_updated`` in one go, and the decoder
+    copies out what it keeps. (``sock.recv(256 KiB)`` into a new bytes
+    object per read would cost several times the read itself.)"""
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(_READ_BUFFER))
+    return view
+
+
+class Connection(asyncio.BufferedProtocol):
     """A LibIPC connection for asyncio: ``send``, ``recv``, ``async for``,
     ``close``; made by :func:`~ipc_core.asyncio.connect` (a client) or given
     to a :func:`~ipc_core.asyncio.serve` handler (a service's client).
@@ -97,11 +116,14 @@ class Connection(asyncio.Protocol):
         #: A door connection whose verdict is not given yet.
         self._offered = peer is not None
         self._label = label
+        self._view = _read_buffer()
 
     # ------------------------------------------------------------ protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses; they
+        # have the same methods.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=self._write_high, low=self._write_high // 4)
         sock = transport.get_extra_info("socket")
@@ -109,11 +131,17 @@ class Connection(asyncio.Protocol):
             self._label = f"{self._label} (descriptor {sock.fileno()})"
         if self._leftover:
             leftover, self._leftover = self._leftover, b""
-            self.data_received(leftover)
+            self._feed(leftover)
         if self._on_made is not None:
             self._on_made(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._feed(self._view[:nbytes])
+
+    def _feed(self, data: bytes | memoryview) -> None:
         try:
             messages = self._decoder.feed(data)
         except ProtocolError as exc:
@@ -122,14 +150,11 @@ class Connection(asyncio.Protocol):
         if not messages:
             return
         self._queue.extend(messages)
-        if len(messages) == 1:
-            self._queued += len(messages[0])
-        else:
-            self._queued += sum(map(len, messages))
+        queued = self._queued = self._queued + sum(map(len, messages))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if self._queued > self._read_high and not self._reading_paused and not self._lost:
+        if queued > self._read_high and not self._reading_paused and not self._lost:
             self._reading_paused = True
             assert self._transport is not None
             self._transport.pause_reading()
@@ -239,14 +264,11 @@ class Connection(asyncio.Protocol):
         (the frame is in the transport's buffer, never half of it)."""
         if self._offered:
             self._accept()
-        if not isinstance(message, (bytes, bytearray, memoryview)):
-            if self.registry is None:
-                raise UsageError(
-                    f"cannot send a {type(message).__name__}: bytes, or a connection"
-                    " made with registry= for typed messages"
-                )
-            message = self.registry.encode(message)
-        n = len(message) if not isinstance(message, memoryview) else message.nbytes
+        if type(message) is bytes:
+            n = len(message)
+        else:
+            message = self._payload(message)
+            n = message.nbytes if isinstance(message, memoryview) else len(message)
         if n > self.max_message_size:
             raise UsageError(f"message of {n} bytes exceeds max_message_size")
         transport = self._transport
@@ -259,6 +281,16 @@ class Connection(asyncio.Protocol):
             transport.write(message)
         if self._writing_paused:
             await self._drain()
+
+    def _payload(self, message: Any) -> Message:
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            return message
+        if self.registry is None:
+            raise UsageError(
+                f"cannot send a {type(message).__name__}: bytes, or a connection"
+                " made with registry= for typed messages"
+            )
+        return self.registry.encode(message)
 
     async def _drain(self) -> None:
         while self._writing_paused and not self._lost:

@@ -158,7 +158,7 @@ def test_a_cancelled_recv_loses_no_message() -> None:
         await asyncio.sleep(0.01)
         far.sendall(encode(b"kept") + encode(b"next"))
         while conn.queued_bytes == 0:
-            await asyncio.sleep(0)  # let data_received run (it wakes the task)
+            await asyncio.sleep(0)  # let the transport read (it wakes the task)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

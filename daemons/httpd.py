@@ -124,9 +124,10 @@ class HttpDriver:
             return
         conn, layer = entry
         conn.on_ready = None
-        if layer is not None and layer is not conn:
-            with contextlib.suppress(IPCError):
-                layer.close()  # the TLS layer below: close_notify after the answer
+        with contextlib.suppress(IPCError):
+            conn.close()  # a request still in progress gets its 502
+            if layer is not None and layer is not conn:
+                layer.close()  # the TLS layer below too: close_notify after the answer
         with contextlib.suppress(IPCError):
             ctx.flush_switch(fd)
         sock = ctx.socket_of(fd)

@@ -394,7 +394,10 @@ def test_cors(rundir: Path, procs: Processes) -> None:
 
 def test_https_with_curl(rundir: Path, procs: Processes, pki: Pki) -> None:
     procs.pongd(rundir)
-    _logs, port = httpd(procs, rundir, "--cert", str(pki.cert), "--key", str(pki.key))
+    start_kit(procs, rundir)
+    _logs, port = httpd(
+        procs, rundir, "--cert", str(pki.cert), "--key", str(pki.key), "--reply-timeout", "1"
+    )
     url = f"https://localhost:{port}/pong"
     out = curl(
         "--cacert",
@@ -411,6 +414,12 @@ def test_https_with_curl(rundir: Path, procs: Processes, pki: Pki) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == b"secretagain"
+    kit = f"https://localhost:{port}/kit"
+    late = curl("--cacert", str(pki.ca), "-w", "%{http_code}", "--data-binary", "silent", kit)
+    assert late.returncode == 0, late.stderr  # a clean TLS close after the 504
+    assert late.stdout.endswith(b"504")
+    gone = curl("--cacert", str(pki.ca), "-w", "%{http_code}", "--data-binary", "close", kit)
+    assert gone.stdout.endswith(b"502")
     plain = curl("--data-binary", "x", f"http://127.0.0.1:{port}/pong")
     assert plain.returncode != 0 or not plain.stdout.startswith(b"x")
 

@@ -45,8 +45,9 @@ Rules, for every request of a connection:
   answer N is sent, so a pipelining client waits in h11's buffer, bounded by
   ``max_pipelined`` bytes (past it: closed).
 * The service closes while a request waits (or before its body is complete):
-  502. No reply in time: the driver calls :meth:`HttpConnection.expire` (504).
-  A message from the service while no request waits is dropped (logged).
+  502. No reply in time: the driver calls :meth:`HttpConnection.expire` (504;
+  408 for a body that did not arrive in time). A message from the service
+  while no request waits is dropped (logged).
 * A browser's request with an ``Origin`` is served only when ``cors`` allows
   it (:func:`~daemons.codecs.ws.origin_allowed`; the answer then carries
   ``Access-Control-Allow-Origin``); else 403. The ``Host`` must name this
@@ -157,7 +158,6 @@ class _Request:
     """What the rules need of one request (h11's event keeps the rest)."""
 
     method: bytes
-    service: str
     origin: str | None
     cors: bool  # the answer carries Access-Control-Allow-Origin
     post: bool
@@ -357,29 +357,29 @@ class HttpConnection:
             self._preflight(request)
             return
         if method not in (b"POST", b"GET", b"HEAD"):
-            self._current = _Request(method, name, None, False, False)
+            self._current = _Request(method, None, False, False)
             self._answer(405, _ANSWERS[405], [(b"allow", ALLOWED_METHODS.encode())], close=reading)
             log.debug("ipc-httpd: %s: %s: 405", self.peer, shown(method.decode("latin-1")))
             return
         origin = _header(request, b"origin")
         cors = origin is not None
         if cors and not origin_allowed(origin, self.options.cors or ()):
-            self._current = _Request(method, name, origin, False, False)
+            self._current = _Request(method, origin, False, False)
             self._fail(403, f"origin {shown(origin)} not allowed (--cors)")
         if reading:
             reason = service_name_error(name) if path is not None else "bad request path"
             if reason:
-                self._current = _Request(method, name, origin, cors, False)
+                self._current = _Request(method, origin, cors, False)
                 self._fail(404, f"no service in path {shown(path or '')}: {reason}")
         elif name != self.service:
-            self._current = _Request(method, name, origin, cors, False)
+            self._current = _Request(method, origin, cors, False)
             self._fail(
                 421,
                 f"a request for {shown(name)} on a connection to {self.service!r} "
                 "(one service per connection)",
             )
         post = method == b"POST"
-        self._current = _Request(method, name, origin, cors, post)
+        self._current = _Request(method, origin, cors, post)
         if post:
             self.reading_since = time.monotonic()
             length = _header(request, b"content-length")
@@ -416,7 +416,7 @@ class HttpConnection:
             return  # HTTP/1.0 (h11 refuses an HTTP/1.1 request without one): not a browser
         text = value.decode("latin-1")
         if not self.hosts.allows(text):
-            self._current = _Request(request.method, "", None, False, False)
+            self._current = _Request(request.method, None, False, False)
             self._fail(
                 421,
                 f"Host {shown(text)} is not a name of this daemon (DNS rebinding?); "
@@ -427,7 +427,7 @@ class HttpConnection:
     def _preflight(self, request: h11.Request) -> None:
         """OPTIONS: the CORS preflight of a browser's POST (or a plain OPTIONS)."""
         origin = _header(request, b"origin")
-        self._current = _Request(b"OPTIONS", "", origin, False, False)
+        self._current = _Request(b"OPTIONS", origin, False, False)
         close = self.phase is Phase.READING
         if origin is None:
             self._answer(204, b"", [(b"allow", ALLOWED_METHODS.encode())], close=close)

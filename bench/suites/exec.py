@@ -17,6 +17,7 @@ connection.
 
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -109,6 +110,35 @@ def _stop(h: Harness, target: servers.Target) -> None:
             h.stop(proc)
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of ``pids`` and their descendants (live ones: a cat
+    that exited took its figure with it; none exit during a measurement)."""
+    total = 0
+    for pid in [p for root in pids for p in (root, *descendants(root))]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICKS
+
+
+def _ping_pong(h: Harness, target: servers.Restartable, load: list) -> dict:
+    """One loadgen run, plus the servers' CPU per message (daemons and cats):
+    a figure other work on the same CPU does not move, unlike msg/s."""
+    pids = _pids(target.target)
+    before = _cpu_seconds(pids)
+    r = target.loadgen(load)
+    used = _cpu_seconds(pids) - before
+    if r.get("rate"):
+        messages = r["rate"] * (h.cfg.duration + h.cfg.warmup)  # the warmup's too
+        r["cpu_us_per_msg"] = used / messages * 1e6
+    return r
+
+
 def _hold(h: Harness, target: servers.Target, n: int) -> dict:
     pids = _pids(target)
     time.sleep(0.3)
@@ -143,7 +173,7 @@ def run(h: Harness, res: SuiteResult) -> None:
     targets = {name: servers.Restartable(h, start) for name, start in starters.items()}
     load = ["-c", CONNECTIONS, "-s", 64, *h.lg_time()]
     try:
-        figs = h.measure({name: partial(t.loadgen, load) for name, t in targets.items()})
+        figs = h.measure({name: partial(_ping_pong, h, t, load) for name, t in targets.items()})
     finally:
         for t in targets.values():
             _stop(h, t.target)
@@ -159,7 +189,16 @@ def run(h: Harness, res: SuiteResult) -> None:
     t = res.table(
         f"{CONNECTIONS} connections, 64-byte ping-pong, a cat per connection "
         "(medians, pinned to one CPU)",
-        ["server", "msg/s", "p50 µs", "p99 µs", "ours vs this", "run spread", "note"],
+        [
+            "server",
+            "msg/s",
+            "p50 µs",
+            "p99 µs",
+            "server CPU µs/msg",
+            "ours vs this",
+            "run spread",
+            "note",
+        ],
     )
     ours = figs[OURS]
     for name, r in figs.items():
@@ -169,6 +208,7 @@ def run(h: Harness, res: SuiteResult) -> None:
                 fmt_rate(r.get("rate")),
                 fmt(r.get("p50_us"), 1),
                 fmt(r.get("p99_us"), 1),
+                fmt(r.get("cpu_us_per_msg"), 1),
                 fmt_ratio(ratio(ours.get("rate"), r.get("rate"))),
                 spread(r),
                 status(r),
@@ -209,6 +249,9 @@ def run(h: Harness, res: SuiteResult) -> None:
         "`ipc exec --mode MODE cat -- cat` (peer information through its door; cat's stdin "
         "and stdout one socket pair switched with the client inside the loop); websocketd is "
         "one Go process with pipes to each cat. Every process and every cat pinned to one CPU.",
+        "server CPU µs/msg: user + system time of the servers' processes (daemons and cats) "
+        "during a run over the messages of the run (warmup included): the cost of a message, "
+        "which other work on the shared CPU does not change as it changes msg/s.",
         "Memory: RSS counts the pages cat processes share once per process (each cat ~1-2 "
         "MiB, mostly the C library); PSS shares them out. Both include the cat children.",
     ]

@@ -528,3 +528,18 @@ def test_a_background_process_holding_stdout_does_not_hold_the_client(
     ex.logs.wait_for("exited with status 0")
     ex.logs.wait_for("background processes still hold its output")
     wait_for(lambda: not alive(background), what="the background sleep gone")
+
+
+def test_stderr_is_rate_bounded(start_exec, tmp_path: Path) -> None:
+    prog = script(
+        tmp_path,
+        "chatty.sh",
+        '#!/bin/bash\nfor i in $(seq 1 2000); do echo "noise $i" >&2; done\necho done\nexec cat\n',
+    )
+    ex = start_exec("chatty", "--stderr-rate", "10", "--", prog)
+    with ex.connect() as s:
+        assert recv_msg(s) == b"done"
+        ex.logs.wait_for("lines dropped")
+        assert ask(s, b"still served") == b"still served"
+    logged = [line for line in ex.logs.text().splitlines() if ": noise " in line]
+    assert 10 <= len(logged) <= 40, len(logged)  # 10 a second, and the run took a few

@@ -190,23 +190,24 @@ class ExecService:
             local_pid=local_pid,
             local_uid=local_uid,
         )
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of descriptors: this client only
+            self._cannot_start(fd, peer, label, exc)
+            return
+        try:
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            self._cannot_start(fd, peer, label, exc)
+            return
         try:
             pid = spawn(self.path, self.argv, env, theirs.fileno(), err_w)
         except OSError as exc:
             ours.close()
             os.close(err_r)
-            more = self._failures.due()
-            if more is not None:
-                log.error(
-                    "cannot start %s for %s: %s; closing the client%s",
-                    self.path,
-                    label,
-                    exc.strerror or exc,
-                    more,
-                )
-            self._refuse(fd, peer, f"{self.name}: the program cannot be started")
+            self._cannot_start(fd, peer, label, exc)
             return
         finally:
             theirs.close()
@@ -226,6 +227,20 @@ class ExecService:
         self._by_program[program_fd] = client
         self._by_pid[pid] = client
         log.debug("%s: started %s", label, child.name)
+
+    def _cannot_start(self, fd: int, peer: PeerInfo | None, label: str, exc: OSError) -> None:
+        """The program cannot run for this client: logged (at a bounded
+        rate), the client refused or closed, the others unaffected."""
+        more = self._failures.due()
+        if more is not None:
+            log.error(
+                "cannot start %s for %s: %s; closing the client%s",
+                self.path,
+                label,
+                exc.strerror or exc,
+                more,
+            )
+        self._refuse(fd, peer, f"{self.name}: the program cannot be started")
 
     def _early_message(self, fd: int, message: bytes) -> None:
         """A message read with the connection (right behind a door's offer),

@@ -22,6 +22,7 @@ behind, without a thread per child. Everything here runs in the loop:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -147,9 +148,10 @@ class Children:
             try:
                 child.pidfd = os.pidfd_open(child.pid)
             except OSError as exc:
-                if exc.errno != 3:  # ESRCH: it exited already; waitpid finds it
+                if exc.errno == errno.ENOSYS:  # an old kernel: poll from now on
                     log.info("pidfd_open: %s; polling children instead", exc.strerror)
                     self.use_pidfd = False
+                # else (out of descriptors...): this child is polled
             else:
                 self.ctx.add_external(child.pidfd)
                 self._by_fd[child.pidfd] = child

@@ -543,3 +543,33 @@ def test_stderr_is_rate_bounded(start_exec, tmp_path: Path) -> None:
         assert ask(s, b"still served") == b"still served"
     logged = [line for line in ex.logs.text().splitlines() if ": noise " in line]
     assert 10 <= len(logged) <= 40, len(logged)  # 10 a second, and the run took a few
+
+
+def test_out_of_descriptors_costs_only_the_new_clients(rundir: Path, procs: Processes) -> None:
+    proc = procs.start(
+        "prlimit", "--nofile=40:40", "--", BIN / "ipc", "exec", "--rundir", rundir,
+        "tight", "--", "cat",
+    )  # fmt: skip
+    logs = LogReader(proc)
+    logs.wait_for("serving")
+    ex = Exec(proc, logs, "tight", rundir)
+    clients = []
+    try:
+        for _ in range(30):  # 4 descriptors each: the limit is hit on the way
+            clients.append(ex.connect())
+        served = 0
+        for n, s in enumerate(clients):
+            try:
+                if ask(s, b"%d" % n) == b"%d" % n:
+                    served += 1
+            except (OSError, EOFError):
+                pass
+        assert 0 < served < 30
+        assert proc.poll() is None
+    finally:
+        for s in clients:
+            s.close()
+    wait_for(lambda: not children_of(proc.pid), what="every cat gone")
+    with ex.connect() as s:
+        assert ask(s, b"after") == b"after"
+    assert "Traceback" not in logs.text()

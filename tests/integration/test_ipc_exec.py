@@ -249,6 +249,33 @@ def test_through_ipc_tcpd_the_program_sees_the_client(
     assert "IPC_CLIENT_PID" not in env and "HTTPS" not in env
 
 
+def test_through_ipc_tlsd_the_program_sees_the_client_certificate(
+    start_exec, procs: Processes, rundir: Path, tmp_path: Path
+) -> None:
+    from daemons.engine import certs
+    from tests.integration.test_haproxy import make_tls_files
+    from tests.integration.test_peer_info_tcp import start_tlsd, tls_context
+
+    pki = make_tls_files(tmp_path)
+    prog = script(tmp_path, "printenv.py", PRINTENV.replace("python3", sys.executable, 1))
+    start_exec("env", "--", prog)
+    _logs, port = start_tlsd(procs, rundir, pki)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with tls_context(pki, pki.client).wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(b"env")
+        assert recv_exact(s, 2) == b"ok"
+        env = json.loads(recv_msg(s))
+        version, cipher = s.version(), s.cipher()
+    assert env["IPC_TRANSPORT"] == "tls" and env["HTTPS"] == "on"
+    assert env["SSL_PROTOCOL"] == version and env["SSL_CIPHER"] == (cipher or ("",))[0]
+    assert env["SSL_TLS_SNI"] == "localhost" and env["SERVER_NAME"] == "localhost"
+    assert env["SSL_CLIENT_S_DN"] == "CN=carol" and env["SSL_CLIENT_VERIFY"] == "SUCCESS"
+    assert env["SSL_CLIENT_FINGERPRINT"] == certs.fingerprint(pki.client[0])
+    assert env["SSL_CLIENT_SAN_DNS_0"] == "carol.example"
+    assert env["SSL_CLIENT_SAN_IPaddr_0"] == "192.0.2.77"
+    assert env["SERVER_PORT"] == str(port)
+
+
 def test_through_ipc_websocketd_the_program_sees_the_request(
     start_exec,
     websocketd,  # noqa: F811

@@ -51,14 +51,11 @@ from ipc_core import (
     service_marks,
 )
 from ipc_core.peerinfo import PeerInfo
-from ipc_core.rundir import PEER_INFO_MARK
 
 from .codecs.udp import (
     Drop,
-    UdpListen,
     UdpTarget,
     max_payload,
-    parse_udp_listen,
     parse_udp_target,
 )
 from .engine import systemd
@@ -70,6 +67,7 @@ from .engine.listeners import (
     ListenAddress,
     bound_address,
     open_listener,
+    parse_listen,
     peer_name,
 )
 from .engine.local import connect_local
@@ -83,7 +81,7 @@ from .engine.options import (
     rundir_option,
     seconds,
 )
-from .engine.policy import network_refusal
+from .engine.policy import network_refusal, service_name_error
 from .engine.startup import bind_error, starting
 from .engine.trust import parse_ip
 
@@ -97,7 +95,39 @@ _RECV_SIZE = 65536
 _BATCH = 64
 #: Datagrams held per flow while a peer-info service decides.
 _VERDICT_QUEUE = 64
-_PEER_INFO = PEER_INFO_MARK.decode()
+#: The lock mark of a service that asked for peer information (docs/protocol.md).
+_PEER_INFO = "peer-info"
+
+
+@dataclass(frozen=True)
+class UdpListen:
+    """One ``--listen``: where, and which local service its flows reach."""
+
+    address: ListenAddress
+    service: str
+
+    def __str__(self) -> str:
+        return f"{self.address}={self.service}"
+
+
+def parse_udp_listen(spec: str) -> UdpListen:
+    """Parse ``ADDRESS=SERVICE`` (ADDRESS: ``:PORT``, ``HOST:PORT`` or
+    ``[IPv6]:PORT``); ``ValueError`` names what is wrong."""
+    address, sep, service = spec.partition("=")
+    if not sep or not service:
+        raise ValueError(
+            f"expected ADDRESS=SERVICE (as in :5140=syslog), got {spec!r}: "
+            "every UDP port serves one local service"
+        )
+    reason = service_name_error(service)
+    if reason:
+        raise ValueError(f"bad service in {spec!r}: {reason}")
+    if address.startswith("unix:"):
+        raise ValueError(f"UDP listens on IP addresses, not Unix sockets: {spec!r}")
+    listen = parse_listen(address)
+    return UdpListen(listen, service)
+
+
 #: One read of a service's stream: up to this many bytes of replies.
 _LOCAL_RECV_SIZE = 256 * 1024
 _pack_header = struct.Struct(">I").pack

@@ -23,17 +23,14 @@ import ipaddress
 from dataclasses import dataclass
 
 from ..engine.addresses import check_port, split_host_port
-from ..engine.listeners import ListenAddress, parse_listen
 from ..engine.policy import service_name_error
 
 __all__ = [
     "MAX_IPV4_PAYLOAD",
     "MAX_IPV6_PAYLOAD",
     "Drop",
-    "UdpListen",
     "UdpTarget",
     "max_payload",
-    "parse_udp_listen",
     "parse_udp_target",
 ]
 
@@ -66,35 +63,6 @@ class Drop(enum.StrEnum):
     NO_SERVICE = "no service"
     #: The service read the peer information and said no.
     SERVICE_REFUSED = "service refused"
-
-
-@dataclass(frozen=True)
-class UdpListen:
-    """One ``--listen``: where, and which local service its flows reach."""
-
-    address: ListenAddress
-    service: str
-
-    def __str__(self) -> str:
-        return f"{self.address}={self.service}"
-
-
-def parse_udp_listen(spec: str) -> UdpListen:
-    """Parse ``ADDRESS=SERVICE`` (ADDRESS: ``:PORT``, ``HOST:PORT`` or
-    ``[IPv6]:PORT``); ``ValueError`` names what is wrong."""
-    address, sep, service = spec.partition("=")
-    if not sep or not service:
-        raise ValueError(
-            f"expected ADDRESS=SERVICE (as in :5140=syslog), got {spec!r}: "
-            "every UDP port serves one local service"
-        )
-    reason = service_name_error(service)
-    if reason:
-        raise ValueError(f"bad service in {spec!r}: {reason}")
-    if address.startswith("unix:"):
-        raise ValueError(f"UDP listens on IP addresses, not Unix sockets: {spec!r}")
-    listen = parse_listen(address)
-    return UdpListen(listen, service)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from daemons.codecs.udp import (
     MAX_IPV6_PAYLOAD,
     UdpTarget,
     max_payload,
-    parse_udp_listen,
     parse_udp_target,
 )
+from daemons.udpd import parse_udp_listen
 
 
 @pytest.mark.parametrize(

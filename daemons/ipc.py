@@ -95,9 +95,10 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-def serve_pong(ctx: Context, name: str, ready: bool = True) -> None:
-    """Echo every message back to its sender until stopped."""
-    ctx.service_init(name)
+def serve_pong(ctx: Context, name: str, ready: bool = True, *, handoff: bool = True) -> None:
+    """Echo every message back to its sender until stopped. ``handoff``:
+    take ipc-tcpd's connections over (no relay in the path)."""
+    ctx.service_init(name, handoff=handoff)
     ctx.handle_signals()
     if ready:
         click.echo(f"pongd: serving {name!r} in {ctx.rundir}", err=True)
@@ -115,11 +116,18 @@ def serve_pong(ctx: Context, name: str, ready: bool = True) -> None:
         [
             ("ipc pongd", "serve $RUNDIR/pong until Ctrl-C or SIGTERM"),
             ("ipc pongd echo --rundir /run/libipc", "the same service under another name"),
+            ("ipc pongd --no-handoff", "always relayed by ipc-tcpd, never handed over"),
         ]
     )
 )
 @click.argument("name", default="pong")
 @_rundir_option
+@click.option(
+    "--handoff/--no-handoff",
+    default=True,
+    show_default=True,
+    help="Take over ipc-tcpd's connections (the TCP socket itself, no relay in the path).",
+)
 @click.option(
     "--max-message-size",
     type=click.IntRange(min=0, max=_MAX_SIZE),
@@ -127,11 +135,11 @@ def serve_pong(ctx: Context, name: str, ready: bool = True) -> None:
     metavar="BYTES",
     help="Disconnect clients announcing a longer message.",
 )
-def pongd(name: str, rundir: Path | None, max_message_size: int) -> None:
+def pongd(name: str, rundir: Path | None, handoff: bool, max_message_size: int) -> None:
     """Run the example echo service NAME (default: pong)."""
     try:
         with Context(rundir_path=rundir, max_message_size=max_message_size) as ctx:
-            serve_pong(ctx, name)
+            serve_pong(ctx, name, handoff=handoff)
     except IPCError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -62,12 +62,20 @@ DEFAULT_LISTEN = "127.0.0.1:9000"
 @connect_timeout_option("connect and TCPd handshake")
 @idle_timeout_option
 @proxy_protocol_option
+@click.option(
+    "--no-handoff",
+    is_flag=True,
+    help="Always relay, even to services that take handed-over connections "
+    "(by default a service started with handoff=True, e.g. ipc pongd, gets "
+    "the TCP socket itself after the handshake and ipc-tcpd leaves the path).",
+)
 def main(
     common: CommonOptions,
     service_name: str,
     connect_timeout: float,
     idle_timeout: float,
     proxy_protocol: TrustedNetworks,
+    no_handoff: bool,
 ) -> None:
     """Put local LibIPC services on TCP, and reach remote ones (TCPd).
 
@@ -88,6 +96,7 @@ def main(
             idle_timeout=idle_timeout,
         )
     use_proxy_protocol(daemon, proxy_protocol)
+    daemon.handoff = not no_handoff
     try:
         daemon.run()
     finally:

@@ -119,6 +119,9 @@ DEFAULT_QUEUE_HIGH_WATER = 1 * 1024 * 1024
 _CONNECTION = EventType.CONNECTION
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 _CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
+#: Credentials and one passed descriptor (a hand-off); room for a few more,
+#: so that a sender passing several is refused, not silently truncated.
+_HANDOFF_SPACE = _CRED_SPACE + socket.CMSG_SPACE(4 * 4)
 _ACCEPT_FRAME = _door.accept_frame()
 
 __all__ = [
@@ -144,6 +147,36 @@ class _Door:
     name: str
     origin: int  # the service's normal listening descriptor
     trusted: frozenset[int]
+    #: Takes handed-over network sockets (one SCM_RIGHTS descriptor per offer).
+    handoff: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Handover:
+    """A handed-over socket waiting for the application's verdict: the door
+    connection to answer on, and what to write to the client on accept."""
+
+    door: Conn
+    reply: bytes
+
+
+class _Offer:
+    """The reading state of one door connection: the offer, then (when a
+    socket came with it) the hand-off frame."""
+
+    __slots__ = ("fds", "handoff", "info", "reader")
+
+    def __init__(self) -> None:
+        self.reader = _door.OfferReader()
+        self.info: PeerInfo | None = None
+        self.handoff: _door.HandoffReader | None = None
+        self.fds: list[int] = []
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
 
 
 class Context:
@@ -204,6 +237,8 @@ class Context:
         #: Door connections whose CONNECTION is out and whose verdict is not:
         #: fd -> (connection, its CONNECTION event).
         self._offered: dict[int, tuple[Conn, Event]] = {}
+        #: Handed-over sockets among them: fd -> their door and reply.
+        self._handovers: dict[int, _Handover] = {}
         #: Seconds a door connection has to send its offer.
         self._offer_seconds = _door.OFFER_SECONDS
 
@@ -233,6 +268,7 @@ class Context:
         *,
         local_only: bool = False,
         peer_info: bool = False,
+        handoff: bool = False,
         trusted_uids: Iterable[int] = (),
     ) -> int:
         """Listen as service ``name``; return the listening descriptor.
@@ -250,6 +286,14 @@ class Context:
         ``trusted_uids``. Clients connecting to ``NAME`` itself arrive as
         before, with ``peer`` None.
 
+        ``handoff=True`` takes network connections over from the protocol
+        daemons whose stream is plain LibIPC after their handshake (ipc-tcpd):
+        the daemon passes the TCP socket itself through the door and keeps no
+        copy, so no relay stays in the path. A handed-over connection arrives
+        as a CONNECTION event with ``peer`` set (the door's offer comes with
+        it), and is an ordinary peer from then on: this context's limits
+        (message size, queues) apply to it, the daemon's no longer do.
+
         Raises ServiceBusy if another instance runs, InvalidServiceName for a
         bad name (names ending in ``.door`` are reserved).
         """
@@ -259,14 +303,14 @@ class Context:
             if type(uid) is not int or uid < 0:
                 raise UsageError(f"trusted_uids: {uid!r} is not a uid")
         service = bind_service(
-            name, self.rundir, backlog, local_only=local_only, peer_info=peer_info
+            name, self.rundir, backlog, local_only=local_only, peer_info=peer_info, handoff=handoff
         )
         conn = Conn(LISTENER, service.sock)
         conn.service = service
         conn.reader = self._accept
         self._table.add(conn, _EPOLLIN)
         if service.door is not None:
-            door = _Door(name, conn.fd, trusted | {0, os.geteuid(), service.owner_uid})
+            door = _Door(name, conn.fd, trusted | {0, os.geteuid(), service.owner_uid}, handoff)
             gate = Conn(LISTENER, service.door)
             gate.reader = functools.partial(self._accept_door, door)
             self._table.add(gate, _EPOLLIN)
@@ -726,44 +770,62 @@ class Context:
                 continue
             peer = Conn(PEER, sock)
             peer.origin = door.origin
-            peer.reader = functools.partial(self._read_offer, door, _door.OfferReader())
+            peer.reader = functools.partial(self._read_offer, door, _Offer())
             self._table.add(peer, _EPOLLIN)
             peer.linger = self._timers.call_later(
                 self._offer_seconds, functools.partial(self._offer_late, door, peer)
             )
 
-    def _read_offer(self, door: _Door, reader: _door.OfferReader, conn: Conn) -> None:
-        """Read a door connection until its offer is complete (see Doors)."""
+    def _read_offer(self, door: _Door, state: _Offer, conn: Conn) -> None:
+        """Read a door connection until its offer (and, with a handed-over
+        socket, the hand-off frame) is complete (see Doors)."""
+        space = _HANDOFF_SPACE if door.handoff else _CRED_SPACE
         try:
-            n, ancdata, flags, _addr = conn.sock.recvmsg_into([self._view], _CRED_SPACE)
+            n, ancdata, flags, _addr = conn.sock.recvmsg_into([self._view], space)
         except BlockingIOError:
             return
         except OSError as exc:
-            self._drop_door(door, conn, f"read failed: {exc.strerror or exc}")
+            self._drop_door(door, conn, f"read failed: {exc.strerror or exc}", state)
             return
         if n:
-            problem = _credentials_problem(ancdata, flags, door.trusted)
+            problem = _credentials_problem(
+                ancdata, flags, door.trusted, state.fds if door.handoff else None
+            )
             if problem is not None:
-                self._drop_door(door, conn, problem)
+                self._drop_door(door, conn, problem, state)
                 return
+        data: bytes | memoryview = self._view[:n]
         try:
-            info = reader.feed(self._view[:n])
+            if state.info is None:
+                state.info = state.reader.feed(data)
+                if state.info is None:
+                    return
+                data = state.reader.leftover
+                if not state.fds:
+                    self._offer_read(door, conn, state.info, data)
+                    return
+                state.handoff = _door.HandoffReader()
+                if not data:
+                    return
+            assert state.handoff is not None
+            handoff = state.handoff.feed(data)
         except PeerClosed:
-            self._drop_door(door, conn, "closed before sending its peer information")
+            self._drop_door(door, conn, "closed before sending its peer information", state)
             return
         except ProtocolError as exc:
-            self._drop_door(door, conn, f"bad peer information: {exc}")
+            self._drop_door(door, conn, f"bad peer information: {exc}", state)
             return
-        if info is None:
+        if handoff is None:
             return
-        if conn.linger is not None:
-            conn.linger.cancel()
-            conn.linger = None
-        # From now on an ordinary peer: whoever writes next is the relay's business.
-        try:
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
-        except OSError as exc:
-            self._drop_door(door, conn, f"cannot set up the connection: {exc.strerror}")
+        if state.handoff.leftover:
+            self._drop_door(door, conn, "bytes after the hand-off frame", state)
+            return
+        self._handed_over(door, conn, state, handoff)
+
+    def _offer_read(self, door: _Door, conn: Conn, info: PeerInfo, leftover: bytes) -> None:
+        """A relayed client's offer is read: the door connection becomes an
+        ordinary peer, announced with its peer information."""
+        if not self._door_opened(door, conn):
             return
         fd = conn.fd
         conn.peer = info
@@ -772,24 +834,108 @@ class Context:
         event = Event(_CONNECTION, fd, origin=door.origin, peer=info)
         self._events.append(event)
         self._offered[fd] = (conn, event)
-        if reader.leftover:
-            try:
-                messages = conn.decoder.feed(reader.leftover)
-            except ProtocolError as exc:
-                log.warning("%s; closing it", bad_input(conn, exc))
-                self._offered.pop(fd, None)
-                self._table.close_conn(conn, str(exc), error=type(exc))
-                return
-            for message in messages:
-                self._events.append(message_rx(fd, message))
+        if leftover:
+            self._feed_early(conn, leftover)
+
+    def _door_opened(self, door: _Door, conn: Conn, state: _Offer | None = None) -> bool:
+        """The offer is in: no deadline, no more credentials to read."""
+        if conn.linger is not None:
+            conn.linger.cancel()
+            conn.linger = None
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
+        except OSError as exc:
+            self._drop_door(door, conn, f"cannot set up the connection: {exc.strerror}", state)
+            return False
+        return True
+
+    def _feed_early(self, conn: Conn, data: bytes) -> None:
+        """Messages that came with a new peer, queued behind its CONNECTION."""
+        assert conn.decoder is not None
+        try:
+            messages = conn.decoder.feed(data)
+        except ProtocolError as exc:
+            log.warning("%s; closing it", bad_input(conn, exc))
+            self._offered.pop(conn.fd, None)
+            self._drop_handover(conn.fd)
+            self._table.close_conn(conn, str(exc), error=type(exc))
+            return
+        for message in messages:
+            self._events.append(message_rx(conn.fd, message))
+
+    def _handed_over(self, door: _Door, conn: Conn, state: _Offer, handoff: _door.Handoff) -> None:
+        """A daemon handed its network socket over: adopt it as a peer (the
+        door connection waits for the verdict, then closes)."""
+        info = state.info
+        assert info is not None
+        if len(state.fds) != 1:
+            self._drop_door(door, conn, f"{len(state.fds)} descriptors with one hand-off", state)
+            return
+        try:
+            sock = socket.socket(fileno=state.fds[0])
+        except OSError as exc:
+            self._drop_door(door, conn, f"the handed-over descriptor: {exc.strerror}", state)
+            return
+        state.fds.clear()
+        if sock.type != socket.SOCK_STREAM:
+            sock.close()
+            self._drop_door(door, conn, "the handed-over descriptor is not a stream socket")
+            return
+        if not self._door_opened(door, conn):
+            sock.close()
+            return
+        sock.setblocking(False)
+        peer = Conn(PEER, sock)
+        peer.origin = door.origin
+        peer.peer = info
+        peer.decoder = FrameDecoder(self.max_message_size)
+        peer.reader = self._read_peer
+        self._table.add(peer, _EPOLLIN)
+        conn.reader = self._read_spent_door
+        event = Event(_CONNECTION, peer.fd, origin=door.origin, peer=info)
+        self._events.append(event)
+        self._offered[peer.fd] = (peer, event)
+        self._handovers[peer.fd] = _Handover(conn, handoff.reply)
+        if handoff.early:
+            self._feed_early(peer, handoff.early)
+
+    def _read_spent_door(self, conn: Conn) -> None:
+        """A door whose socket was handed over says nothing more: close it on
+        EOF (the daemon gave up) or on any byte."""
+        try:
+            data = conn.sock.recv(1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._table.close_conn(conn, None if not data else "bytes after a hand-off", report=False)
+
+    def _answer_door(self, door: Conn, frame: bytes) -> None:
+        """The verdict on a hand-off's door, then the door closed: at once if
+        the frame went out (it nearly always does: a fresh socket), else when
+        the daemon, having read it, closes its end (``_read_spent_door``)."""
+        if self._conns.get(door.fd) is not door:
+            return
+        self._table.send(door, frame)
+        if not door.out:
+            self._table.close_conn(door, None, report=False)
+
+    def _drop_handover(self, fd: int) -> _Handover | None:
+        handover = self._handovers.pop(fd, None) if self._handovers else None
+        if handover is not None and self._conns.get(handover.door.fd) is handover.door:
+            self._table.close_conn(handover.door, None, report=False)
+        return handover
 
     def _offer_late(self, door: _Door, conn: Conn) -> None:
         if self._conns.get(conn.fd) is conn and conn.decoder is None:
             conn.linger = None
             self._drop_door(door, conn, f"no peer information within {self._offer_seconds:g} s")
 
-    def _drop_door(self, door: _Door, conn: Conn, reason: str) -> None:
-        """A door connection that is not believed: a warning, a close, no event."""
+    def _drop_door(self, door: _Door, conn: Conn, reason: str, state: _Offer | None = None) -> None:
+        """A door connection that is not believed: a warning, a close, no event
+        (and any descriptor it passed closed)."""
+        if state is not None:
+            state.close_fds()
         log.warning("door of service %r, descriptor %d: %s; closing it", door.name, conn.fd, reason)
         self._table.close_conn(conn, reason, report=False)
 
@@ -797,8 +943,16 @@ class Context:
         """Send the accept verdict to door connection ``fd`` (if it is still
         the connection that made the offer)."""
         conn, _event = self._offered.pop(fd)
-        if self._conns.get(fd) is conn:
-            self._table.send(conn, _ACCEPT_FRAME)
+        handover = self._handovers.pop(fd, None) if self._handovers else None
+        if handover is None:
+            if self._conns.get(fd) is conn:
+                self._table.send(conn, _ACCEPT_FRAME)
+            return
+        # A handed-over socket: the verdict on the door (the daemon then
+        # closes its copy), the door closed, the client's reply first.
+        self._answer_door(handover.door, _ACCEPT_FRAME)
+        if self._conns.get(fd) is conn and handover.reply:
+            self._table.send(conn, handover.reply)
 
     def _accept_seen_offers(self) -> None:
         """Accept every offer whose CONNECTION event the application has
@@ -829,7 +983,14 @@ class Context:
         frame = _door.refuse_frame(reason)
         del self._offered[fd]
         log.debug("descriptor %d refused: %s", fd, _door.clean_reason(reason))
-        self._table.send(conn, frame)
+        handover = self._handovers.pop(fd, None) if self._handovers else None
+        if handover is None:
+            self._table.send(conn, frame)
+            self.close(fd, flush=True)
+            return
+        # The refusal goes to the daemon on the door; the client gets nothing
+        # and sees the close once the daemon drops its copy too.
+        self._answer_door(handover.door, frame)
         self.close(fd, flush=True)
 
     def peer_info(self, fd: int) -> PeerInfo | None:
@@ -865,6 +1026,7 @@ class Context:
             return
         if self._offered:
             self._offered.pop(fd, None)  # closed without a verdict: the daemon sees EOF
+            self._drop_handover(fd)
         if conn.kind == SWITCHED:
             table.close_pair(conn, None)
         elif flush and (conn.out or refill is not None):
@@ -883,6 +1045,7 @@ class Context:
         table.close_deferred()
         self._events.clear()
         self._offered.clear()
+        self._handovers.clear()
         if not table.closed:
             table.closed = True
             self._signals.restore()
@@ -958,11 +1121,14 @@ class Context:
 
 
 def _credentials_problem(
-    ancdata: list[tuple[int, int, bytes]], flags: int, trusted: frozenset[int]
+    ancdata: list[tuple[int, int, bytes]],
+    flags: int,
+    trusted: frozenset[int],
+    keep: list[int] | None = None,
 ) -> str | None:
     """Why one read of a door connection is not believed, or None: its
-    SCM_CREDENTIALS must name a trusted uid; passed descriptors are closed
-    and refused."""
+    SCM_CREDENTIALS must name a trusted uid. Passed descriptors go to
+    ``keep`` (a door that takes hand-offs) or are closed and refused."""
     creds = None
     passed = False
     for level, kind, data in ancdata:
@@ -971,13 +1137,21 @@ def _credentials_problem(
         if kind == socket.SCM_CREDENTIALS and len(data) >= _UCRED.size:
             creds = _UCRED.unpack_from(data)
         elif kind == socket.SCM_RIGHTS:
-            passed = True
             usable = len(data) - len(data) % 4
-            for (fd,) in struct.iter_unpack("i", data[:usable]):
+            fds = [fd for (fd,) in struct.iter_unpack("i", data[:usable])]
+            if keep is not None:
+                keep.extend(fds)
+                continue
+            passed = True
+            for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-    if passed or flags & socket.MSG_CTRUNC:
+    if flags & socket.MSG_CTRUNC:
+        return "sent more descriptors than one, or other ancillary data"
+    if passed:
         return "sent descriptors or other ancillary data"
+    if keep is not None and len(keep) > 1:
+        return f"sent {len(keep)} descriptors (a hand-off passes one)"
     if creds is None or creds[0] == 0:
         return "no credentials came with the peer information"
     pid, uid, _gid = creds

@@ -57,6 +57,32 @@ Frames are LibIPC frames: a 4-byte big-endian length, then that many bytes.
 
 The service waits 5 s for the offer; a connection from an untrusted uid,
 with a malformed offer, or silent that long is closed without a verdict.
+
+Hand-off (version 1.1)
+----------------------
+A service that accepts handed-over connections (``service_init(name,
+handoff=True)``, lock mark ``handoff``) lets a daemon whose network stream is
+plain LibIPC after its handshake (ipc-tcpd) give it the network socket
+itself, so that no relay stays in the path:
+
+1. The daemon sends, in one ``sendmsg`` whose ``SCM_RIGHTS`` carries the
+   network socket (exactly one descriptor), the offer (as above) followed by
+   ONE *hand-off frame* (:func:`handoff_frame`)::
+
+       payload = 0x01, u16 big-endian N, N bytes "reply", then "early"
+
+   ``reply`` is what the service must write to the client first once it
+   accepts (TCPd's ``ok``, at most :data:`MAX_REPLY` bytes); ``early`` the
+   LibIPC bytes the daemon read past the client's handshake (at most
+   :data:`MAX_EARLY`), which the service reads before the socket's.
+2. The service answers the verdict as above, on the door. On accept it
+   writes ``reply`` to the handed-over socket before anything else, and
+   the daemon closes its own copy of the socket: the connection is the
+   service's alone. On a refusal both close their copies (the client sees
+   the connection closed without ``reply``, as for any refusal).
+
+A service that did not ask for hand-offs refuses a passed descriptor (and
+closes it), as version 1 does.
 """
 
 from __future__ import annotations
@@ -72,14 +98,19 @@ from .framing import HEADER_SIZE, header
 from .peerinfo import PeerInfo
 
 __all__ = [
+    "MAX_EARLY",
     "MAX_REASON",
+    "MAX_REPLY",
     "MAX_VERDICT",
     "OFFER_SECONDS",
     "VERSION",
+    "Handoff",
+    "HandoffReader",
     "OfferReader",
     "Verdict",
     "VerdictReader",
     "accept_frame",
+    "handoff_frame",
     "offer_frame",
     "refuse_frame",
 ]
@@ -93,6 +124,11 @@ MAX_REASON = 512
 """A refusal's reason is cut to this many UTF-8 bytes."""
 OFFER_SECONDS = 5.0
 """How long a service waits for the offer on a new door connection."""
+MAX_REPLY = 256
+"""The longest ``reply`` of a hand-off frame."""
+MAX_EARLY = 256 * 1024
+"""The most ``early`` bytes a hand-off frame carries."""
+_HANDOFF_KIND = 0x01
 
 # C0 and C1 controls, DEL, and lone surrogates (a JSON "\ud800" decodes to one).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -283,3 +319,56 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _constant(name: str) -> Any:
     raise ValueError(name)
+
+
+# -- hand-off (version 1.1) -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """What comes with a handed-over socket: the bytes to write to the client
+    first once accepted, and the bytes the daemon read past the handshake."""
+
+    reply: bytes
+    early: bytes
+
+
+def handoff_frame(reply: bytes, early: bytes) -> bytes:
+    """The frame that follows the offer when the network socket is handed over."""
+    if len(reply) > MAX_REPLY:
+        raise UsageError(f"hand-off reply of {len(reply)} bytes, limit is {MAX_REPLY}")
+    if len(early) > MAX_EARLY:
+        raise UsageError(f"hand-off early bytes: {len(early)}, limit is {MAX_EARLY}")
+    payload = bytes((_HANDOFF_KIND,)) + len(reply).to_bytes(2, "big") + reply + early
+    return header(len(payload)) + payload
+
+
+class HandoffReader(_FrameReader):
+    """The service's side: the hand-off frame behind the offer.
+
+    ``feed(data)`` returns the :class:`Handoff` once the frame is complete;
+    :attr:`leftover` then holds what followed it (a daemon sends nothing
+    more: anything there is a protocol error for the caller to report).
+    """
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(3 + MAX_REPLY + MAX_EARLY, "hand-off frame")
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Handoff | None:
+        payload = self._feed(data)
+        return None if payload is None else parse_handoff(payload)
+
+
+def parse_handoff(payload: bytes) -> Handoff:
+    """A hand-off frame's payload; ProtocolError if it is not one."""
+    if len(payload) < 3 or payload[0] != _HANDOFF_KIND:
+        raise ProtocolError("not a hand-off frame")
+    n = int.from_bytes(payload[1:3], "big")
+    if n > MAX_REPLY or 3 + n > len(payload):
+        raise ProtocolError(f"hand-off reply of {n} bytes does not fit")
+    early = payload[3 + n :]
+    if len(early) > MAX_EARLY:
+        raise ProtocolError(f"hand-off early bytes: {len(early)}, limit is {MAX_EARLY}")
+    return Handoff(payload[3 : 3 + n], early)

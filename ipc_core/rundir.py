@@ -43,6 +43,7 @@ LOCK_MODE = 0o660  # like the sockets: a group member can take over a stale lock
 # through my door and tell me who the client is".
 LOCAL_ONLY_MARK = b"local-only"
 PEER_INFO_MARK = b"peer-info"
+HANDOFF_MARK = b"handoff"
 _MARK_READ = 256
 _MARK = re.compile(rb"[a-z][a-z0-9-]{0,31}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -298,14 +299,20 @@ def _lock_mode(fd: int) -> None:
             os.fchmod(fd, LOCK_MODE)
 
 
-def _mark_lock(fd: int, *, local_only: bool, peer_info: bool = False) -> None:
+def _mark_lock(
+    fd: int, *, local_only: bool, peer_info: bool = False, handoff: bool = False
+) -> None:
     """Write the service's marks into its lock, one per line; a service
     without marks empties it, so a name taken over from a marked one is not
     marked."""
     os.ftruncate(fd, 0)
     marks = b"".join(
         mark + b"\n"
-        for mark, wanted in ((LOCAL_ONLY_MARK, local_only), (PEER_INFO_MARK, peer_info))
+        for mark, wanted in (
+            (LOCAL_ONLY_MARK, local_only),
+            (PEER_INFO_MARK, peer_info),
+            (HANDOFF_MARK, handoff),
+        )
         if wanted
     )
     if marks:
@@ -319,12 +326,15 @@ def bind_service(
     *,
     local_only: bool = False,
     peer_info: bool = False,
+    handoff: bool = False,
 ) -> ServiceSocket:
     """Lock, clean up stale sockets, bind and listen: one service instance.
 
     ``local_only`` marks the service as never to be reached from the network
     (see :func:`is_local_only`); ``peer_info`` marks it as wanting peer
-    information and binds its door too (see :func:`door_path`). A name
+    information and binds its door too (see :func:`door_path`); ``handoff``
+    marks it as taking handed-over network sockets through its door (see
+    :mod:`ipc_core.door`), and binds the door too. A name
     ending in ``.door`` is refused (InvalidServiceName).
     """
     directory = rundir() if directory is None else directory
@@ -332,22 +342,38 @@ def bind_service(
     path = socket_path(name, directory)
     dir_fd = open_rundir(directory)
     try:
-        return _bind_in(dir_fd, name, path, backlog, local_only=local_only, peer_info=peer_info)
+        return _bind_in(
+            dir_fd,
+            name,
+            path,
+            backlog,
+            local_only=local_only,
+            peer_info=peer_info,
+            handoff=handoff,
+        )
     finally:
         os.close(dir_fd)
 
 
 def _bind_in(
-    dir_fd: int, name: str, path: Path, backlog: int, *, local_only: bool, peer_info: bool
+    dir_fd: int,
+    name: str,
+    path: Path,
+    backlog: int,
+    *,
+    local_only: bool,
+    peer_info: bool,
+    handoff: bool = False,
 ) -> ServiceSocket:
     lock_fd = _take_lock(dir_fd, Path(str(path) + LOCK_SUFFIX), name)
     door = Path(str(path) + DOOR_SUFFIX)
+    wants_door = peer_info or handoff
     try:
         owner_uid = os.fstat(dir_fd).st_uid
-        _mark_lock(lock_fd, local_only=local_only, peer_info=peer_info)
+        _mark_lock(lock_fd, local_only=local_only, peer_info=peer_info, handoff=handoff)
         # A door left by a crashed instance goes too, whether or not this one
         # has a door: a service without peer information leaves none behind.
-        _remove_stale_socket(dir_fd, door, needed=peer_info)
+        _remove_stale_socket(dir_fd, door, needed=wants_door)
         _remove_stale_socket(dir_fd, path)
     except OSError as exc:
         os.close(lock_fd)
@@ -359,7 +385,7 @@ def _bind_in(
         raise
     door_sock = None
     try:
-        if peer_info:
+        if wants_door:
             # The door first: once the service's name answers, so does its door.
             door_sock = _listen(door, backlog, passcred=True)
         sock = _listen(path, backlog)
@@ -368,7 +394,7 @@ def _bind_in(
             _unlink_socket(door)
             door_sock.close()
         os.close(lock_fd)
-        failed = door if door_sock is None and peer_info else path
+        failed = door if door_sock is None and wants_door else path
         raise ServiceError(f"cannot listen on {failed}: {exc.strerror or exc}") from exc
     return ServiceSocket(
         name,
@@ -376,7 +402,7 @@ def _bind_in(
         sock,
         lock_fd,
         door=door_sock,
-        door_path=door if peer_info else None,
+        door_path=door if wants_door else None,
         owner_uid=owner_uid,
     )
 

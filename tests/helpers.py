@@ -86,8 +86,14 @@ class Processes:
     def ipc(self, *args: str, **kwargs) -> subprocess.Popen[bytes]:
         return self.start(BIN / "ipc", *args, **kwargs)
 
-    def pongd(self, rundir: Path, name: str = "pong", **kwargs) -> subprocess.Popen[bytes]:
-        proc = self.ipc("pongd", name, env={"RUNDIR": str(rundir)}, **kwargs)
+    def pongd(
+        self, rundir: Path, name: str = "pong", *, handoff: bool = False, **kwargs
+    ) -> subprocess.Popen[bytes]:
+        """``ipc pongd``; relayed by ipc-tcpd unless ``handoff`` (the tests of
+        the relay keep testing the relay; tests/integration/test_handoff.py
+        tests hand-offs)."""
+        flag = () if handoff else ("--no-handoff",)
+        proc = self.ipc("pongd", name, *flag, env={"RUNDIR": str(rundir)}, **kwargs)
         wait_for(lambda: connectable(rundir / name) or proc.poll() is not None, what=f"{name} up")
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         return proc

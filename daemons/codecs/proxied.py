@@ -50,6 +50,7 @@ from ..engine.handshake import (
     KnowsClient,
     Settles,
     describes_peer,
+    hands_over,
     knows_client,
     settles,
 )
@@ -200,6 +201,11 @@ class ProxiedHandshake:
 
     def accept(self) -> tuple[Layer | None, bytes]:
         return self.inner.accept()
+
+    def handover(self) -> tuple[bytes, bytes] | None:
+        """The inner handshake's hand-off (TCPd's), None if it has none (TLS)."""
+        inner = hands_over(self.inner)
+        return inner.handover() if inner is not None else None
 
     def reject(self, reason: str, status: int) -> None:
         """Before the header is through the inner handshake has not started

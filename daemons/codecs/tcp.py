@@ -114,6 +114,12 @@ class TcpdHandshake:
         early, self._early = self._early, b""
         return None, early
 
+    def handover(self) -> tuple[bytes, bytes] | None:
+        """Accept for a hand-off: ``ok`` and the early bytes go to the service,
+        which writes ``ok`` itself (the stream after it is plain LibIPC)."""
+        _layer, early = self.accept()
+        return self.data_to_send(), early
+
     def reject(self, reason: str, status: int) -> None:
         """The reference just closes: nothing to send."""
         self.finished = True

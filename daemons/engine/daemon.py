@@ -54,6 +54,7 @@ STOPPING, RELOADING, WATCHDOG).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import ipaddress
@@ -93,10 +94,12 @@ from .handshake import (
     Front,
     Handshake,
     HandshakeFactory,
+    HandsOver,
     KnowsClient,
     NamesPeer,
     Settles,
     describes_peer,
+    hands_over,
     knows_client,
     names_peer,
     settles,
@@ -115,6 +118,8 @@ log = logging.getLogger("ipc.daemon")
 _RECV_SIZE = 65536
 #: The lock mark of a service that asked for peer information (docs/protocol.md).
 _PEER_INFO = "peer-info"
+#: The lock mark of a service that takes handed-over network sockets.
+_HANDOFF = "handoff"
 #: accept() errors that mean "out of descriptors or memory": pause, do not spin.
 _ACCEPT_PAUSE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
@@ -135,6 +140,7 @@ class _Pending:
     names_peer: NamesPeer | None = None
     describes: DescribesPeer | None = None
     knows_client: KnowsClient | None = None
+    hands_over: HandsOver | None = None
     #: Whether the peer sent any byte: one that closes having sent none is a
     #: browser's preconnect or a port check, not worth a warning.
     spoke: bool = False
@@ -194,6 +200,9 @@ class Daemon:
         self.on_switched: Callable[[int, Handshake, Layer | None], None] | None = None
         #: Wraps every accepted connection's handshake (``--proxy-protocol``).
         self.front: Front | None = None
+        #: Hand a plain LibIPC stream's socket to a service that takes it
+        #: (``handoff`` lock mark); False: ``--no-handoff``, always relay.
+        self.handoff = True
         #: Proxies that speak for their clients (``--proxy-protocol``,
         #: ``--trust-proxy``): not counted by ``--max-connections-per-ip``
         #: themselves; each connection counts under the client its
@@ -476,6 +485,7 @@ class Daemon:
             names_peer(handshake),
             describes_peer(handshake),
             knows_client(handshake),
+            hands_over(handshake),
         )
         self._pending[fd] = p
         self.own(fd, self._on_pending)
@@ -682,7 +692,7 @@ class Daemon:
         """The peer named ``service``: policy, connection (through the door of
         a service that wants peer information), then the switch."""
         try:
-            local, offer = self._open_local(p, service)
+            local, offer, handing = self._open_local(p, service)
         except LocalRefused as exc:
             self._reject(p, exc.failure, exc.reason)
             return
@@ -693,7 +703,7 @@ class Daemon:
             self._reject(p, Failure.INTERNAL, f"cannot describe the peer: {exc}", status=500)
             return
         if offer is not None:
-            self._offer(p, service, local, offer)
+            self._offer(p, service, local, offer, handing)
             return
         self._accept_peer(p, local, service, b"")
 
@@ -713,11 +723,13 @@ class Daemon:
         if leftover and p.fd in self.ctx:
             self.ctx.feed_switch(local.fileno(), leftover)
 
-    def _open_local(self, p: _Pending, service: str) -> tuple[socket.socket, bytes | None]:
-        """A connection to ``service`` for a network peer, and when it is the
-        service's door (it asked for peer information) the offer to send
-        there, made before connecting (a peer whose facts do not fit the
-        record costs the service nothing). A name the policy
+    def _open_local(self, p: _Pending, service: str) -> tuple[socket.socket, bytes | None, bool]:
+        """A connection to ``service`` for a network peer; when it is the
+        service's door (it asked for peer information, or takes hand-offs and
+        this peer's stream is plain LibIPC) the offer to send there, made
+        before connecting (a peer whose facts do not fit the record costs the
+        service nothing); and whether the peer's socket goes with the offer
+        (a hand-off: the daemon has already accepted the handshake). A name the policy
         refuses is answered exactly like a name that does not exist (same
         status, same path through the handshake): a peer learns nothing of
         what runs here. The log keeps the real reason."""
@@ -726,11 +738,21 @@ class Daemon:
         refusal = network_refusal(self.access, service, rundir, marks=marks)
         if refusal is not None:
             raise LocalRefused(Failure.REFUSED, refusal)
+        if self.handoff and _HANDOFF in marks and p.hands_over is not None:
+            handed = p.hands_over.handover()
+            if handed is not None:
+                reply, early = handed
+                offer = door.offer_frame(self._describe(p)) + door.handoff_frame(reply, early)
+                return self._connect_door(service), offer, True
         if _PEER_INFO not in marks:
-            return connect_local(service, rundir), None
+            return connect_local(service, rundir), None, False
         offer = door.offer_frame(self._describe(p))
+        return self._connect_door(service), offer, False
+
+    def _connect_door(self, service: str) -> socket.socket:
+        rundir = self.ctx.rundir
         try:
-            return connect_local(door_path(service, rundir).name, rundir), offer
+            return connect_local(door_path(service, rundir).name, rundir)
         except LocalRefused as exc:
             if exc.failure is not Failure.UNKNOWN_SERVICE:
                 raise
@@ -739,11 +761,18 @@ class Daemon:
 
     # ------------------------------------------------------ peer information
 
-    def _offer(self, p: _Pending, service: str, local: socket.socket, frame: bytes) -> None:
-        """Send the peer information to ``service``'s door, then wait for its
-        verdict without reading the peer (its bytes wait in the kernel)."""
+    def _offer(
+        self, p: _Pending, service: str, local: socket.socket, frame: bytes, handing: bool
+    ) -> None:
+        """Send the peer information to ``service``'s door (with the peer's
+        socket when ``handing`` it over), then wait for its verdict without
+        reading the peer (its bytes wait in the kernel)."""
         try:
-            sent = local.send(frame)
+            if handing:
+                rights = array.array("i", [p.fd]).tobytes()
+                sent = local.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            else:
+                sent = local.send(frame)
         except OSError as exc:
             sent, why = -1, exc.strerror or str(exc)
         else:
@@ -759,7 +788,10 @@ class Daemon:
         p.door = local
         reader = door.VerdictReader()
         dfd = ctx.add_external(local)
-        self.own(dfd, lambda event: self._on_verdict(p, service, reader, event))
+        if handing:
+            self.own(dfd, lambda event: self._on_handoff_verdict(p, service, reader, event))
+        else:
+            self.own(dfd, lambda event: self._on_verdict(p, service, reader, event))
 
     def _describe(self, p: _Pending) -> PeerInfo:
         """The engine's record of the socket, completed by the handshake."""
@@ -810,6 +842,72 @@ class Daemon:
             local.close()
         if failure is not None:
             self._reject(p, failure[0], f"service {service!r} {failure[1]}")
+
+    def _on_handoff_verdict(
+        self, p: _Pending, service: str, reader: door.VerdictReader, event: Event
+    ) -> None:
+        """The service's answer to a hand-off: accept -> our copy of the
+        socket is closed, the connection is the service's alone (it writes
+        ``ok``); anything else -> the peer is closed with the reason."""
+        if event.type is not EventType.EXTERNAL or p.door is None:
+            return
+        try:
+            data = p.door.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data, error = b"", exc.strerror or str(exc)
+        else:
+            error = ""
+        try:
+            verdict = reader.feed(data)
+        except PeerClosed:
+            why = error or "closed its door without a verdict (the hand-off failed)"
+            failure = (Failure.SERVICE_UNAVAILABLE, why)
+        except ProtocolError as exc:
+            failure = (Failure.SERVICE_UNAVAILABLE, f"broke the door protocol: {exc}")
+        else:
+            if verdict is None:
+                return
+            if verdict.accepted and not reader.leftover:
+                self._handed_over(p, service)
+                return
+            why = (
+                f"refused: {verdict.reason or 'no reason'}"
+                if not verdict.accepted
+                else ("sent bytes after a hand-off verdict")
+            )
+            failure = (
+                Failure.SERVICE_REFUSED if not verdict.accepted else Failure.SERVICE_UNAVAILABLE,
+                why,
+            )
+        local = self._unpark(p)
+        if local is not None:
+            local.close()
+        self._reject(p, failure[0], f"service {service!r} {failure[1]}")
+
+    def _handed_over(self, p: _Pending, service: str) -> None:
+        """The service has the peer's socket: forget ours (without a
+        shutdown, which would end the service's connection too)."""
+        local, p.door = p.door, None
+        sock, p.parked = p.parked, None
+        if local is not None:
+            self.disown(local.fileno())
+            if local.fileno() in self.ctx:
+                self.ctx.remove_external(local.fileno())
+            local.close()
+        self._forget_pending(p)
+        self._network_closed(p.fd)
+        if sock is not None:
+            sock.close()
+        self.metrics.handoffs.inc()
+        log.info(
+            "%s: %s -> %r handed over (%.1f ms)",
+            self.name,
+            p.who,
+            service,
+            (time.monotonic() - p.started) * 1000,
+        )
 
     def _unpark(self, p: _Pending) -> socket.socket | None:
         """Back to the Context with the waiting peer; the door socket, out of

@@ -24,12 +24,14 @@ __all__ = [
     "ConnectorFactory",
     "DescribesPeer",
     "Front",
+    "HandsOver",
     "Handshake",
     "HandshakeFactory",
     "KnowsClient",
     "NamesPeer",
     "Settles",
     "describes_peer",
+    "hands_over",
     "knows_client",
     "names_peer",
     "settles",
@@ -109,6 +111,20 @@ class KnowsClient(Protocol):
     def client(self) -> tuple[str, int | None] | None: ...
 
 
+@runtime_checkable
+class HandsOver(Protocol):
+    """Optional: a handshake after which the network stream is plain LibIPC
+    (TCPd's), so the socket itself can be handed to the service.
+
+    ``handover()`` accepts like ``accept()`` and returns ``(reply, early)``:
+    the bytes the service must write to the client first (``ok``) and the
+    LibIPC bytes read past the handshake; None when this connection's stream
+    is not plain after all (a wrapper around a TLS handshake), with nothing
+    done."""
+
+    def handover(self) -> tuple[bytes, bytes] | None: ...
+
+
 class Front(Protocol):
     """What every accepted connection goes through first, before the daemon's
     own handshake (``Daemon.front``: the PROXY protocol gate)."""
@@ -121,10 +137,10 @@ class Front(Protocol):
 #: Capabilities by class: ``isinstance`` with a runtime Protocol costs ~20 µs
 #: (it probes every member), too much per connection on the handshake path;
 #: a capability belongs to the class, so its first instance decides.
-_CAPABILITIES: dict[type, tuple[bool, bool, bool, bool]] = {}
+_CAPABILITIES: dict[type, tuple[bool, bool, bool, bool, bool]] = {}
 
 
-def _capabilities(handshake: object) -> tuple[bool, bool, bool, bool]:
+def _capabilities(handshake: object) -> tuple[bool, bool, bool, bool, bool]:
     cls = type(handshake)
     caps = _CAPABILITIES.get(cls)
     if caps is None:
@@ -133,6 +149,7 @@ def _capabilities(handshake: object) -> tuple[bool, bool, bool, bool]:
             isinstance(handshake, NamesPeer),
             isinstance(handshake, DescribesPeer),
             isinstance(handshake, KnowsClient),
+            isinstance(handshake, HandsOver),
         )
     return caps
 
@@ -155,6 +172,11 @@ def describes_peer(handshake: object) -> DescribesPeer | None:
 def knows_client(handshake: object) -> KnowsClient | None:
     """``handshake`` as a :class:`KnowsClient`, or None if only the socket knows."""
     return cast(KnowsClient, handshake) if _capabilities(handshake)[3] else None
+
+
+def hands_over(handshake: object) -> HandsOver | None:
+    """``handshake`` as a :class:`HandsOver`, or None if its stream is never plain."""
+    return cast(HandsOver, handshake) if _capabilities(handshake)[4] else None
 
 
 HandshakeFactory = Callable[[str], Handshake]

@@ -326,6 +326,10 @@ class DaemonMetrics:
             "ipc_messages_total", "LibIPC messages relayed, by direction.", ["direction"]
         )
         self.bytes = r.counter("ipc_bytes_total", "Bytes relayed, by direction.", ["direction"])
+        self.handoffs = r.counter(
+            "ipc_handoffs_total",
+            "Connections handed over to their service (no relay in the path).",
+        )
         self.idle_closed = r.counter(
             "ipc_idle_closed_total", "Relayed connections closed by --idle-timeout."
         )

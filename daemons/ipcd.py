@@ -80,7 +80,7 @@ def resolve_target(target: str) -> tuple[str, str | None]:
 
 
 #: The program that serves each scheme's outbound side, for error messages.
-_SCHEME_DAEMONS = {"tcp": "ipc-tcpd", "tls": "ipc-tlsd"}
+_SCHEME_DAEMONS = {"tcp": "ipc-tcpd", "tls": "ipc-tlsd", "udp": "ipc-udpd"}
 
 
 def _missing_service(name: str, uri: str | None, rundir: object) -> str:

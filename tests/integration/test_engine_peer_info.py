@@ -406,3 +406,49 @@ def test_peer_information_too_large_to_relay_closes_that_peer(rundir, caplog):
                 service.door.accept()
         finally:
             service.close()
+
+
+def test_a_handoff_passes_the_socket_the_reply_and_the_early_bytes(rundir, engine):
+    """The wire form of a hand-off, read by hand: one descriptor with the
+    offer, then the hand-off frame (kind 1, the reply, the early bytes)."""
+    import array
+
+    ctx, daemon, port = engine
+    service = DoorService(rundir, "who")
+    (rundir / "who.lock").write_bytes(b"handoff\n")
+    try:
+        client = connect(port)
+        client.sendall(b"who\n" + frame(b"early"))
+        pump(ctx, daemon)
+        conn, _ = service.door.accept()
+        conn.settimeout(5)
+        fds = array.array("i")
+        data, ancdata, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(4 * fds.itemsize))
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        assert len(fds) == 1
+        (n,) = struct.unpack(">I", data[:4])
+        info = json.loads(data[4 : 4 + n])
+        assert info["transport"] == "tcp" and info["client_port"] == client.getsockname()[1]
+        rest = data[4 + n :]
+        (m,) = struct.unpack(">I", rest[:4])
+        payload = rest[4 : 4 + m]
+        assert payload[0] == 1
+        (rlen,) = struct.unpack(">H", payload[1:3])
+        assert payload[3 : 3 + rlen] == b"ok"
+        assert payload[3 + rlen :] == frame(b"early")
+        handed = socket.socket(fileno=fds[0])
+        # Accept: the daemon forgets the connection, the service writes "ok".
+        conn.sendall(ACCEPT)
+        pump(ctx, daemon)
+        assert conn.recv(10) == b""  # the daemon closed the door
+        assert daemon.metrics.handoffs.value() == 1
+        assert daemon.metrics.connections_open.value() == 0
+        handed.sendall(b"ok" + frame(b"from the service"))
+        assert recv_exact(client, 2) == b"ok"
+        assert recv_msg(client) == b"from the service"
+        handed.close()
+        assert client.recv(10) == b""  # the daemon kept no copy
+    finally:
+        service.close()

@@ -114,10 +114,13 @@ def echo_server(h: Harness, sock: Path, pinned: bool = True) -> Proc:
     )
 
 
-def pongd(h: Harness, rundir: Path, pinned: bool = True, name: str = "pong") -> Proc:
+def pongd(
+    h: Harness, rundir: Path, pinned: bool = True, name: str = "pong", handoff: bool = True
+) -> Proc:
+    """``ipc pongd``; ``handoff=False``: ipc-tcpd relays it (``--no-handoff``)."""
     return h.start(
         "pongd",
-        [BIN / "ipc", "pongd", "--rundir", rundir, name],
+        [BIN / "ipc", "pongd", "--rundir", rundir, name, *(() if handoff else ("--no-handoff",))],
         pinned=pinned,
         nofile=nofile(),
         ready=("unix", rundir / name),

@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 
 from .. import servers
-from ..harness import Harness, rss_kib
+from ..harness import Harness, fd_count, rss_kib
 from ..model import SuiteResult, fmt, fmt1, fmt_fair, fmt_rate, fmt_ratio, ratio, spread, status
 
 NAME = "tcp"
@@ -87,14 +87,22 @@ def run(h: Harness, res: SuiteResult) -> None:
     _rows(t, figs, "C echo_server")
 
     d2 = h.mkdir("tcp-pongd")
-    pongd = servers.pongd(h, d2)
+    pongd = servers.pongd(h, d2, handoff=False)
     figs2 = _relays(h, d2, {PP: LOADS[PP], C100: LOADS[C100]})
     h.stop(pongd)
-    _rows(t, figs2, "ipc pongd")
+    _rows(t, figs2, "ipc pongd, relayed")
+    d3 = h.mkdir("tcp-handoff")
+    pongd = servers.pongd(h, d3, handoff=True)
+    figs3 = _relays(h, d3, {PP: LOADS[PP], C100: LOADS[C100]})
+    h.stop(pongd)
+    _rows(t, figs3, "ipc pongd, handed over")
     res.raw = {
         "c_echo": {" / ".join(k): v for k, v in figs.items()},
         "pongd": {" / ".join(k): v for k, v in figs2.items()},
+        "handoff": {" / ".join(k): v for k, v in figs3.items()},
     }
+    _handoff_checks(res, figs2, figs3)
+    _handoff_many(h, res)
 
     def get(load: str, relay: str, key: str) -> float | None:
         return figs[(load, relay)].get(key)
@@ -130,6 +138,109 @@ def run(h: Harness, res: SuiteResult) -> None:
         "that is 100 relay processes sharing it; ipc-tcpd is one process and one epoll loop."
     )
     _backpressure(h, res)
+
+
+def _handoff_checks(res: SuiteResult, relayed: dict, handed: dict) -> None:
+    """Issue 18's targets: with the socket handed over to ipc pongd, ipc-tcpd
+    is out of the path; socat still relays every byte to the same pongd."""
+
+    def get(figs: dict, load: str, relay: str, key: str) -> float | None:
+        return figs[(load, relay)].get(key)
+
+    res.check_ratio(
+        "hand-off, 1 connection ping-pong: p50, ipc-tcpd / socat (same ipc pongd)",
+        get(handed, PP, "ipc-tcpd", "p50_us"),
+        get(handed, PP, "socat", "p50_us"),
+        "<=",
+        0.7,
+        "µs",
+        show=fmt1,
+    )
+    res.check_ratio(
+        "hand-off, 100 connections: msg/s, ipc-tcpd / socat (same ipc pongd)",
+        get(handed, C100, "ipc-tcpd", "rate"),
+        get(handed, C100, "socat", "rate"),
+        ">=",
+        3.0,
+        "msg/s",
+        show=fmt_rate,
+    )
+    res.notes.append(
+        "Hand-off: ipc pongd takes the TCP socket from ipc-tcpd after the handshake, so a "
+        "message crosses no relay (`ipc pongd, handed over`); `--no-handoff` keeps the relay "
+        f"(`ipc pongd, relayed`: 1 connection p50 {fmt1(get(relayed, PP, 'ipc-tcpd', 'p50_us'))}"
+        f" µs, 100 connections {fmt_rate(get(relayed, C100, 'ipc-tcpd', 'rate'))} msg/s)."
+    )
+
+
+HANDOFF_MANY = 10_000
+
+
+def _handoff_many(h: Harness, res: SuiteResult) -> None:
+    """10,000 concurrent connections through ipc-tcpd to one ipc pongd, every
+    message verified: ipc-tcpd keeps no descriptor per connection."""
+    d = h.mkdir("tcp-handoff-many")
+    limit = servers.nofile()
+    n = min(HANDOFF_MANY, limit - 64)
+    pongd = servers.pongd(h, d, handoff=True, pinned=False)
+    tcpd = servers.ipc_tcpd(h, d, pinned=False)
+    seconds = max(3.0, h.cfg.duration)
+    peak = [fd_count(tcpd.proc.pid)]
+    done = threading.Event()
+
+    def sample() -> None:  # ipc-tcpd's descriptors while the connections are open
+        while not done.wait(0.2):
+            peak.append(fd_count(tcpd.proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        r = h.loadgen(
+            [*tcpd.args, "-c", n, "--verify", "-d", seconds, "-w", 0],
+            pinned=False,
+            timeout=120 + n / 50,
+            nofile=n + 64,
+        )
+    finally:
+        done.set()
+        sampler.join()
+        h.stop(tcpd.proc)
+        h.stop(pongd)
+    tcpd_fds = max(peak)
+    ok = r.get("exit") == 0 and not r.get("mismatches") and not r.get("errors")
+    t = res.table(
+        f"{n:,} concurrent connections through ipc-tcpd to one ipc pongd (hand-off)",
+        [
+            "connections",
+            "msg/s",
+            "p50 µs",
+            "p99 µs",
+            "messages verified",
+            "ipc-tcpd fds (peak)",
+            "note",
+        ],
+    )
+    t.rows.append(
+        [
+            f"{n:,}",
+            fmt_rate(r.get("rate")),
+            fmt(r.get("p50_us")),
+            fmt(r.get("p99_us")),
+            f"{r.get('messages', 0):,.0f}",
+            str(tcpd_fds),
+            status({"ok_runs": 1 if r.get("rate") else 0, **r}),
+        ]
+    )
+    res.raw["handoff_many"] = {**r, "tcpd_fds": tcpd_fds, "n": n}
+    res.check(
+        f"{HANDOFF_MANY:,} concurrent connections, every message verified (hand-off)",
+        float(n) if ok else 0.0,
+        ">=",
+        HANDOFF_MANY,
+        unit="conns",
+        detail=f"{r.get('messages', 0):,.0f} messages, exit {r.get('exit')}, "
+        f"mismatches {r.get('mismatches', 0):.0f}; ipc-tcpd held {tcpd_fds} descriptors",
+    )
 
 
 def _backpressure(h: Harness, res: SuiteResult) -> None:

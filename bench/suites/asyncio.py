@@ -77,13 +77,16 @@ def _client(h: Harness, rundir: Path, mode: str, conns: int) -> dict:
         "client", _MODE_ARG[mode], rundir, conns, h.cfg.duration, h.cfg.warmup
     )
     h.record(argv)
-    out = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **_env()},
-        timeout=h.cfg.duration + h.cfg.warmup + 60,
-    )
+    try:
+        out = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **_env()},
+            timeout=h.cfg.duration + h.cfg.warmup + 60,
+        )
+    except subprocess.TimeoutExpired:
+        return {"exit": -1, "stderr": "the client did not finish (stalled)"}
     if out.returncode != 0:
         tail = " | ".join(out.stderr.strip().splitlines()[-3:])
         return {"exit": out.returncode, "stderr": tail or f"exit status {out.returncode}"}
@@ -216,7 +219,9 @@ def context_client(rundir: Path, conns: int, duration: float, warmup: float) -> 
         counted_from = None
         cpu = 0.0
         while True:
-            event = ctx.wait_event()
+            event = ctx.wait_event(timeout=1.0)
+            if event.type is not message_rx and time.perf_counter() > end + 5:
+                raise SystemExit("stalled: no answer from pongd for a second")
             if event.type is message_rx:
                 ctx.write(event.fd, PAYLOAD)
                 count += 1

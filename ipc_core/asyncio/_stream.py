@@ -110,7 +110,8 @@ class Connection(asyncio.BufferedProtocol):
         self._clean_end = False  # the peer closed between messages (iteration just ends)
         self._transport: asyncio.Transport | None = None
         self._lost = False
-        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
         self._leftover = leftover
         self._on_made = on_made
         #: A door connection whose verdict is not given yet.
@@ -139,11 +140,8 @@ class Connection(asyncio.BufferedProtocol):
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._feed(self._view[:nbytes])
-
-    def _feed(self, data: bytes | memoryview) -> None:
         try:
-            messages = self._decoder.feed(data)
+            messages = self._decoder.feed(self._view[:nbytes])
         except ProtocolError as exc:
             self._bad_input(exc)
             return
@@ -158,6 +156,12 @@ class Connection(asyncio.BufferedProtocol):
             self._reading_paused = True
             assert self._transport is not None
             self._transport.pause_reading()
+
+    def _feed(self, data: bytes) -> None:
+        """Bytes read before the transport existed (a door's leftover, at
+        most one read of the door): through the read buffer, as if read."""
+        self._view[: len(data)] = data
+        self.buffer_updated(len(data))
 
     def eof_received(self) -> bool:
         pending = self._decoder.pending
@@ -232,13 +236,17 @@ class Connection(asyncio.BufferedProtocol):
                 raise self._error
             if self._waiter is not None:
                 raise UsageError("another coroutine is already waiting in recv()")
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiter = waiter
+            waiter = self._waiter = self._loop.create_future()
             try:
                 await waiter
             finally:
                 self._waiter = None
-        message = queue.popleft()
+        return self._take()
+
+    def _take(self) -> bytes:
+        """The first queued message off the queue (reading resumes below
+        the low mark)."""
+        message = self._queue.popleft()
         self._queued -= len(message)
         if self._reading_paused and self._queued <= self._read_low:
             self._reading_paused = False
@@ -294,7 +302,7 @@ class Connection(asyncio.BufferedProtocol):
 
     async def _drain(self) -> None:
         while self._writing_paused and not self._lost:
-            fut = asyncio.get_running_loop().create_future()
+            fut = self._loop.create_future()
             self._drainers.append(fut)
             await fut
         if self._lost:
@@ -390,12 +398,23 @@ class Connection(asyncio.BufferedProtocol):
         """``async for message in conn`` ends when the connection closes
         between two messages; a peer that vanished in the middle of one, a
         reset or a protocol error is raised (PeerClosed, ProtocolError)."""
-        try:
-            return await self.recv()
-        except PeerClosed:
-            if not self._clean_end:
-                raise
-            raise StopAsyncIteration from None
+        # recv's body again, one coroutine frame less per message.
+        if self._offered:
+            self._accept()
+        queue = self._queue
+        while not queue:
+            if self._error is not None:
+                if self._clean_end:
+                    raise StopAsyncIteration
+                raise self._error
+            if self._waiter is not None:
+                raise UsageError("another coroutine is already waiting in recv()")
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self._take()
 
     async def __aenter__(self) -> Connection:
         return self

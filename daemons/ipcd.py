@@ -23,6 +23,7 @@ look-ups, and a client that sends no look-up is closed after
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 import time
@@ -41,6 +42,7 @@ from ipc_core import (
     encode,
     parse_lookup,
     parse_network,
+    service_marks,
 )
 
 from .engine.daemon import Daemon
@@ -49,6 +51,7 @@ from .engine.errors import Failure, LocalRefused
 from .engine.local import connect_local
 from .engine.log import LOG_FORMATS, setup_logging
 from .engine.options import libipc_command, rundir_option, seconds
+from .engine.outbound import HANDOFF_OPTION, HANDS_OVER
 from .engine.policy import ServiceAccess
 from .engine.startup import starting
 
@@ -65,6 +68,8 @@ class _Lookup:
     started: float
     daemon_fd: int = -1
     answer: bytes = b""
+    #: The network socket itself, when the protocol daemon handed it over.
+    passed: socket.socket | None = None
 
 
 def resolve_target(target: str) -> tuple[str, str | None]:
@@ -167,7 +172,10 @@ class Router:
         lookup.daemon_fd = self.ctx.add_external(sock)
         self._by_daemon[lookup.daemon_fd] = lookup
         self.daemon.own(lookup.daemon_fd, self._on_daemon_event)
-        self.ctx.send_raw(lookup.daemon_fd, encode(uri.encode()))
+        request = uri.encode()
+        if HANDS_OVER in service_marks(local, self.ctx.rundir):
+            request += b"\n" + HANDOFF_OPTION.encode()  # the socket itself, please
+        self.ctx.send_raw(lookup.daemon_fd, encode(request))
         self._deadlines.start(
             client_fd,
             self.timeout,
@@ -190,12 +198,17 @@ class Router:
         sock = self.ctx.socket_of(lookup.daemon_fd)
         need = 4 if len(lookup.answer) < 4 else 4 + struct.unpack(">I", lookup.answer[:4])[0]
         try:
-            chunk = sock.recv(need - len(lookup.answer))
+            chunk, fds, _flags, _addr = socket.recv_fds(sock, need - len(lookup.answer), 1)
         except BlockingIOError:
             return
         except OSError as exc:
             self._fail(lookup, f"protocol daemon: {exc.strerror or exc}")
             return
+        for fd in fds:  # a hand-off: the connected network socket
+            if lookup.passed is None:
+                lookup.passed = socket.socket(fileno=fd)
+            else:
+                os.close(fd)
         if not chunk:
             self._fail(lookup, "protocol daemon closed the connection")
             return
@@ -215,6 +228,10 @@ class Router:
         sock = self.ctx.socket_of(lookup.daemon_fd)
         self.daemon.disown(lookup.daemon_fd)
         self.ctx.remove_external(lookup.daemon_fd)
+        if lookup.passed is not None:
+            # The client gets the network connection itself: no relay left.
+            sock.close()
+            sock, lookup.passed = lookup.passed, None
         self._hand_over(lookup, sock)
 
     def _hand_over(self, lookup: _Lookup, sock: socket.socket) -> None:
@@ -241,6 +258,9 @@ class Router:
         self._forget(lookup)
         if lookup.daemon_fd >= 0:
             self.daemon.drop(lookup.daemon_fd)
+        if lookup.passed is not None:
+            lookup.passed.close()
+            lookup.passed = None
         self._answer_error(
             lookup.client_fd, f"{lookup.service!r} -> {lookup.target}: {reason}", "unreachable"
         )

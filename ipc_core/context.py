@@ -270,6 +270,7 @@ class Context:
         peer_info: bool = False,
         handoff: bool = False,
         trusted_uids: Iterable[int] = (),
+        marks: Iterable[str] = (),
     ) -> int:
         """Listen as service ``name``; return the listening descriptor.
 
@@ -294,6 +295,10 @@ class Context:
         it), and is an ordinary peer from then on: this context's limits
         (message size, queues) apply to it, the daemon's no longer do.
 
+        ``marks``: more lines for the lock file (lower-case words), which
+        other programs read with :func:`~ipc_core.service_marks` (ipc-tcpd's
+        outbound side says ``hands-over`` so that ipcd asks it for sockets).
+
         Raises ServiceBusy if another instance runs, InvalidServiceName for a
         bad name (names ending in ``.door`` are reserved).
         """
@@ -303,7 +308,13 @@ class Context:
             if type(uid) is not int or uid < 0:
                 raise UsageError(f"trusted_uids: {uid!r} is not a uid")
         service = bind_service(
-            name, self.rundir, backlog, local_only=local_only, peer_info=peer_info, handoff=handoff
+            name,
+            self.rundir,
+            backlog,
+            local_only=local_only,
+            peer_info=peer_info,
+            handoff=handoff,
+            marks=tuple(marks),
         )
         conn = Conn(LISTENER, service.sock)
         conn.service = service

@@ -29,7 +29,13 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidServiceName, RunDirectoryError, ServiceBusy, ServiceError
+from .errors import (
+    InvalidServiceName,
+    RunDirectoryError,
+    ServiceBusy,
+    ServiceError,
+    UsageError,
+)
 
 DEFAULT_RUNDIR = "/tmp/.libipc-run/"
 RUNDIR_MODE = 0o770
@@ -300,7 +306,12 @@ def _lock_mode(fd: int) -> None:
 
 
 def _mark_lock(
-    fd: int, *, local_only: bool, peer_info: bool = False, handoff: bool = False
+    fd: int,
+    *,
+    local_only: bool,
+    peer_info: bool = False,
+    handoff: bool = False,
+    extra: tuple[bytes, ...] = (),
 ) -> None:
     """Write the service's marks into its lock, one per line; a service
     without marks empties it, so a name taken over from a marked one is not
@@ -312,11 +323,22 @@ def _mark_lock(
             (LOCAL_ONLY_MARK, local_only),
             (PEER_INFO_MARK, peer_info),
             (HANDOFF_MARK, handoff),
+            *((mark, True) for mark in extra),
         )
         if wanted
     )
     if marks:
         os.pwrite(fd, marks, 0)
+
+
+def _check_marks(marks: tuple[str, ...]) -> tuple[bytes, ...]:
+    out = []
+    for mark in marks:
+        raw = mark.encode("ascii", "replace") if isinstance(mark, str) else b""
+        if not _MARK.fullmatch(raw):
+            raise UsageError(f"lock mark {mark!r}: expected a lower-case word (a-z, 0-9, -)")
+        out.append(raw)
+    return tuple(out)
 
 
 def bind_service(
@@ -327,6 +349,7 @@ def bind_service(
     local_only: bool = False,
     peer_info: bool = False,
     handoff: bool = False,
+    marks: tuple[str, ...] = (),
 ) -> ServiceSocket:
     """Lock, clean up stale sockets, bind and listen: one service instance.
 
@@ -334,7 +357,9 @@ def bind_service(
     (see :func:`is_local_only`); ``peer_info`` marks it as wanting peer
     information and binds its door too (see :func:`door_path`); ``handoff``
     marks it as taking handed-over network sockets through its door (see
-    :mod:`ipc_core.door`), and binds the door too. A name
+    :mod:`ipc_core.door`), and binds the door too. ``marks``: more lines for
+    the lock (lower-case words, e.g. ``hands-over``), for other programs to
+    read with :func:`service_marks`. A name
     ending in ``.door`` is refused (InvalidServiceName).
     """
     directory = rundir() if directory is None else directory
@@ -350,6 +375,7 @@ def bind_service(
             local_only=local_only,
             peer_info=peer_info,
             handoff=handoff,
+            marks=_check_marks(marks),
         )
     finally:
         os.close(dir_fd)
@@ -364,13 +390,16 @@ def _bind_in(
     local_only: bool,
     peer_info: bool,
     handoff: bool = False,
+    marks: tuple[bytes, ...] = (),
 ) -> ServiceSocket:
     lock_fd = _take_lock(dir_fd, Path(str(path) + LOCK_SUFFIX), name)
     door = Path(str(path) + DOOR_SUFFIX)
     wants_door = peer_info or handoff
     try:
         owner_uid = os.fstat(dir_fd).st_uid
-        _mark_lock(lock_fd, local_only=local_only, peer_info=peer_info, handoff=handoff)
+        _mark_lock(
+            lock_fd, local_only=local_only, peer_info=peer_info, handoff=handoff, extra=marks
+        )
         # A door left by a crashed instance goes too, whether or not this one
         # has a door: a service without peer information leaves none behind.
         _remove_stale_socket(dir_fd, door, needed=wants_door)

@@ -310,12 +310,12 @@ class Daemon:
         user changes to run a second instance (named when the name is taken)."""
         self.control = ControlService(self, service, flag)
 
-    def service_init(self, service: str, flag: str) -> int:
+    def service_init(self, service: str, flag: str, marks: tuple[str, ...] = ()) -> int:
         """A local-only service of ours (``ctx.service_init(local_only=True)``);
         "already running" names ``flag``, the way to run another instance.
         The caller owns the descriptor (:meth:`own`)."""
         try:
-            return self.ctx.service_init(service, local_only=True)
+            return self.ctx.service_init(service, local_only=True, marks=marks)
         except ServiceBusy as exc:
             raise ServiceBusy(f"{exc} (use {flag} to run another)") from None
 

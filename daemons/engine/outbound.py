@@ -7,6 +7,15 @@ handshake (a Sans-I/O :class:`Connector`), answers ``ok`` and switches the
 client's Unix connection with the network connection. On any failure the
 client gets a message starting with ``error:`` and the daemon carries on.
 
+Hand-off: a request ``URI`` followed by the line ``handoff``
+(``tcp://[::1]:9000/pong\nhandoff``, what ipcd sends) asks for the network
+socket itself. When the stream after the handshake is plain LibIPC (TCPd: no
+layer) and nothing arrived past the remote's ``ok``, the answer ``ok`` comes
+with the connected socket attached (``SCM_RIGHTS``) and the daemon keeps no
+copy: the client talks to the remote service with no relay in the path.
+Otherwise (TLS, early bytes) the answer is a plain ``ok`` and the relay, as
+for any client.
+
 Nothing blocks the loop: host names are resolved in a small thread pool,
 connects are non-blocking, and every attempt has a deadline.
 """
@@ -23,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ipc_core import Event, EventType, PeerClosed, ProtocolError
+from ipc_core import Event, EventType, IPCError, PeerClosed, ProtocolError, encode
 
 from .addresses import Uri, parse_uri
 from .daemon import Daemon
@@ -32,6 +41,12 @@ from .handshake import Connector, ConnectorFactory
 from .listeners import tune_tcp
 
 log = logging.getLogger("ipc.daemon.outbound")
+
+#: The request line after the URI that asks for the network socket itself.
+HANDOFF_OPTION = "handoff"
+#: The lock mark of an outbound side that understands it (older ones and the
+#: reference's do not: ipcd sends them the bare URI).
+HANDS_OVER = "hands-over"
 
 _RECV_SIZE = 65536
 
@@ -44,6 +59,7 @@ class _Attempt:
     started: float
     remote_fd: int = -1
     received: bool = False  # a byte came back: the TCP connection was made
+    handoff: bool = False  # the client takes the network socket itself
 
 
 class Outbound:
@@ -61,7 +77,8 @@ class Outbound:
         self.service_name = service_name
         self.connectors = connectors
         self.connect_timeout = connect_timeout
-        self.service_fd = daemon.service_init(service_name, "--service-name")
+        # The mark tells ipcd it may ask for the network socket itself.
+        self.service_fd = daemon.service_init(service_name, "--service-name", (HANDS_OVER,))
         # Local clients that have not asked yet: closed after the handshake timeout.
         self._clients = RequestDeadlines(daemon, service_name)
         self._by_client: dict[int, _Attempt] = {}
@@ -111,7 +128,10 @@ class Outbound:
 
     def _request(self, client_fd: int, payload: bytes) -> None:
         try:
-            uri = parse_uri(payload.decode())
+            text, _, option = payload.decode().partition("\n")
+            if option not in ("", HANDOFF_OPTION):
+                raise ValueError(f"unknown request option {option[:40]!r}")
+            uri = parse_uri(text)
         except (UnicodeDecodeError, ValueError) as exc:
             self._answer_error(client_fd, f"bad URI: {exc}")
             return
@@ -120,7 +140,9 @@ class Outbound:
             schemes = ", ".join(sorted(self.connectors))
             self._answer_error(client_fd, f"scheme {uri.scheme!r} not served here (only {schemes})")
             return
-        attempt = _Attempt(client_fd, uri, factory(uri), time.monotonic())
+        attempt = _Attempt(
+            client_fd, uri, factory(uri), time.monotonic(), handoff=option == HANDOFF_OPTION
+        )
         self._by_client[client_fd] = attempt
         self._deadlines.start(
             client_fd,
@@ -188,6 +210,8 @@ class Outbound:
         layer, early = attempt.connector.result()
         self._forget(attempt)
         ctx = self.ctx
+        if attempt.handoff and layer is None and not early and self._hand_over(attempt):
+            return
         if (
             attempt.client_fd not in ctx
             or not ctx.write(attempt.client_fd, b"ok")
@@ -214,6 +238,31 @@ class Outbound:
             attempt.uri,
             (time.monotonic() - attempt.started) * 1000,
         )
+
+    def _hand_over(self, attempt: _Attempt) -> bool:
+        """Pass the connected, handshaken network socket to the client with
+        ``ok``; keep no copy. False (nothing done) if it cannot go now."""
+        ctx = self.ctx
+        if attempt.client_fd not in ctx or attempt.remote_fd not in ctx:
+            return False
+        sock = ctx.socket_of(attempt.remote_fd)
+        try:
+            ctx.send_fd(attempt.client_fd, encode(b"ok"), sock.fileno())
+        except (OSError, IPCError) as exc:
+            log.debug("%s: cannot hand %s over: %s", self.daemon.name, attempt.uri, exc)
+            return False
+        self.daemon.disown(attempt.remote_fd)
+        ctx.remove_external(attempt.remote_fd)  # out of the loop, no shutdown
+        sock.close()  # the client's copy is the connection now
+        ctx.close(attempt.client_fd, flush=True)
+        self.outbound_total.inc(result="handed over")
+        log.info(
+            "%s: connected to %s, handed over (%.1f ms)",
+            self.daemon.name,
+            attempt.uri,
+            (time.monotonic() - attempt.started) * 1000,
+        )
+        return True
 
     # ------------------------------------------------------------- failure
 

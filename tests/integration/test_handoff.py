@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from ipc_core import Context, EventType, PeerInfo, encode
-from tests.helpers import recv_exact, recv_msg, start_listening_daemon, wait_for
+from tests.helpers import (
+    BIN,
+    LogReader,
+    connectable,
+    recv_exact,
+    recv_msg,
+    start_listening_daemon,
+    wait_for,
+)
 
 
 def fd_count(pid: int) -> int:
@@ -254,3 +262,60 @@ def test_many_connect_close_cycles_leave_nothing_behind(rundir, procs):
         c.close()
     wait_for(lambda: fd_count(pongd.pid) <= service_fds + 2, what="service descriptors back")
     assert fd_count(proc.pid) <= daemon_fds + 2
+
+
+# -- outbound: ipcd gives the client the TCP socket itself ----------------------------
+
+
+@pytest.fixture
+def two_hosts(rundir, procs):
+    """Host B: ipc-tcpd + pongd (hand-offs on); host A: ipcd + ipc-tcpd."""
+    procs.pongd(rundir, handoff=True)
+    _proc_b, logs_b, port = tcpd(procs, rundir)
+    rundir_a = Path(str(rundir) + "-a")
+    rundir_a.mkdir(mode=0o700)
+    env = {"RUNDIR": str(rundir_a)}
+    procs.start(Path(BIN) / "ipcd", env=env)
+    tcpd_a = procs.start(Path(BIN) / "ipc-tcpd", "--listen", "127.0.0.1:0", env=env)
+    logs_a = LogReader(tcpd_a)
+    wait_for(
+        lambda: connectable(rundir_a / "ipc") and connectable(rundir_a / "tcp"),
+        what="host A daemons",
+    )
+    yield rundir_a, port, logs_a, logs_b
+    import shutil
+
+    shutil.rmtree(rundir_a, ignore_errors=True)
+
+
+def test_a_routed_client_gets_the_tcp_connection_itself(two_hosts, monkeypatch):
+    rundir_a, port, logs_a, logs_b = two_hosts
+    from ipc_core import service_marks
+
+    assert "hands-over" in service_marks("tcp", rundir_a)
+    monkeypatch.setenv("RUNDIR", str(rundir_a))
+    monkeypatch.setenv("IPC_NETWORK", f"pong tcp://127.0.0.1:{port}/pong")
+    with Context() as ctx:
+        fd = ctx.connect_service("pong")
+        sock = ctx.socket_of(fd)
+        assert sock.family == socket.AF_INET  # not a Unix socket to a relay
+        assert sock.getpeername()[1] == port
+        for i in range(20):
+            ctx.write(fd, b"n%d" % i)
+            assert ctx.read(fd, timeout=5) == b"n%d" % i
+    logs_a.wait_for("handed over")  # host A's outbound side left the path
+    logs_b.wait_for("handed over")  # host B's inbound side too
+
+
+def test_an_outbound_request_without_the_option_is_relayed(two_hosts):
+    """What the reference's ipcd sends (the bare URI) gets the relay as before."""
+    rundir_a, port, logs_a, _ = two_hosts
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(str(rundir_a / "tcp"))
+    s.sendall(encode(b"tcp://127.0.0.1:%d/pong" % port))
+    assert recv_msg(s) == b"ok"
+    s.sendall(encode(b"through the relay"))
+    assert recv_msg(s) == b"through the relay"
+    logs_a.wait_for("connected to tcp://127.0.0.1")
+    assert "handed over" not in "".join(line for line in logs_a.lines if "connected to" in line)

@@ -403,3 +403,21 @@ def test_list_services_unreadable_rundir_is_a_clear_error(tmp_path):
     f.write_text("x")
     with pytest.raises(RunDirectoryError, match="not a directory"):
         list_services(f)
+
+
+def test_extra_marks_are_written_and_checked(tmp_path):
+    import pytest as _pytest
+
+    from ipc_core import UsageError, service_marks
+    from ipc_core.rundir import bind_service
+
+    d = tmp_path / "run"
+    d.mkdir(mode=0o700)
+    service = bind_service("out", d, local_only=True, marks=("hands-over",))
+    try:
+        assert service_marks("out", d) == frozenset({"local-only", "hands-over"})
+    finally:
+        service.close()
+    for bad in ("Bad", "a b", "x\n", ""):
+        with _pytest.raises(UsageError):
+            bind_service("out2", d, marks=(bad,))

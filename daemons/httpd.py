@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import click
+import h11
 
 from ipc_core import Event, EventType, IPCError, Layer
 
@@ -234,6 +235,18 @@ def build_daemon(
     return daemon
 
 
+def _valid_content_type(value: str) -> bool:
+    """Whether ``value`` can be a Content-Type header (h11 would refuse it at
+    the first reply otherwise, closing every connection)."""
+    if not value.isascii() or not value.isprintable() or not value.strip():
+        return False
+    try:
+        h11.Response(status_code=200, headers=[("content-type", value)])
+    except h11.LocalProtocolError:
+        return False
+    return True
+
+
 @libipc_command(
     prog=NAME,
     env_prefix="IPC_HTTPD",
@@ -350,7 +363,7 @@ def main(
                 f"{host!r}: a host is NAME or NAME:PORT (as in api.example.com, [::1]:8080)",
                 param_hint="--host",
             )
-    if not content_type.isascii() or not content_type.isprintable() or not content_type.strip():
+    if not _valid_content_type(content_type):
         raise click.BadParameter(f"{content_type!r}: not a media type", param_hint="--content-type")
     setup_logging(common.verbosity, common.log_format)
     with starting():

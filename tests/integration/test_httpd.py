@@ -560,3 +560,25 @@ def test_proxy_protocol_names_the_client(rundir: Path, procs: Processes) -> None
     with s:
         s.sendall(post_bytes("/pong", b"no header"))  # a listed source must send one
         assert closed_by_peer(s)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--content-type", " text/plain"],
+        ["--cors", "app.example.com"],
+        ["--host", "a b"],
+        ["--client-ca", "/nonexistent.pem"],
+    ],
+)
+def test_bad_flags_exit_2_before_binding(rundir: Path, args: list[str]) -> None:
+    out = subprocess.run(
+        [BIN / "ipc-httpd", "--listen", "127.0.0.1:0", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"RUNDIR": str(rundir), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr

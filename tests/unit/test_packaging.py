@@ -26,6 +26,8 @@ def test_the_wheel_installs_libipc_daemons_not_daemons(tmp_path: Path) -> None:
     packages = sorted(
         str(init.parent.relative_to(ROOT)).replace("daemons", "libipc_daemons", 1)
         for init in (ROOT / "daemons").rglob("__init__.py")
+    ) + sorted(
+        str(init.parent.relative_to(ROOT)) for init in (ROOT / "ipc_core").rglob("__init__.py")
     )
     for package in packages:
         assert f"{package}/__init__.py" in names, f"{package} missing: list it in pyproject.toml"

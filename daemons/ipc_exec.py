@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -80,6 +81,17 @@ class _Client:
         self.reason: str | None = None
 
 
+class _Direct:
+    """A --framed client given to its program: ipc exec's copy of the
+    connection, kept only to see the client leave (EPOLLRDHUP)."""
+
+    __slots__ = ("child", "sock")
+
+    def __init__(self, sock: socket.socket, child: Child) -> None:
+        self.sock = sock
+        self.child = child
+
+
 class ExecService:
     """The service NAME: one program per client connection."""
 
@@ -111,6 +123,14 @@ class ExecService:
         self._by_client: dict[int, _Client] = {}
         self._by_program: dict[int, _Client] = {}
         self._by_pid: dict[int, _Client] = {}
+        #: --framed clients whose program holds the connection itself:
+        #: descriptor of ipc exec's copy -> its record; and by child pid.
+        self._direct: dict[int, _Direct] = {}
+        self._direct_by_pid: dict[int, _Direct] = {}
+        #: Where those copies are watched for the client leaving (one epoll,
+        #: itself an EXTERNAL descriptor of the Context: the copies are never
+        #: read, so their data must not wake the loop).
+        self._watch: select.epoll | None = None
         self._refusals = LogThrottle()
         self._failures = LogThrottle()
         self._software = f"ipc-exec/{version()}"
@@ -118,6 +138,9 @@ class ExecService:
     def start(self) -> None:
         """Listen as NAME (ServiceBusy if it runs already)."""
         self.listener = self.ctx.service_init(self.name, peer_info=True)
+        if self.mode == "framed":
+            self._watch = select.epoll()
+            self.ctx.add_external(self._watch.fileno())
 
     def serve(self) -> None:
         """Run until the Context is stopped (SIGINT/SIGTERM), then stop every child."""
@@ -126,7 +149,10 @@ class ExecService:
             for event in ctx:
                 kind = event.type
                 if kind is EventType.EXTERNAL:
-                    self.children.handle(event.fd)
+                    if self._watch is not None and event.fd == self._watch.fileno():
+                        self._clients_left()
+                    else:
+                        self.children.handle(event.fd)
                 elif kind is EventType.CONNECTION:
                     self._connected(event.fd, event.peer)
                 elif kind is EventType.DISCONNECTION:
@@ -135,6 +161,10 @@ class ExecService:
                     self._early_message(event.fd, event.message or b"")
         finally:
             ctx.close_all()
+            for direct in list(self._direct.values()):
+                self._let_go(direct)
+            if self._watch is not None:
+                self._watch.close()
             self.children.shutdown()
 
     # ------------------------------------------------------------ connecting
@@ -190,6 +220,8 @@ class ExecService:
             local_pid=local_pid,
             local_uid=local_uid,
         )
+        if self.mode == "framed" and self._give(fd, peer, label, env):
+            return
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:  # out of descriptors: this client only
@@ -227,6 +259,117 @@ class ExecService:
         self._by_program[program_fd] = client
         self._by_pid[pid] = client
         log.debug("%s: started %s", label, child.name)
+
+    def _give(self, fd: int, peer: PeerInfo | None, label: str, env: dict[str, str]) -> bool:
+        """--framed: start the program with the client's connection itself as
+        its stdin and stdout, so no relay stays in the path. False (nothing
+        done) when the Context already read bytes of this client (messages
+        sent right behind the door's offer): the relay path delivers them.
+
+        ``release`` sends the door's accept before the program can write a
+        byte, and gives the socket up without shutting it down; ipc exec
+        keeps its copy only to see the client leave (then closes it: the
+        program's copy holds the connection), and closes it when the
+        program exits, so that the client sees the end."""
+        assert self._watch is not None
+        try:
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            self._cannot_start(fd, peer, label, exc)
+            return True
+        try:
+            sock = self.ctx.release(fd)
+        except UsageError:  # early bytes: relayed instead
+            os.close(err_r)
+            os.close(err_w)
+            return False
+        except IPCError:  # gone while the accept was written
+            os.close(err_r)
+            os.close(err_w)
+            return True
+        try:
+            sock.setblocking(True)  # the program shares the open file's flags
+            pid = spawn(self.path, self.argv, env, sock.fileno(), err_w)
+        except OSError as exc:
+            sock.close()
+            os.close(err_r)
+            more = self._failures.due()
+            if more is not None:  # the accept is out: the client can only be closed
+                log.error(
+                    "cannot start %s for %s: %s; closing the client%s",
+                    self.path,
+                    label,
+                    exc.strerror or exc,
+                    more,
+                )
+            return True
+        finally:
+            os.close(err_w)
+        child = Child(pid, self.program, label)
+        child.on_exit = self._exited
+        self.children.watch(child, err_r)
+        direct = _Direct(sock, child)
+        try:
+            self._watch.register(sock.fileno(), select.EPOLLRDHUP)
+        except OSError:  # cannot watch (out of memory): the program alone holds it
+            sock.close()
+        else:
+            self._direct[sock.fileno()] = direct
+        self._direct_by_pid[pid] = direct
+        log.debug("%s: started %s with the connection", label, child.name)
+        return True
+
+    def _clients_left(self) -> None:
+        """Clients of --framed programs left (or half-closed: the program
+        reads EOF): ipc exec's copies go, the programs get the grace period."""
+        assert self._watch is not None
+        for fd, _mask in self._watch.poll(0, 256):
+            direct = self._direct.get(fd)
+            if direct is None:
+                continue
+            self._let_go(direct)
+            if direct.child.status is None:
+                self.children.stop(direct.child)
+
+    def _let_go(self, direct: _Direct) -> None:
+        """Close ipc exec's copy of a --framed connection (never a shutdown:
+        the program's copy stays connected)."""
+        fd = direct.sock.fileno()
+        if fd < 0 or self._direct.get(fd) is not direct:
+            return
+        del self._direct[fd]
+        if self._watch is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._watch.unregister(fd)
+        direct.sock.close()
+
+    def _direct_exited(self, direct: _Direct) -> None:
+        """A --framed program exited: the client sees the end once ipc exec's
+        copy is closed too; a process left in its group may hold the
+        connection (a background job): SIGTERM to the group after
+        DRAIN_SECONDS, as the relay path does."""
+        child = direct.child
+        still_connected = direct.sock.fileno() >= 0
+        self._let_go(direct)
+        if not still_connected:
+            return
+        try:
+            os.killpg(child.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+
+        def drained() -> None:
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                return
+            log.info(
+                "%s (%s): its background processes may still hold the connection: SIGTERM",
+                child.name,
+                child.label,
+            )
+
+        self.ctx.call_later(DRAIN_SECONDS, drained)
 
     def _cannot_start(self, fd: int, peer: PeerInfo | None, label: str, exc: OSError) -> None:
         """The program cannot run for this client: logged (at a bounded
@@ -271,6 +414,11 @@ class ExecService:
     def _exited(self, child: Child) -> None:
         status = child.status or 0
         level = logging.INFO if status == 0 else logging.WARNING
+        direct = self._direct_by_pid.pop(child.pid, None)
+        if direct is not None:
+            log.log(level, "%s (%s) %s", child.name, child.label, describe_status(status))
+            self._direct_exited(direct)
+            return
         client = self._by_pid.pop(child.pid, None)
         if client is None or self._by_program.get(client.program_fd) is not client:
             log.log(level, "%s (%s) %s", child.name, child.label, describe_status(status))

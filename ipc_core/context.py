@@ -1048,6 +1048,60 @@ class Context:
         else:
             table.close_conn(conn, None, report=flush)
 
+    def release(self, fd: int) -> socket.socket:
+        """Give peer ``fd`` up: remove it from the loop and return its socket,
+        open and untouched (no shutdown, nothing more read or written).
+
+        Why: a program that speaks LibIPC itself can be given the client's
+        connection (``ipc exec --framed`` passes it as a child's stdin and
+        stdout) instead of being relayed. ``close`` would end the connection
+        for every holder (a reported close shuts the socket down); after
+        ``release`` the caller owns the socket and closing its copy closes
+        only that copy.
+
+        A door connection still waiting for its verdict gets the accept
+        first (as before a write). The socket is still in non-blocking mode
+        (the flag belongs to the open file, which a duplicate shares: set
+        ``setblocking(True)`` before giving it to a program that expects
+        blocking reads). No DISCONNECTION event follows; events still queued
+        for ``fd`` are dropped.
+
+        Raises UsageError, and the connection stays in the context, for
+        what would lose bytes or is not a peer: a switched, listening or
+        external descriptor; bytes the context already read from the peer
+        and not yet delivered (MESSAGE_RX events queued, or part of a frame
+        in its decoder: the caller reads them first, or keeps the
+        connection); bytes queued for sending (the accept included) that the
+        socket did not take yet. PeerClosed if the peer is gone (a failed
+        accept: its DISCONNECTION event follows).
+        """
+        conn = self._table.get(fd)
+        if conn.kind != PEER or conn.decoder is None:
+            raise UsageError(f"descriptor {fd} is not a LibIPC peer: it cannot be released")
+        if conn.decoder.pending or any(
+            ev.fd == fd and ev.type is EventType.MESSAGE_RX for ev in self._events
+        ):
+            raise UsageError(
+                f"descriptor {fd} has received bytes not yet delivered: it cannot be released"
+            )
+        if self._offered and fd in self._offered:
+            self._accept_offer(fd)
+            if self._conns.get(fd) is not conn:  # the accept could not be written
+                raise PeerClosed(f"descriptor {fd} closed while sending the accept")
+        if conn.out:
+            raise UsageError(f"descriptor {fd} has bytes queued for sending: it cannot be released")
+        table = self._table
+        table.forget(conn)
+        if conn.linger is not None:
+            conn.linger.cancel()
+            conn.linger = None
+        if conn.feeding_paused is not None:  # its own queue paused its reading
+            conn.feeding_paused = None
+        conn.paused = False
+        table.drop_events(fd)
+        sock: socket.socket = conn.sock
+        return sock
+
     def close_all(self) -> None:
         """Close every descriptor, remove every service's socket and lock."""
         table = self._table

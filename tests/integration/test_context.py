@@ -854,3 +854,118 @@ def test_accept_out_of_descriptors_pauses_the_listener_then_resumes(rundir):
     assert child.returncode == 0, err
     lines = [line for line in err.splitlines() if "cannot accept" in line]
     assert len(lines) == 1 and "Too many open files; pausing 100 ms" in lines[0], err
+
+
+# ------------------------------------------------------------------ release
+
+
+def _next(ctx: Context, kind: EventType, timeout: float = 5.0) -> Event:
+    seen = _serve_until(ctx, lambda evs: bool(evs) and evs[-1].type is kind, timeout)
+    return seen[-1]
+
+
+def test_release_gives_the_peer_up_open_and_untouched(rundir):
+    with Context() as ctx:
+        ctx.service_init("rel")
+        with client(rundir, "rel") as c:
+            fd = _next(ctx, EventType.CONNECTION).fd
+            sock = ctx.release(fd)
+            assert fd not in ctx and sock.fileno() == fd
+            assert not sock.getblocking()  # the open file's flag, as the context had it
+            sock.setblocking(True)
+            sock.settimeout(5)
+            c.sendall(encode(b"direct"))
+            assert recv_msg(sock) == b"direct"  # nothing read by the context
+            # Closing one copy does not end the connection (no shutdown).
+            copy = sock.dup()
+            sock.close()
+            copy.sendall(encode(b"still open"))
+            assert recv_msg(c) == b"still open"
+            # The context says nothing more about it, and closing it leaves it alone.
+            c.sendall(encode(b"unseen"))
+            assert ctx.wait_event(timeout=0.2).type is EventType.TIMER
+            ctx.close_all()
+            assert recv_msg(copy) == b"unseen"
+            copy.close()
+            assert c.recv(1) == b""  # the last copy closed: the client sees the end
+
+
+def test_release_refuses_what_would_lose_bytes_and_keeps_the_connection(rundir):
+    with Context() as ctx:
+        listener = ctx.service_init("rel")
+        with client(rundir, "rel") as c:
+            fd = _next(ctx, EventType.CONNECTION).fd
+            c.sendall(encode(b"a") + encode(b"b"))
+            assert _next(ctx, EventType.MESSAGE_RX).message == b"a"
+            with pytest.raises(UsageError, match="not yet delivered"):
+                ctx.release(fd)  # "b" is queued as an event
+            assert ctx.wait_event(timeout=1).message == b"b"
+            c.sendall(encode(b"cd")[:3])  # part of a frame: in the decoder
+            assert ctx.wait_event(timeout=0.3).type is EventType.TIMER
+            with pytest.raises(UsageError, match="not yet delivered"):
+                ctx.release(fd)
+            c.sendall(encode(b"cd")[3:])
+            assert ctx.wait_event(timeout=1).message == b"cd"
+            ctx.write(fd, b"kept")
+            assert recv_msg(c) == b"kept"
+            with pytest.raises(UsageError, match="not a LibIPC peer"):
+                ctx.release(listener)
+            r, w = os.pipe()
+            try:
+                ctx.add_external(r)
+                with pytest.raises(UsageError, match="not a LibIPC peer"):
+                    ctx.release(r)
+                ctx.remove_external(r)
+            finally:
+                os.close(r)
+                os.close(w)
+            sock = ctx.release(fd)  # nothing pending now
+            sock.setblocking(True)
+            sock.settimeout(5)
+            c.sendall(encode(b"e"))
+            assert recv_msg(sock) == b"e"
+            sock.close()
+
+
+def test_release_refuses_a_switched_end():
+    with Context() as ctx:
+        a, b = socket.socketpair()
+        c, d = socket.socketpair()
+        try:
+            ctx.add_switch(b, d)
+            with pytest.raises(UsageError, match="not a LibIPC peer"):
+                ctx.release(b.fileno())
+            assert b.fileno() in ctx and d.fileno() in ctx  # still switched
+        finally:
+            for s in (a, c):
+                s.close()
+
+
+def test_release_of_a_door_connection_sends_the_accept_first(rundir):
+    from tests.integration.test_peer_info_core import ACCEPT, INFO, door_client
+
+    with Context() as ctx:
+        ctx.service_init("chat", peer_info=True)
+        with door_client(rundir) as daemon:
+            event = _next(ctx, EventType.CONNECTION)
+            assert event.peer == INFO
+            sock = ctx.release(event.fd)
+            sock.setblocking(True)
+            sock.settimeout(5)
+            assert recv_exact_bytes(daemon, len(ACCEPT)) == ACCEPT  # the verdict, then ours
+            daemon.sendall(encode(b"after the accept"))
+            assert recv_msg(sock) == b"after the accept"
+            sock.sendall(encode(b"reply"))
+            assert recv_msg(daemon) == b"reply"
+            with pytest.raises(UsageError):
+                ctx.refuse(event.fd, "too late")  # not in the context any more
+            sock.close()
+
+
+def recv_exact_bytes(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "closed early"
+        data += chunk
+    return data

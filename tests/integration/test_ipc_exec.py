@@ -600,3 +600,220 @@ def test_out_of_descriptors_costs_only_the_new_clients(rundir: Path, procs: Proc
     with ex.connect() as s:
         assert ask(s, b"after") == b"after"
     assert "Traceback" not in logs.text()
+
+
+# ------------------------------------------- --framed: the connection itself
+
+#: Speaks LibIPC frames on fds 0/1: first a JSON frame saying what its stdin
+#: is (a socket? blocking? whose? the environment), then echoes every frame.
+FRAMED = r"""#!/usr/bin/env python3
+import fcntl, json, os, socket, stat, struct
+
+def read_exact(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(0, n - len(data))
+        if not chunk:
+            raise SystemExit(0)
+        data += chunk
+    return data
+
+def send(payload):
+    data = struct.pack(">I", len(payload)) + payload
+    while data:
+        data = data[os.write(1, data):]
+
+st = os.fstat(0)
+info = {"socket": stat.S_ISSOCK(st.st_mode), "same": st.st_ino == os.fstat(1).st_ino,
+        "blocking": not fcntl.fcntl(0, fcntl.F_GETFL) & os.O_NONBLOCK, "env": dict(os.environ)}
+if info["socket"]:
+    s = socket.socket(fileno=os.dup(0))
+    cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    info["peer_pid"] = struct.unpack("3i", cred)[0]
+    s.detach()
+send(json.dumps(info).encode())
+while True:
+    (n,) = struct.unpack(">I", read_exact(4))
+    send(read_exact(n))
+"""
+
+
+def framed_program(tmp_path: Path) -> Path:
+    return script(tmp_path, "framed.py", FRAMED.replace("python3", sys.executable, 1))
+
+
+def test_framed_mode_gives_the_program_the_connection_itself(start_exec, tmp_path: Path) -> None:
+    ex = start_exec("direct", "--framed", "--", framed_program(tmp_path))
+    with ex.connect() as s:
+        info = json.loads(recv_msg(s))
+        # stdin and stdout: one socket, blocking, whose other end is this client.
+        assert info["socket"] and info["same"] and info["blocking"], info
+        assert info["peer_pid"] == os.getpid()
+        assert info["env"]["IPC_TRANSPORT"] == "local"
+        assert info["env"]["IPC_CLIENT_PID"] == str(os.getpid())
+        for payload in (b"", b"a\nb", bytes(range(256)) * 1000):
+            assert ask(s, payload) == payload
+        (pid,) = ex.children()
+    # The client leaving is the program's EOF: it ends, and is reaped.
+    wait_for(lambda: not ex.children() and not alive(pid), what="the program gone")
+    ex.logs.wait_for("exited with status 0")
+
+
+def test_framed_mode_through_ipc_tcpd(
+    start_exec, procs: Processes, rundir: Path, tmp_path: Path
+) -> None:
+    start_exec("direct", "--framed", "--", framed_program(tmp_path))
+    tcpd, _logs, port = start_listening_daemon(
+        procs, "ipc-tcpd", "--listen", "127.0.0.1:0", env={"RUNDIR": str(rundir)}
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"direct")
+        assert recv_exact(s, 2) == b"ok"
+        info = json.loads(recv_msg(s))
+        for payload in (b"over tcp", b"y" * 300_000):
+            assert ask(s, payload) == payload
+        mine = s.getsockname()
+    assert info["socket"] and info["peer_pid"] == tcpd.pid  # the daemon's door connection
+    env = info["env"]
+    assert env["IPC_TRANSPORT"] == "tcp" and env["REMOTE_ADDR"] == "127.0.0.1"
+    assert env["REMOTE_PORT"] == str(mine[1]) and env["SERVER_PORT"] == str(port)
+
+
+def test_framed_mode_through_ipc_websocketd(
+    start_exec,
+    websocketd,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    start_exec("direct", "--framed", "--", framed_program(tmp_path))
+    daemon = websocketd()
+    with daemon.connect("direct?room=7", origin=f"http://127.0.0.1:{daemon.port}") as ws:
+        info = json.loads(ws.recv(timeout=5))
+        for payload in (b"binary", "text", b"z" * 200_000):
+            ws.send(payload)
+            got = ws.recv(timeout=5)
+            assert (got if isinstance(got, bytes) else got.encode()) == (
+                payload if isinstance(payload, bytes) else payload.encode()
+            )
+    assert info["socket"] and info["peer_pid"] == daemon.proc.pid  # type: ignore[attr-defined]
+    env = info["env"]
+    assert env["IPC_TRANSPORT"] == "ws" and env["PATH_INFO"] == "/direct"
+    assert env["QUERY_STRING"] == "room=7" and env["REMOTE_ADDR"] == "127.0.0.1"
+
+
+def test_framed_mode_relays_a_client_whose_first_bytes_were_read(
+    start_exec, rundir: Path, tmp_path: Path
+) -> None:
+    """A message that came with the door's offer was read by ipc exec: that
+    client is relayed (its program gets a socket pair), and nothing is lost."""
+    from ipc_core import door
+    from tests.integration.test_peer_info_core import INFO, door_client
+
+    ex = start_exec("direct", "--framed", "--", framed_program(tmp_path))
+    with door_client(rundir, "direct", INFO, extra=encode(b"early")) as s:
+        reader = door.VerdictReader()
+        verdict = None
+        while verdict is None:
+            verdict = reader.feed(s.recv(65536))
+        assert verdict.accepted
+        rest = reader.leftover
+        s.sendall(encode(b"later"))
+        got = []
+        buffered = bytearray(rest)
+        while len(got) < 3:
+            while len(buffered) < 4 or len(buffered) < 4 + int.from_bytes(buffered[:4], "big"):
+                chunk = s.recv(65536)
+                assert chunk, "closed"
+                buffered += chunk
+            n = int.from_bytes(buffered[:4], "big")
+            got.append(bytes(buffered[4 : 4 + n]))
+            del buffered[: 4 + n]
+    info = json.loads(got[0])
+    assert info["socket"] and info["peer_pid"] == ex.proc.pid  # relayed by ipc exec
+    assert info["env"]["REMOTE_ADDR"] == INFO.client_address
+    assert got[1:] == [b"early", b"later"]
+
+
+def test_framed_mode_max_processes_refuses(
+    start_exec,
+    websocketd,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ex = start_exec("one", "--framed", "--max-processes", "1", "--", framed_program(tmp_path))
+    with ex.connect() as a:
+        json.loads(recv_msg(a))
+        with ex.connect() as b:
+            assert closed(b)
+        ex.logs.wait_for("--max-processes")
+        daemon = websocketd()
+        with pytest.raises(InvalidStatus) as info:
+            daemon.connect("one").close()
+        assert info.value.response.status_code == 403
+        assert ask(a, b"still") == b"still"
+    wait_for(lambda: not ex.children(), what="a's program gone")
+    with ex.connect() as c:
+        json.loads(recv_msg(c))
+        assert ask(c, b"c") == b"c"
+
+
+def test_framed_mode_lifecycle_exit_and_grace(start_exec, tmp_path: Path) -> None:
+    # The program exiting ends the connection (ipc exec keeps no copy open).
+    bye = script(tmp_path, "bye.sh", "#!/bin/bash\nprintf '\\0\\0\\0\\3bye'\nexit 3\n")
+    ex = start_exec("bye", "--framed", "--", bye)
+    with ex.connect() as s:
+        assert recv_msg(s) == b"bye"
+        assert closed(s)
+    ex.logs.wait_for("exited with status 3")
+    # The client leaving: the grace period, then SIGTERM, then SIGKILL.
+    stubborn = script(
+        tmp_path,
+        "stubborn.sh",
+        "#!/bin/bash\ntrap '' TERM\nprintf '\\0\\0\\0\\5ready'\nwhile true; do sleep 0.05; done\n",
+    )
+    ex = start_exec("stubborn", "--framed", "--grace", "0.5", "--", stubborn)
+    with ex.connect() as s:
+        assert recv_msg(s) == b"ready"
+        (pid,) = ex.children()
+    ex.logs.wait_for("SIGTERM")
+    ex.logs.wait_for("killed by SIGKILL")
+    wait_for(lambda: not alive(pid) and not ex.children(), what="stubborn gone")
+
+
+def test_framed_mode_500_cycles_leave_no_process_and_no_descriptor(start_exec) -> None:
+    ex = start_exec("cycles", "--framed", "--", "cat")
+    with ex.connect() as s:
+        assert ask(s, b"warm") == b"warm"
+    wait_for(lambda: not ex.children(), what="first cat gone")
+    baseline = ex.fds()
+    cycles = 0
+    deadline = time.monotonic() + 40
+    while cycles < 500:
+        assert time.monotonic() < deadline, f"only {cycles} cycles"
+        batch = [ex.connect() for _ in range(10)]
+        for n, s in enumerate(batch):
+            s.sendall(encode(b"%d" % n))
+        for n, s in enumerate(batch):
+            assert recv_msg(s) == b"%d" % n
+            s.close()
+        cycles += len(batch)
+    wait_for(lambda: not ex.children(), timeout=20, what="every cat reaped")
+    wait_for(lambda: ex.fds() == baseline, timeout=10, what=f"back to {baseline} descriptors")
+    assert ex.proc.poll() is None
+
+
+def test_framed_mode_a_background_process_holding_the_connection_gets_sigterm(
+    start_exec, tmp_path: Path
+) -> None:
+    prog = script(
+        tmp_path,
+        "bg.sh",
+        "#!/bin/bash\nsleep 30 &\nprintf '\\0\\0\\0\\010%08d' $!\nexit 0\n",
+    )
+    ex = start_exec("bg", "--framed", "--", prog)
+    with ex.connect() as s:
+        background = int(recv_msg(s))
+        started = time.monotonic()
+        assert closed(s)  # the sleep held it until its SIGTERM
+        assert time.monotonic() - started < 8
+    ex.logs.wait_for("exited with status 0")
+    ex.logs.wait_for("may still hold the connection: SIGTERM")
+    wait_for(lambda: not alive(background), what="the background sleep gone")

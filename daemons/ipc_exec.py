@@ -22,6 +22,15 @@ client's queue is over the mark the loop stops reading the program (its
 socket buffer fills, the program blocks in write); when the program does
 not read its stdin the loop stops reading the client.
 
+In framed mode the program speaks LibIPC itself, so nothing is relayed:
+after the door's accept, ``ctx.release`` gives the client's connection up
+(never shut down) and the program gets it as its stdin and stdout. ipc exec
+keeps its copy only to see the client leave (EPOLLRDHUP in a private epoll,
+itself one EXTERNAL descriptor: the copy is never read) and closes it when
+the program exits. A client whose first bytes ipc exec already read (sent
+right behind the door's offer) takes the relay path instead, so that they
+reach the program.
+
 Lifecycle: the client leaving closes the pair (the program reads EOF), then
 :meth:`Children.stop` sends SIGTERM to its process group after ``--grace``
 and SIGKILL a grace later; the program exiting (a pidfd in the loop, reaped
@@ -513,8 +522,8 @@ def _parse_env(values: Sequence[str]) -> list[tuple[str, str]]:
     "--mode",
     type=click.Choice(MODES),
     default="line",
-    help="line: a message is a line; framed: the program speaks LibIPC frames; "
-    "raw: each read is a message.",
+    help="line: a message is a line; framed: the program speaks LibIPC frames on "
+    "the client's connection itself (no relay); raw: each read is a message.",
 )
 @click.option("--framed", is_flag=True, help="Short for --mode framed.")
 @click.option("--raw", is_flag=True, help="Short for --mode raw.")

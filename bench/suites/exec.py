@@ -5,9 +5,12 @@ Both sides do the same work: each WebSocket message is written to a ``cat``
 process's stdin, each read of its stdout becomes a message (``ipc exec
 --raw``, ``websocketd --binary=true``; ipc exec's line mode is measured too,
 for reference: loadgen sends binary frames, which websocketd's line mode
-does not end with a newline). Ours is two
-processes (ipc-websocketd relays to the service, ``ipc exec`` to the
-programs), websocketd one. 100 connections, one 64-byte message in flight
+does not end with a newline). In ``--raw`` mode ours is two relays
+(ipc-websocketd relays to the service, ``ipc exec`` to the programs),
+websocketd one. ``ipc exec --framed NAME -- cat`` is measured beside it:
+``cat`` echoes LibIPC frames unchanged, so it is a correct echo, and in that
+mode each ``cat`` holds ipc-websocketd's connection itself (no relay in ipc
+exec): one relay, as in websocketd. 100 connections, one 64-byte message in flight
 each, every process (and with them the ``cat`` children) pinned to one CPU,
 runs interleaved, medians. Memory per connection: the RSS (and PSS, which
 shares the ``cat`` pages fairly) of every process involved, daemons and
@@ -30,6 +33,7 @@ NAME = "exec"
 TITLE = "ipc exec: a program per WebSocket connection, ipc-websocketd + ipc exec vs websocketd"
 
 OURS = "ipc-websocketd + ipc exec --raw"
+FRAMED = "ipc-websocketd + ipc exec --framed"
 LINES = "ipc-websocketd + ipc exec (line mode)"
 PEER = "websocketd --binary=true"
 CONNECTIONS = 100
@@ -167,6 +171,7 @@ def _hold(h: Harness, target: servers.Target, n: int) -> dict:
 def run(h: Harness, res: SuiteResult) -> None:
     starters = {
         OURS: partial(_ours, h, h.mkdir("exec-raw"), "raw"),
+        FRAMED: partial(_ours, h, h.mkdir("exec-framed"), "framed"),
         PEER: partial(_websocketd, h),
         LINES: partial(_ours, h, h.mkdir("exec-line"), "line"),
     }
@@ -178,7 +183,7 @@ def run(h: Harness, res: SuiteResult) -> None:
         for t in targets.values():
             _stop(h, t.target)
     held = {}
-    for name in (OURS, PEER):  # fresh servers: idle means never used
+    for name in (OURS, FRAMED, PEER):  # fresh servers: idle means never used
         target = starters[name]()
         try:
             held[name] = _hold(h, target, CONNECTIONS)
@@ -195,12 +200,14 @@ def run(h: Harness, res: SuiteResult) -> None:
             "p50 µs",
             "p99 µs",
             "server CPU µs/msg",
-            "ours vs this",
+            "--raw vs this",
+            "--framed vs this",
             "run spread",
             "note",
         ],
     )
     ours = figs[OURS]
+    framed = figs[FRAMED]
     for name, r in figs.items():
         t.rows.append(
             [
@@ -210,6 +217,7 @@ def run(h: Harness, res: SuiteResult) -> None:
                 fmt(r.get("p99_us"), 1),
                 fmt(r.get("cpu_us_per_msg"), 1),
                 fmt_ratio(ratio(ours.get("rate"), r.get("rate"))),
+                fmt_ratio(ratio(framed.get("rate"), r.get("rate"))),
                 spread(r),
                 status(r),
             ]
@@ -217,6 +225,15 @@ def run(h: Harness, res: SuiteResult) -> None:
     res.check_ratio(
         f"{CONNECTIONS} connections: msg/s, {OURS} / websocketd",
         ours.get("rate"),
+        figs[PEER].get("rate"),
+        ">=",
+        1.0,
+        "msg/s",
+        show=fmt_rate,
+    )
+    res.check_ratio(
+        f"{CONNECTIONS} connections: msg/s, {FRAMED} / websocketd",
+        framed.get("rate"),
         figs[PEER].get("rate"),
         ">=",
         1.0,
@@ -246,9 +263,13 @@ def run(h: Harness, res: SuiteResult) -> None:
         "binary frames, which websocketd in text mode writes without a newline, so cat's "
         "line never ends. ipc exec's line mode is shown for reference (figures only).",
         "Ours is two processes: ipc-websocketd (-q --no-static) relaying to the service "
-        "`ipc exec --mode MODE cat -- cat` (peer information through its door; cat's stdin "
-        "and stdout one socket pair switched with the client inside the loop); websocketd is "
-        "one Go process with pipes to each cat. Every process and every cat pinned to one CPU.",
+        "`ipc exec --mode MODE cat -- cat` (peer information through its door; in raw and line "
+        "mode cat's stdin and stdout are one socket pair switched with the client inside ipc "
+        "exec's loop; in framed mode they are ipc-websocketd's door connection itself, so ipc "
+        "exec relays nothing); websocketd is one Go process with pipes to each cat. Every "
+        "process and every cat pinned to one CPU.",
+        "--framed: cat echoes the LibIPC frames ipc-websocketd writes, unchanged, so each "
+        "WebSocket message comes back as one message (no --ws-stream needed).",
         "server CPU µs/msg: user + system time of the servers' processes (daemons and cats) "
         "during a run over the messages of the run (warmup included): the cost of a message, "
         "which other work on the shared CPU does not change as it changes msg/s.",

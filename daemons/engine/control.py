@@ -2,6 +2,9 @@
 (``--metrics``), and the local control service ``NAME.ctl`` that answers
 ``status`` with the same counters as JSON (``ipc status``).
 
+The HTTP side is h11 (:class:`MetricsExchange`), the parser ipc-httpd uses:
+no hand-written request parsing anywhere in the suite.
+
 Why a LibIPC service next to HTTP: the counters stay readable on a host where
 no ``--metrics`` port is open, with the run directory's permissions as the
 access control. Network peers never reach it: ``*.ctl`` is never reachable
@@ -14,19 +17,23 @@ import functools
 import json
 import logging
 import socket
+from collections.abc import Callable
+from http import HTTPStatus
 from typing import TYPE_CHECKING
+
+import h11
 
 from ipc_core import Event, EventType
 
 from .deadlines import Deadlines, RequestDeadlines
 from .errors import ErrorKind
 from .listeners import bound_address, peer_name
-from .metrics import HttpResponder
+from .metrics import CONTENT_TYPE, MAX_REQUEST_SIZE, Registry
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
-__all__ = ["MAX_HTTP_CONNECTIONS", "ControlService", "MetricsHttp"]
+__all__ = ["MAX_HTTP_CONNECTIONS", "ControlService", "MetricsExchange", "MetricsHttp"]
 
 log = logging.getLogger("ipc.daemon")
 
@@ -44,7 +51,7 @@ class MetricsHttp:
         self.daemon = daemon
         self.ctx = daemon.ctx
         #: Open HTTP clients by descriptor.
-        self.clients: dict[int, HttpResponder] = {}
+        self.clients: dict[int, MetricsExchange] = {}
         self._deadlines: Deadlines[int] = Deadlines(daemon.ctx)
 
     def serve(self, sock: socket.socket) -> None:
@@ -83,7 +90,7 @@ class MetricsHttp:
                 continue
             sock.setblocking(False)
             fd = self.ctx.add_external(sock)
-            self.clients[fd] = HttpResponder(daemon.metrics.registry, health=daemon.health)
+            self.clients[fd] = MetricsExchange(daemon.metrics.registry, health=daemon.health)
             daemon.own(fd, self._on_client)
             self._deadlines.start(fd, daemon.handshake_timeout, functools.partial(self._drop, fd))
 
@@ -116,6 +123,114 @@ class MetricsHttp:
     def _drop(self, fd: int) -> None:
         self.clients.pop(fd, None)
         self.daemon.drop(fd)
+
+
+_TEXT = "text/plain; charset=utf-8"
+
+
+class MetricsExchange:
+    """One HTTP/1.x exchange on h11, without I/O: bytes in, one response
+    out, then close.
+
+    ``receive_data(chunk)`` returns the bytes to send: ``b""`` while the
+    request head is incomplete, else the whole response; ``receive_data(b"")``
+    means the peer hit EOF. Once :attr:`done` is True, send what was returned
+    and close the connection (``Connection: close``: one exchange per
+    connection, a request body is not read). Routes: ``GET|HEAD /metrics``
+    (the registry), ``/healthz`` (``ok``, or 503 with the reason ``health()``
+    returns); other paths 404, other methods 405. What h11 refuses to parse
+    gets its status hint (400, or 431 for a head over ``max_request``
+    bytes), and so does a request cut short by EOF.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        health: Callable[[], str | None] | None = None,
+        max_request: int = MAX_REQUEST_SIZE,
+    ) -> None:
+        self.registry = registry
+        self.health = health
+        self.done = False
+        self.status: int | None = None
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_request)
+        self._head_only = False
+
+    def receive_data(self, data: bytes) -> bytes:
+        if self.done:
+            return b""
+        conn = self._h11
+        conn.receive_data(data)
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint if exc.error_status_hint in (400, 431) else 400
+            if not data and conn.trailing_data[0].strip() == b"":
+                self.done = True  # EOF before any byte of a request: nothing to answer
+                return b""
+            return self._respond(
+                status, "request too large\n" if status == 431 else "bad request\n"
+            )
+        if event is h11.NEED_DATA:
+            return b""
+        if not isinstance(event, h11.Request):  # ConnectionClosed: EOF before a request
+            self.done = True
+            return b""
+        return self._route(event)
+
+    def _route(self, request: h11.Request) -> bytes:
+        method, target = request.method, request.target.split(b"?", 1)[0]
+        self._head_only = method == b"HEAD"
+        if target == b"/metrics":
+            handler: Callable[[], tuple[int, str, str]] = self._metrics
+        elif target == b"/healthz":
+            handler = self._healthz
+        else:
+            return self._respond(404, "not found\n")
+        if method not in (b"GET", b"HEAD"):
+            self._head_only = False
+            return self._respond(405, "method not allowed\n", extra=[("Allow", "GET, HEAD")])
+        status, body, ctype = handler()
+        return self._respond(status, body, ctype)
+
+    def _metrics(self) -> tuple[int, str, str]:
+        return 200, self.registry.render(), CONTENT_TYPE
+
+    def _healthz(self) -> tuple[int, str, str]:
+        problem = self.health() if self.health else None
+        if problem:
+            return 503, problem.rstrip("\n") + "\n", _TEXT
+        return 200, "ok\n", _TEXT
+
+    def _respond(
+        self,
+        status: int,
+        body: str,
+        ctype: str = _TEXT,
+        *,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> bytes:
+        self.done = True
+        self.status = status
+        payload = body.encode()
+        headers = [
+            ("Content-Type", ctype),
+            ("Content-Length", str(len(payload))),
+            *(extra or []),
+            ("Connection", "close"),
+        ]
+        conn = self._h11
+        reason = HTTPStatus(status).phrase.encode()
+        events: list[h11.Event] = [
+            h11.Response(status_code=status, headers=headers, reason=reason),
+            h11.EndOfMessage(),
+        ]
+        if payload and not self._head_only:
+            events.insert(1, h11.Data(data=payload))
+        try:
+            return b"".join(conn.send(event) or b"" for event in events)
+        except h11.LocalProtocolError:  # nothing h11 can still send: just close
+            return b""
 
 
 class ControlService:

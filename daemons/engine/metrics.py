@@ -22,7 +22,6 @@ __all__ = [
     "MAX_REQUEST_SIZE",
     "Counter",
     "Gauge",
-    "HttpResponder",
     "Registry",
 ]
 
@@ -178,129 +177,6 @@ class Registry:
             else:
                 out[name] = samples[0][1]
         return out
-
-
-# --------------------------------------------------------------------------
-# HTTP
-# --------------------------------------------------------------------------
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
-_REQUEST_LINE_RE = re.compile(rb"([A-Z]+) (/[\x21-\x7e]*) HTTP/1\.[01]")
-
-
-class HttpResponder:
-    """One HTTP/1.x exchange without I/O: bytes in, one response out, then close.
-
-    ``receive_data(chunk)`` returns the bytes to send: ``b""`` while the
-    request head is incomplete, else the whole response; ``receive_data(b"")``
-    means the peer hit EOF. Once :attr:`done` is True, send what was returned
-    and close the connection (``Connection: close``; no keep-alive, no body
-    reading). Routes: ``GET|HEAD /metrics`` (the registry), ``/healthz``
-    (``ok``, or 503 with the reason ``health()`` returns). A request head
-    (through its blank line) longer than ``max_request`` bytes gets 431,
-    anything unparsable 400.
-    """
-
-    def __init__(
-        self,
-        registry: Registry,
-        health: Callable[[], str | None] | None = None,
-        max_request: int = MAX_REQUEST_SIZE,
-    ) -> None:
-        self.registry = registry
-        self.health = health
-        self.max_request = max_request
-        self.done = False
-        self.status: int | None = None
-        self._buf = bytearray()
-        self._scanned = 0
-
-    def receive_data(self, data: bytes) -> bytes:
-        if self.done:
-            return b""
-        if not data:  # EOF
-            self.done = True
-            return self._respond(400, "incomplete request\n") if self._buf.strip() else b""
-        self._buf += data
-        if self._buf[:1] in (b"\r", b"\n"):  # empty lines before a request are ignored
-            del self._buf[: len(self._buf) - len(self._buf.lstrip(b"\r\n"))]
-        head = self._head()
-        if head is None:
-            if len(self._buf) >= self.max_request:
-                return self._respond(431, "request too large\n")
-            return b""
-        return self._route(head)
-
-    def _head(self) -> bytes | None:
-        """The request head, once its blank line is in (and within the cap).
-
-        Scans only the bytes not scanned yet.
-        """
-        start, stop = max(0, self._scanned - 3), min(len(self._buf), self.max_request)
-        self._scanned = stop
-        ends = [
-            i
-            for i in (
-                self._buf.find(b"\r\n\r\n", start, stop),
-                self._buf.find(b"\n\n", start, stop),
-            )
-            if i >= 0
-        ]
-        return bytes(self._buf[: min(ends)]) if ends else None
-
-    def _route(self, head: bytes) -> bytes:
-        line = head.split(b"\n", 1)[0].rstrip(b"\r")
-        match = _REQUEST_LINE_RE.fullmatch(line)
-        if not match:
-            return self._respond(400, "bad request\n")
-        method, target = match.group(1), match.group(2).split(b"?", 1)[0]
-        if target == b"/metrics":
-            handler: Callable[[], tuple[int, str, str]] = self._metrics
-        elif target == b"/healthz":
-            handler = self._healthz
-        else:
-            return self._respond(404, "not found\n", head_only=method == b"HEAD")
-        if method not in (b"GET", b"HEAD"):
-            return self._respond(405, "method not allowed\n", extra="Allow: GET, HEAD\r\n")
-        status, body, ctype = handler()
-        return self._respond(status, body, ctype, head_only=method == b"HEAD")
-
-    def _metrics(self) -> tuple[int, str, str]:
-        return 200, self.registry.render(), CONTENT_TYPE
-
-    def _healthz(self) -> tuple[int, str, str]:
-        problem = self.health() if self.health else None
-        if problem:
-            return 503, problem.rstrip("\n") + "\n", "text/plain; charset=utf-8"
-        return 200, "ok\n", "text/plain; charset=utf-8"
-
-    def _respond(
-        self,
-        status: int,
-        body: str,
-        ctype: str = "text/plain; charset=utf-8",
-        *,
-        head_only: bool = False,
-        extra: str = "",
-    ) -> bytes:
-        self.done = True
-        self.status = status
-        self._buf.clear()
-        payload = body.encode()
-        head = (
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-            f"Content-Type: {ctype}\r\n"
-            f"Content-Length: {len(payload)}\r\n"
-            f"{extra}Connection: close\r\n\r\n"
-        ).encode()
-        return head if head_only else head + payload
 
 
 @dataclass

@@ -116,7 +116,7 @@ def test_a_metrics_timer_never_closes_a_newer_connection_on_the_same_descriptor(
         pump_for(ctx, daemon, 0.1)
         assert list(daemon.metrics_http.clients) == [old_fd]  # the number was reused
         pump_for(ctx, daemon, 0.7)  # the first connection's deadline passes
-        second.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        second.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         pump_for(ctx, daemon, 0.1)
         assert second.recv(4096).startswith(b"HTTP/1.1 200 OK")
 

@@ -48,8 +48,8 @@ bench-tools:
 
 # BENCH_ARGS: e.g. make bench BENCH_ARGS="--quick --only core"
 bench: setup-test bench-tools
-	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]' \
-		|| echo "matplotlib could not be installed: the report will have no chart"
+	$(PY) -c 'import matplotlib, uvicorn, httptools' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]' \
+		|| echo "the bench extra (matplotlib, uvicorn, httptools) could not be installed: no chart, no uvicorn rows"
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # The units name their programs as /usr/local/bin/...; they are rewritten to

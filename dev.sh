@@ -18,7 +18,7 @@ target="${1:-test}"
 case "$target" in
     run) debs=(python3 python3-venv make) ;;
     test|lint) debs=(python3 python3-venv make gcc socat openssl systemd iproute2 chromium haproxy nginx-light netcat-openbsd curl) ;;
-    bench) debs=(python3 python3-venv make gcc libssl-dev socat stunnel4 hitch websocketd python3-websockify openssl) ;;
+    bench) debs=(python3 python3-venv make gcc libssl-dev socat stunnel4 hitch websocketd python3-websockify openssl wrk) ;;
     *) echo "usage: $0 run [DEMO OPTIONS] | test | bench | lint" >&2; exit 2 ;;
 esac
 if [ "$target" != run ] && [ "$#" -gt 0 ]; then

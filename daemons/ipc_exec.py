@@ -25,7 +25,7 @@ not read its stdin the loop stops reading the client.
 In framed mode the program speaks LibIPC itself, so nothing is relayed:
 after the door's accept, ``ctx.release`` gives the client's connection up
 (never shut down) and the program gets it as its stdin and stdout. ipc exec
-keeps its copy only to see the client leave (EPOLLRDHUP in a private epoll,
+keeps its copy only to see the client leave (EPOLLHUP in a private epoll,
 itself one EXTERNAL descriptor: the copy is never read) and closes it when
 the program exits. A client whose first bytes ipc exec already read (sent
 right behind the door's offer) takes the relay path instead, so that they
@@ -92,7 +92,7 @@ class _Client:
 
 class _Direct:
     """A --framed client given to its program: ipc exec's copy of the
-    connection, kept only to see the client leave (EPOLLRDHUP)."""
+    connection, kept only to see the client leave (EPOLLHUP)."""
 
     __slots__ = ("child", "sock")
 
@@ -319,7 +319,10 @@ class ExecService:
         self.children.watch(child, err_r)
         direct = _Direct(sock, child)
         try:
-            self._watch.register(sock.fileno(), select.EPOLLRDHUP)
+            # No event asked for: EPOLLHUP (the client closed: a Unix socket
+            # whose peer is gone) and EPOLLERR come anyway; data and a
+            # half-close (a client waiting for its answer) do not wake us.
+            self._watch.register(sock.fileno(), 0)
         except OSError:  # cannot watch (out of memory): the program alone holds it
             sock.close()
         else:
@@ -329,8 +332,9 @@ class ExecService:
         return True
 
     def _clients_left(self) -> None:
-        """Clients of --framed programs left (or half-closed: the program
-        reads EOF): ipc exec's copies go, the programs get the grace period."""
+        """Clients of --framed programs left (EPOLLHUP: the program reads EOF
+        and its writes fail): ipc exec's copies go, the programs get the grace
+        period."""
         assert self._watch is not None
         for fd, _mask in self._watch.poll(0, 256):
             direct = self._direct.get(fd)

@@ -817,3 +817,21 @@ def test_framed_mode_a_background_process_holding_the_connection_gets_sigterm(
     ex.logs.wait_for("exited with status 0")
     ex.logs.wait_for("may still hold the connection: SIGTERM")
     wait_for(lambda: not alive(background), what="the background sleep gone")
+
+
+def test_framed_mode_a_half_closing_client_gets_its_answer(start_exec, tmp_path: Path) -> None:
+    """A client that shuts down its writing and waits: the program reads EOF,
+    answers later than --grace, and is not stopped (the client is there)."""
+    prog = script(
+        tmp_path,
+        "late.sh",
+        "#!/bin/bash\ncat >/dev/null\nsleep 1\nprintf '\\0\\0\\0\\4late'\n",
+    )
+    ex = start_exec("late", "--framed", "--grace", "0.2", "--", prog)
+    with ex.connect() as s:
+        s.sendall(encode(b"question"))
+        s.shutdown(socket.SHUT_WR)
+        assert recv_msg(s) == b"late"
+        assert closed(s)
+    ex.logs.wait_for("exited with status 0")
+    assert "SIGTERM" not in ex.logs.text()

@@ -835,3 +835,16 @@ def test_framed_mode_a_half_closing_client_gets_its_answer(start_exec, tmp_path:
         assert closed(s)
     ex.logs.wait_for("exited with status 0")
     assert "SIGTERM" not in ex.logs.text()
+
+
+def test_framed_mode_sigterm_stops_every_program(start_exec, tmp_path: Path) -> None:
+    ex = start_exec("stopf", "--framed", "--grace", "0.5", "--", "cat")
+    with ex.connect() as a, ex.connect() as b:
+        assert ask(a, b"a") == b"a" and ask(b, b"b") == b"b"
+        pids = ex.children()
+        assert len(pids) == 2
+        ex.proc.send_signal(signal.SIGTERM)
+        assert ex.proc.wait(timeout=10) == 0
+        assert closed(a) and closed(b)  # every copy of the connections gone
+    assert not any(alive(p) for p in pids)
+    assert not (ex.rundir / "stopf").exists() and not (ex.rundir / "stopf.door").exists()

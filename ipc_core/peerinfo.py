@@ -55,6 +55,10 @@ key                     JSON type                  meaning
                                                    ``--allow-client`` takes)
 ``cert_verified``       true                       the certificate chains to the
                                                    daemon's CA (absent: false)
+``method``              string                     the HTTP request method (``POST``,
+                                                   ``GET``...; ipc-httpd's first request);
+                                                   a WebSocket upgrade leaves it out
+                                                   (always ``GET``). Since 1.1
 ``path``                string                     WebSocket/HTTP request path, as sent
                                                    (percent-encoded), without the query
 ``query``               array of [name, value]     the query parameters, decoded, in
@@ -97,7 +101,7 @@ __all__ = [
     "encode",
 ]
 
-VERSION = (1, 0)
+VERSION = (1, 1)
 """(major, minor) written by :func:`encode`."""
 MAX_ENCODED = 16 * 1024
 
@@ -128,6 +132,7 @@ class PeerInfo:
     cert_sans: tuple[str, ...] = ()
     cert_sha256: str | None = None
     cert_verified: bool = False
+    method: str | None = None
     path: str | None = None
     query: tuple[tuple[str, str], ...] = ()
     subprotocol: str | None = None

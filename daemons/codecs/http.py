@@ -595,7 +595,8 @@ class HttpHandshake:
 
     def describe(self, info: PeerInfo) -> PeerInfo:
         """``DescribesPeer``: transport ``http`` (``https`` under TLS), and the
-        first request's path, query, Origin, User-Agent, Cookie, Authorization."""
+        first request's method, path (as sent, percent-encoded, like
+        ipc-websocketd's), query, Origin, User-Agent, Cookie, Authorization."""
         request = self.conn.first
         if request is None:
             return dataclasses.replace(info, transport="http")
@@ -605,7 +606,8 @@ class HttpHandshake:
         return dataclasses.replace(
             info,
             transport="http",
-            path=_clean(urllib.parse.unquote(path, errors="replace")),
+            method=_clean(request.method.decode("ascii", "replace")),
+            path=_clean(path),
             query=tuple((_clean(k) or "", _clean(v) or "") for k, v in pairs),
             origin=_text(_raw_header(request, b"origin")),
             user_agent=_text(_raw_header(request, b"user-agent")),

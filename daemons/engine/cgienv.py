@@ -189,7 +189,7 @@ def _peer_variables(out: dict[str, str], info: PeerInfo) -> None:
         query = urllib.parse.urlencode(list(info.query), quote_via=urllib.parse.quote)
         path = info.path or "/"
         out["SERVER_PROTOCOL"] = "HTTP/1.1"
-        out["REQUEST_METHOD"] = "GET"
+        out["REQUEST_METHOD"] = info.method or "GET"  # a WebSocket upgrade is a GET
         out["SCRIPT_NAME"] = ""
         out["PATH_INFO"] = urllib.parse.unquote(path)
         out["QUERY_STRING"] = query

@@ -442,6 +442,7 @@ def test_peer_information(rundir: Path, procs: Processes, pki: Pki) -> None:
     assert status == 200, body
     info = json.loads(body)
     assert info["transport"] == "http"
+    assert info["method"] == "POST"
     assert info["client_address"] == "127.0.0.1"
     assert info["local_port"] == port
     assert info["path"] == "/who"

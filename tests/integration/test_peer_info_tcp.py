@@ -84,7 +84,7 @@ def test_ipc_tcpd_tells_the_socket_addresses(rundir: Path, procs, who: str) -> N
     s.sendall(who.encode())
     info = told(s)
     assert info == {
-        "v": [1, 0],
+        "v": [1, 1],
         "transport": "tcp",
         "client_address": "127.0.0.3",
         "client_port": s.getsockname()[1],
@@ -107,7 +107,7 @@ def test_ipc_tcpd_with_a_proxy_header(rundir: Path, procs, who: str) -> None:
     s.sendall(encode_v2(Endpoint("203.0.113.5", 40123), Endpoint("192.0.2.10", 9000)) + b"who")
     info = told(s)
     assert info == {
-        "v": [1, 0],
+        "v": [1, 1],
         "transport": "tcp",
         "client_address": "203.0.113.5",
         "client_port": 40123,
@@ -193,7 +193,7 @@ def test_behind_haproxy_both_daemons_tell_the_real_client(
         s.sendall(who.encode())
         info = told(s)
         assert info == {
-            "v": [1, 0],
+            "v": [1, 1],
             "transport": "tcp",
             "client_address": CLIENT_IP,
             "client_port": s.getsockname()[1],

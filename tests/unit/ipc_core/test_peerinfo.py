@@ -30,6 +30,7 @@ FULL = PeerInfo(
     cert_sans=("DNS:alice.example.test", "IP:192.0.2.9", "email:alice@example.test"),
     cert_sha256=FINGERPRINT,
     cert_verified=True,
+    method="POST",
     path="/pong/caf%C3%A9",
     query=(("room", "1"), ("room", "2"), ("name", "zoë")),
     subprotocol="chat.v2",
@@ -59,7 +60,7 @@ def test_full_record_round_trips():
 
 def test_minimal_record_is_compact():
     wire = encode(PeerInfo(transport="tcp", client_address="192.0.2.7", client_port=4000))
-    assert wire == b'{"v":[1,0],"transport":"tcp","client_address":"192.0.2.7","client_port":4000}'
+    assert wire == b'{"v":[1,1],"transport":"tcp","client_address":"192.0.2.7","client_port":4000}'
 
 
 def test_keys_follow_the_documented_order_and_defaults_are_left_out():
@@ -255,3 +256,12 @@ def test_building_a_bad_record_is_a_usage_error(kwargs, match):
     args = {"transport": "ws", **kwargs}
     with pytest.raises(UsageError, match=match):
         PeerInfo(**args)
+
+
+def test_a_1_0_reader_and_a_1_1_record_understand_each_other():
+    """1.1 added ``method``: a 1.0 record decodes (no method), and a record
+    with a newer minor's unknown keys decodes too (they are ignored)."""
+    old = decode(b'{"v":[1,0],"transport":"ws","path":"/pong"}')
+    assert old.method is None and old.path == "/pong"
+    newer = decode(b'{"v":[1,7],"transport":"http","method":"POST","color":"blue"}')
+    assert newer.method == "POST"

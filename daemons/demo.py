@@ -2,11 +2,13 @@
 
 Starts, as child processes from this interpreter's bin directory, sharing one
 run directory: ``ipc pongd`` (the echo service ``pong``), ``ipcd`` (the
-router), ``ipc-tcpd`` on 127.0.0.1:9000 and ``ipc-websocketd`` on
-127.0.0.1:8080 with its demo page. It waits until each one is reachable,
-checks a round trip over every path (printed, so a broken install says so at
-once), prints what to type or open, and on Ctrl-C (SIGINT) or SIGTERM stops
-the children: SIGTERM, then SIGKILL for any still alive after 5 seconds.
+router), ``ipc-tcpd`` on 127.0.0.1:9000, ``ipc-websocketd`` on
+127.0.0.1:8080 with its demo page and ``ipc-httpd`` on 127.0.0.1:8000 (with
+``--cors`` for the demo page's origin, so that the page may ``fetch()`` it).
+It waits until each one is reachable, checks a round trip over every path
+(printed, so a broken install says so at once), prints what to type or open,
+and on Ctrl-C (SIGINT) or SIGTERM stops the children: SIGTERM, then SIGKILL
+for any still alive after 5 seconds.
 
 Why subprocesses and not one process: that is how the stack is deployed (one
 daemon per unit, see ``systemd/``), so the demo shows the real thing, and a
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import http.client
 import importlib.util
 import os
 import shutil
@@ -132,6 +135,20 @@ def check_websocket(host: str, port: int, service: str, payload: bytes) -> bytes
         ws.send(payload)
         reply = ws.recv(timeout=CHECK_TIMEOUT)
     return reply if isinstance(reply, bytes) else reply.encode()
+
+
+def check_http(host: str, port: int, service: str, payload: bytes) -> bytes:
+    """``POST /SERVICE`` as curl does: the body is the message, the reply the answer."""
+    conn = http.client.HTTPConnection(host, port, timeout=CHECK_TIMEOUT)
+    try:
+        conn.request("POST", f"/{service}", body=payload)
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise DemoError(f"ipc-httpd answered {response.status} {response.reason}: {body!r}")
+    return body
 
 
 def check_router(env: dict[str, str], service: str, uri: str, payload: str) -> bytes:
@@ -265,7 +282,25 @@ def _command(name: str) -> str:
     return str(path)
 
 
-def instructions(rundir: Path, host: str, tcp_port: int, ws_port: int | None) -> str:
+def page_url(host: str, ws_port: int, http_port: int | None) -> str:
+    """The demo page's address; ``?http=PORT`` tells the page where ipc-httpd
+    listens when that is not its default (8000)."""
+    query = f"?http={http_port}" if http_port is not None and http_port != 8000 else ""
+    return f"http://{host}:{ws_port}/{query}"
+
+
+def cors_origins(host: str, ws_port: int) -> list[str]:
+    """The demo page's origins, for ipc-httpd's ``--cors``: the page is served
+    by ipc-websocketd, another port, so another origin than ipc-httpd's."""
+    origins = [f"http://{host}:{ws_port}"]
+    if host == "127.0.0.1":
+        origins.append(f"http://localhost:{ws_port}")
+    return origins
+
+
+def instructions(
+    rundir: Path, host: str, tcp_port: int, ws_port: int | None, http_port: int | None = None
+) -> str:
     env_rundir = default_rundir()
     prefix = "" if env_rundir.resolve() == rundir.resolve() else f"RUNDIR={rundir} "
     ipc = prefix + _command("ipc")
@@ -276,6 +311,8 @@ def instructions(rundir: Path, host: str, tcp_port: int, ws_port: int | None) ->
     ]
     if ws_port is not None:
         rows.append(("WebSocket", f"http://{host}:{ws_port}/", "ipc-websocketd"))
+    if http_port is not None:
+        rows.append(("HTTP", f"http://{host}:{http_port}/", "ipc-httpd"))
     width = max(len(where) for _, where, _ in rows)
     lines = ["", f"LibIPC demo running; run directory {rundir}"]
     lines += [f"  {what:<10} {where:<{width}}  ({who})" for what, where, who in rows]
@@ -287,8 +324,12 @@ def instructions(rundir: Path, host: str, tcp_port: int, ws_port: int | None) ->
         f"{ipc} send pong hello",
         f"  line by line:     {ipc} cat pong",
     ]
+    if http_port is not None:
+        lines.append(f"  through HTTP:     curl --data-binary hello http://{host}:{http_port}/pong")
     if ws_port is not None:
-        lines.append(f"  from a browser:   open http://{host}:{ws_port}/ (service: pong)")
+        lines.append(
+            f"  from a browser:   open {page_url(host, ws_port, http_port)} (service: pong)"
+        )
     lines += [
         f"  daemon counters:  {ipc} status",
         "",
@@ -301,13 +342,29 @@ def _websocketd_available() -> bool:
     return importlib.util.find_spec(".websocketd", __package__) is not None
 
 
+def _httpd_available() -> bool:
+    return (
+        importlib.util.find_spec(".httpd", __package__) is not None and (BIN / "ipc-httpd").exists()
+    )
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The network daemons' ports; None for a daemon the demo does not start."""
+
+    tcp: int
+    ws: int | None
+    http: int | None
+
+
 @click.command(
     cls=LibipcCommand,
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="""\b
 Examples:
-  ./dev.sh run                                 ports 9000 and 8080
-  ./dev.sh run --tcp-port 9100 --ws-port 8180  when those are taken
+  ./dev.sh run                                 ports 9000, 8080 and 8000
+  ./dev.sh run --tcp-port 9100 --ws-port 8180 --http-port 8100
+                                               when those are taken
   make run DEMO_ARGS="--no-websocket"          the same through make
 """,
 )
@@ -336,15 +393,37 @@ Examples:
     help="ipc-websocketd's port (the demo page).",
 )
 @click.option("--no-websocket", is_flag=True, help="Do not start ipc-websocketd.")
-def main(rundir: Path | None, host: str, tcp_port: int, ws_port: int, no_websocket: bool) -> None:
+@click.option(
+    "--http-port",
+    type=click.IntRange(1, 65535),
+    default=8000,
+    show_default=True,
+    metavar="PORT",
+    help="ipc-httpd's port (POST /pong).",
+)
+@click.option("--no-http", is_flag=True, help="Do not start ipc-httpd.")
+def main(
+    rundir: Path | None,
+    host: str,
+    tcp_port: int,
+    ws_port: int,
+    no_websocket: bool,
+    http_port: int,
+    no_http: bool,
+) -> None:
     """Run the demo stack until Ctrl-C: the echo service pong, the router
-    ipcd, ipc-tcpd and ipc-websocketd with its demo page, all on this host."""
+    ipcd, ipc-tcpd, ipc-websocketd with its demo page and ipc-httpd, all on
+    this host."""
     rundir = rundir or default_rundir()
     with_ws = not no_websocket and _websocketd_available()
     if not no_websocket and not with_ws:
         say("note: ipc-websocketd is not installed yet; skipping the WebSocket part", err=True)
+    with_http = not no_http and _httpd_available()
+    if not no_http and not with_http:
+        say("note: ipc-httpd is not installed yet; skipping the HTTP part", err=True)
+    ports = Ports(tcp_port, ws_port if with_ws else None, http_port if with_http else None)
     try:
-        _preflight(rundir, host, tcp_port, ws_port if with_ws else None)
+        _preflight(rundir, host, ports)
     except DemoError as exc:
         raise click.ClickException(str(exc)) from None
     created = not rundir.exists()
@@ -368,7 +447,7 @@ def main(rundir: Path | None, host: str, tcp_port: int, ws_port: int, no_websock
     old = {sig: signal.signal(sig, stack.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     failed: str | None = None
     try:
-        _run(stack, host, tcp_port, ws_port if with_ws else None)
+        _run(stack, host, ports)
     except DemoError as exc:
         failed = str(exc)
     finally:
@@ -387,15 +466,15 @@ def main(rundir: Path | None, host: str, tcp_port: int, ws_port: int, no_websock
     say("demo stopped", err=True)
 
 
-def _preflight(rundir: Path, host: str, tcp_port: int, ws_port: int | None) -> None:
+def _preflight(rundir: Path, host: str, ports: Ports) -> None:
     """Refuse to start half a stack: busy ports or services already running."""
-    for port in (tcp_port, ws_port):
+    for port in (ports.tcp, ports.ws, ports.http):
         if port is not None:
             problem = port_busy(host, port)
             if problem:
                 raise DemoError(
                     f"{problem}; stop what uses it, or pick other ports: "
-                    "./dev.sh run --tcp-port 9100 --ws-port 8180"
+                    "./dev.sh run --tcp-port 9100 --ws-port 8180 --http-port 8100"
                 )
     for name in ("pong", "ipc", "tcp"):
         with contextlib.suppress(OSError, ValueError):
@@ -406,8 +485,9 @@ def _preflight(rundir: Path, host: str, tcp_port: int, ws_port: int | None) -> N
                 )
 
 
-def _run(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> None:
+def _run(stack: Stack, host: str, ports: Ports) -> None:
     rundir = stack.rundir
+    tcp_port, ws_port, http_port = ports.tcp, ports.ws, ports.http
     bin_ = str(BIN)
     children = [
         Child(
@@ -438,16 +518,31 @@ def _run(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> None:
                 lambda: http_answering(host, ws_port),
             )
         )
+    if http_port is not None:
+        # The page (ipc-websocketd's port) is another origin: let it fetch().
+        origins = cors_origins(host, ws_port) if ws_port is not None else []
+        cors = [arg for origin in origins for arg in ("--cors", origin)]
+        children.append(
+            Child(
+                "ipc-httpd",
+                [f"{bin_}/ipc-httpd", "-q", "--listen", f"{host}:{http_port}", *cors],
+                # http.ctl appears after the listener is bound (as tcp.ctl); a
+                # probe request would be logged as a 404 for the path "/".
+                lambda: unix_accepting(rundir / "http.ctl"),
+                ("http.ctl",),
+            )
+        )
     for child in children:
         stack.start(child)
         if stack.stop_requested:
             return
-    _self_check(stack, host, tcp_port, ws_port)
-    say(instructions(rundir, host, tcp_port, ws_port))
+    _self_check(stack, host, ports)
+    say(instructions(rundir, host, tcp_port, ws_port, http_port))
     stack.wait()
 
 
-def _self_check(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> None:
+def _self_check(stack: Stack, host: str, ports: Ports) -> None:
+    tcp_port, ws_port, http_port = ports.tcp, ports.ws, ports.http
     checks: list[tuple[str, Callable[[], bytes], bytes]] = [
         (
             "TCP (ipc-tcpd)",
@@ -470,11 +565,19 @@ def _self_check(stack: Stack, host: str, tcp_port: int, ws_port: int | None) -> 
                 b"hello over WebSocket",
             )
         )
+    if http_port is not None:
+        checks.append(
+            (
+                "HTTP (ipc-httpd)",
+                lambda: check_http(host, http_port, "pong", b"hello over HTTP"),
+                b"hello over HTTP",
+            )
+        )
     for label, check, expected in checks:
         started = time.monotonic()
         try:
             reply = check()
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, subprocess.SubprocessError, http.client.HTTPException) as exc:
             raise DemoError(f"self-check {label} failed: {exc}") from None
         except Exception as exc:  # websockets' own errors: report, do not crash
             if isinstance(exc, DemoError):

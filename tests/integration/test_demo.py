@@ -1,12 +1,15 @@
 """``make run`` (``python -m daemons.demo``) as a user runs it: the stack
 comes up, pong answers over every path, and a signal stops everything,
 leaving no process, socket file or port behind. Ports are free ephemeral
-ones (``--tcp-port``/``--ws-port``) so that the test never meets a real 9000.
+ones (``--tcp-port``/``--ws-port``/``--http-port``) so that the test never
+meets a real 9000.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +29,7 @@ READY_LINE = "Ctrl-C stops everything."
 HAS_WEBSOCKETD = (BIN / "ipc-websocketd").exists() and (
     Path(__file__).resolve().parents[2] / "daemons" / "websocketd.py"
 ).exists()
+HTTP_SELF_CHECK = "self-check: HTTP (ipc-httpd): pong answered 'hello over HTTP'"
 
 
 class OutputReader(LogReader):
@@ -81,8 +85,8 @@ def demo_dir() -> Iterator[Path]:
 
 def start_demo(
     procs: Processes, rundir: Path, *args: str
-) -> tuple[subprocess.Popen[bytes], OutputReader, int, int]:
-    tcp_port, ws_port = free_port(), free_port()
+) -> tuple[subprocess.Popen[bytes], OutputReader, int, int, int]:
+    tcp_port, ws_port, http_port = free_port(), free_port(), free_port()
     proc = procs.start(
         sys.executable,
         "-m",
@@ -93,13 +97,39 @@ def start_demo(
         str(tcp_port),
         "--ws-port",
         str(ws_port),
+        "--http-port",
+        str(http_port),
         *args,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     out = OutputReader(proc)
     out.wait_for(READY_LINE, timeout=60)
-    return proc, out, tcp_port, ws_port
+    return proc, out, tcp_port, ws_port, http_port
+
+
+def http_post(port: int, body: bytes, **headers: str) -> http.client.HTTPResponse:
+    """``POST /pong`` to the demo's ipc-httpd; the answer, its body read."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/pong", body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response
+    finally:
+        conn.close()
+
+
+def curl_post(port: int, body: str) -> str:
+    """What the printed instructions say to type."""
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "20", "--data-binary", body, f"http://127.0.0.1:{port}/pong"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
 
 
 def ipc_send(rundir: Path, message: str, **env: str) -> str:
@@ -118,13 +148,16 @@ def ipc_send(rundir: Path, message: str, **env: str) -> str:
 def test_demo_serves_pong_everywhere_and_stops_clean(
     procs: Processes, demo_dir: Path, sig: signal.Signals
 ) -> None:
-    proc, out, tcp_port, ws_port = start_demo(procs, demo_dir)
+    proc, out, tcp_port, ws_port, http_port = start_demo(procs, demo_dir)
     text = out.text()
     assert "self-check: TCP (ipc-tcpd): pong answered 'hello over TCP'" in text
     assert "self-check: router (ipcd -> ipc-tcpd)" in text
+    assert HTTP_SELF_CHECK in text
     assert f'IPC_NETWORK="pong tcp://127.0.0.1:{tcp_port}/pong"' in text
+    assert f"through HTTP:     curl --data-binary hello http://127.0.0.1:{http_port}/pong" in text
+    assert re.search(rf"  HTTP +http://127\.0\.0\.1:{http_port}/ +\(ipc-httpd\)", text), text
     kids = children(proc.pid)
-    assert len(kids) == (4 if HAS_WEBSOCKETD else 3)
+    assert len(kids) == (5 if HAS_WEBSOCKETD else 4)
 
     # Over TCP, by hand: the TCPd handshake, then LibIPC frames.
     with socket.create_connection(("127.0.0.1", tcp_port), timeout=5) as sock:
@@ -146,19 +179,47 @@ def test_demo_serves_pong_everywhere_and_stops_clean(
         with connect(f"ws://127.0.0.1:{ws_port}/pong", open_timeout=5) as ws:
             ws.send(b"over WebSocket")
             assert ws.recv(timeout=5) == b"over WebSocket"
+        # The page's address tells it where ipc-httpd is (not on 8000 here).
+        assert f"open http://127.0.0.1:{ws_port}/?http={http_port} (service: pong)" in text
+        # The page's origins (both spellings of this host) may fetch().
+        for origin in (f"http://127.0.0.1:{ws_port}", f"http://localhost:{ws_port}"):
+            answer = http_post(http_port, b"from the page", Origin=origin)
+            assert answer.status == 200
+            assert answer.getheader("Access-Control-Allow-Origin") == origin
+        assert http_post(http_port, b"x", Origin="http://elsewhere.example").status == 403
+    # Over HTTP, as the instructions say.
+    assert curl_post(http_port, "hello") == "hello"
 
     proc.send_signal(sig)
     assert proc.wait(timeout=15) == 0
     out.wait_for("demo stopped")
     assert all(gone(pid) for pid in kids)
     assert not demo_dir.exists(), list(demo_dir.iterdir())
-    assert port_free(tcp_port) and port_free(ws_port)
+    assert port_free(tcp_port) and port_free(ws_port) and port_free(http_port)
+
+
+def test_demo_without_http(procs: Processes, demo_dir: Path) -> None:
+    """``--no-http``: no ipc-httpd, no HTTP self-check, no curl line, and the
+    page's address carries no ``?http=``."""
+    proc, out, _tcp, _ws, http_port = start_demo(procs, demo_dir, "--no-http")
+    text = out.text()
+    assert "self-check: TCP (ipc-tcpd)" in text
+    assert "HTTP (ipc-httpd)" not in text
+    assert "curl" not in text and "?http=" not in text
+    kids = children(proc.pid)
+    assert len(kids) == (4 if HAS_WEBSOCKETD else 3)
+    assert not any(b"ipc-httpd" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in kids)
+    assert port_free(http_port)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert all(gone(pid) for pid in kids)
 
 
 def test_demo_stops_everything_when_a_child_dies(procs: Processes, demo_dir: Path) -> None:
-    proc, out, _tcp, _ws = start_demo(procs, demo_dir, "--no-websocket")
+    proc, out, _tcp, _ws, http_port = start_demo(procs, demo_dir, "--no-websocket")
+    assert HTTP_SELF_CHECK in out.text()
     kids = children(proc.pid)
-    assert len(kids) == 3
+    assert len(kids) == 4  # pongd, ipcd, ipc-tcpd, ipc-httpd
     ipcd = next(pid for pid in kids if "ipcd" in Path(f"/proc/{pid}/cmdline").read_bytes().decode())
     os.kill(ipcd, signal.SIGKILL)
     assert proc.wait(timeout=15) == 1
@@ -166,6 +227,7 @@ def test_demo_stops_everything_when_a_child_dies(procs: Processes, demo_dir: Pat
     assert all(gone(pid) for pid in kids)
     # ipcd could not remove its sockets; the demo did (and then the directory).
     assert not demo_dir.exists(), list(demo_dir.iterdir())
+    assert port_free(http_port)
 
 
 def test_demo_refuses_a_busy_port(demo_dir: Path) -> None:
@@ -184,6 +246,8 @@ def test_demo_refuses_a_busy_port(demo_dir: Path) -> None:
                 str(port),
                 "--ws-port",
                 str(free_port()),
+                "--http-port",
+                str(free_port()),
             ],
             capture_output=True,
             timeout=30,
@@ -191,6 +255,38 @@ def test_demo_refuses_a_busy_port(demo_dir: Path) -> None:
         )
     assert result.returncode == 1
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr.decode()
+    assert not demo_dir.exists()  # nothing was started
+
+
+def test_demo_refuses_a_busy_http_port(demo_dir: Path) -> None:
+    """ipc-httpd's port is checked before anything starts, and the hint
+    names the option that moves it."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "daemons.demo",
+                "--rundir",
+                str(demo_dir),
+                "--tcp-port",
+                str(free_port()),
+                "--ws-port",
+                str(free_port()),
+                "--http-port",
+                str(port),
+            ],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert f"port {port} on 127.0.0.1 is already in use" in err
+    assert "--http-port 8100" in err
     assert not demo_dir.exists()  # nothing was started
 
 
@@ -206,6 +302,8 @@ def test_demo_refuses_a_second_stack_in_the_same_rundir(rundir: Path, procs: Pro
             "--tcp-port",
             str(free_port()),
             "--ws-port",
+            str(free_port()),
+            "--http-port",
             str(free_port()),
         ],
         capture_output=True,
@@ -231,6 +329,7 @@ def _start_demo_on_pipe(rundir: Path) -> tuple[subprocess.Popen[bytes], int]:
             "--tcp-port",
             str(free_port()),
             "--no-websocket",
+            "--no-http",
         ],
         stdout=write_end,
         stderr=write_end,

@@ -2,7 +2,7 @@
 # One entry point for a fresh Debian machine: installs what is missing (Debian
 # packages, a virtual environment in .venv), then runs the make target.
 #
-#   ./dev.sh run [DEMO OPTIONS]   the demo: pong, ipcd, ipc-tcpd, ipc-websocketd
+#   ./dev.sh run [DEMO OPTIONS]   the demo: pong, ipcd, ipc-tcpd, ipc-websocketd, ipc-httpd
 #                                 (e.g. ./dev.sh run --tcp-port 9100 --ws-port 8180;
 #                                 ./dev.sh run --help lists them)
 #   ./dev.sh test                 the whole test suite (what CI runs)

@@ -271,7 +271,7 @@ class VerdictReader(_FrameReader):
 def parse_verdict(payload: bytes) -> Verdict:
     """A verdict's payload as a :class:`Verdict` (ProtocolError if it is not
     version 1's strict form). The reason comes back cleaned."""
-    data = _load(payload)
+    data = peerinfo.load_object(payload, "verdict")
     version = data.get("v")
     if (
         not isinstance(version, list)
@@ -292,33 +292,6 @@ def parse_verdict(payload: bytes) -> Verdict:
     if "reason" in data and reason is None:
         raise ProtocolError("verdict 'reason' is null")
     return Verdict(accepted, None if reason is None else clean_reason(reason))
-
-
-def _load(raw: bytes) -> dict[str, Any]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError("verdict is not UTF-8") from None
-    if text.startswith("\ufeff"):
-        raise ProtocolError("verdict starts with a byte-order mark")
-    try:
-        data = json.loads(text, object_pairs_hook=_unique, parse_constant=_constant)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"verdict is not JSON ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise ProtocolError("verdict is not a JSON object")
-    return data
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate key")
-    return result
-
-
-def _constant(name: str) -> Any:
-    raise ValueError(name)
 
 
 # -- hand-off (version 1.1) -------------------------------------------------------

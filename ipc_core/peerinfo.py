@@ -180,7 +180,7 @@ def decode(raw: bytes) -> PeerInfo:
     a version 1 record within bounds."""
     if len(raw) > MAX_ENCODED:
         raise ProtocolError(f"peer information of {len(raw)} bytes, limit is {MAX_ENCODED}")
-    data = _load(raw)
+    data = load_object(raw)
     version = data.get("v")
     if (
         not isinstance(version, list)
@@ -210,19 +210,22 @@ def decode(raw: bytes) -> PeerInfo:
     return PeerInfo(**values)
 
 
-def _load(raw: bytes) -> dict[str, Any]:
+def load_object(raw: bytes, what: str = "peer information") -> dict[str, Any]:
+    """Strict JSON of one object, for the door's messages (the record, the
+    verdict): UTF-8 without a BOM, no NaN/Infinity, no duplicate key; else a
+    ProtocolError naming ``what``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError("peer information is not UTF-8") from None
+        raise ProtocolError(f"{what} is not UTF-8") from None
     if text.startswith("\ufeff"):
-        raise ProtocolError("peer information starts with a byte-order mark")
+        raise ProtocolError(f"{what} starts with a byte-order mark")
     try:
         data = json.loads(text, object_pairs_hook=_unique, parse_constant=_constant)
     except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"peer information is not JSON ({type(exc).__name__})") from None
+        raise ProtocolError(f"{what} is not JSON ({type(exc).__name__})") from None
     if not isinstance(data, dict):
-        raise ProtocolError("peer information is not a JSON object")
+        raise ProtocolError(f"{what} is not a JSON object")
     return data
 
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -788,10 +789,7 @@ class Daemon:
         p.door = local
         reader = door.VerdictReader()
         dfd = ctx.add_external(local)
-        if handing:
-            self.own(dfd, lambda event: self._on_handoff_verdict(p, service, reader, event))
-        else:
-            self.own(dfd, lambda event: self._on_verdict(p, service, reader, event))
+        self.own(dfd, functools.partial(self._on_verdict, p, service, reader, handing))
 
     def _describe(self, p: _Pending) -> PeerInfo:
         """The engine's record of the socket, completed by the handshake."""
@@ -808,8 +806,17 @@ class Daemon:
         return p.describes.describe(info) if p.describes is not None else info
 
     def _on_verdict(
-        self, p: _Pending, service: str, reader: door.VerdictReader, event: Event
+        self,
+        p: _Pending,
+        service: str,
+        reader: door.VerdictReader,
+        handing: bool,
+        event: Event,
     ) -> None:
+        """The service's verdict on the door. Accept: the switch (with the
+        messages behind the verdict), or, for a hand-off, our copy of the
+        socket closed (the service writes ``ok``). Anything else: the peer
+        is closed with the reason."""
         if event.type is not EventType.EXTERNAL or p.door is None:
             return
         try:
@@ -820,7 +827,7 @@ class Daemon:
             data, error = b"", exc.strerror or str(exc)
         else:
             error = ""
-        failure: tuple[Failure, str] | None
+        failure: tuple[Failure, str] | None = None
         try:
             verdict = reader.feed(data)
         except PeerClosed:
@@ -830,10 +837,13 @@ class Daemon:
         else:
             if verdict is None:
                 return
-            if verdict.accepted:
-                failure = None
-            else:
+            if not verdict.accepted:
                 failure = (Failure.SERVICE_REFUSED, f"refused: {verdict.reason or 'no reason'}")
+            elif handing and reader.leftover:
+                failure = (Failure.SERVICE_UNAVAILABLE, "sent bytes after a hand-off verdict")
+        if failure is None and handing:
+            self._handed_over(p, service)
+            return
         local = self._unpark(p)
         if failure is None and local is not None:
             self._accept_peer(p, local, service, reader.leftover)
@@ -842,49 +852,6 @@ class Daemon:
             local.close()
         if failure is not None:
             self._reject(p, failure[0], f"service {service!r} {failure[1]}")
-
-    def _on_handoff_verdict(
-        self, p: _Pending, service: str, reader: door.VerdictReader, event: Event
-    ) -> None:
-        """The service's answer to a hand-off: accept -> our copy of the
-        socket is closed, the connection is the service's alone (it writes
-        ``ok``); anything else -> the peer is closed with the reason."""
-        if event.type is not EventType.EXTERNAL or p.door is None:
-            return
-        try:
-            data = p.door.recv(_RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            data, error = b"", exc.strerror or str(exc)
-        else:
-            error = ""
-        try:
-            verdict = reader.feed(data)
-        except PeerClosed:
-            why = error or "closed its door without a verdict (the hand-off failed)"
-            failure = (Failure.SERVICE_UNAVAILABLE, why)
-        except ProtocolError as exc:
-            failure = (Failure.SERVICE_UNAVAILABLE, f"broke the door protocol: {exc}")
-        else:
-            if verdict is None:
-                return
-            if verdict.accepted and not reader.leftover:
-                self._handed_over(p, service)
-                return
-            why = (
-                f"refused: {verdict.reason or 'no reason'}"
-                if not verdict.accepted
-                else ("sent bytes after a hand-off verdict")
-            )
-            failure = (
-                Failure.SERVICE_REFUSED if not verdict.accepted else Failure.SERVICE_UNAVAILABLE,
-                why,
-            )
-        local = self._unpark(p)
-        if local is not None:
-            local.close()
-        self._reject(p, failure[0], f"service {service!r} {failure[1]}")
 
     def _handed_over(self, p: _Pending, service: str) -> None:
         """The service has the peer's socket: forget ours (without a

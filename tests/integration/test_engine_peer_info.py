@@ -25,6 +25,7 @@ from daemons.engine.listeners import open_listener, parse_listen
 from daemons.engine.policy import ServiceAccess
 from daemons.engine.trust import TrustedNetworks
 from ipc_core import Context, EventType
+from ipc_core.peerinfo import VERSION
 from tests.helpers import recv_exact, recv_msg
 
 
@@ -98,7 +99,7 @@ def test_the_service_gets_the_peer_then_the_relay(rundir, engine):
         client.sendall(b"who\n")
         pump(ctx, daemon)
         conn, info = service.take()
-        assert info["v"] == [1, 0]
+        assert info["v"] == list(VERSION)
         assert info["transport"] == "tcp"
         assert info["client_address"] == "127.0.0.1"
         assert info["client_port"] == client.getsockname()[1]

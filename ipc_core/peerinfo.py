@@ -9,11 +9,11 @@ stream). Every daemon fills the same record from what its handshake learnt
 session, the WebSocket request, the token's name); this module is the
 record and its wire form, with no I/O and nothing from ``daemons``.
 
-Wire form (version 1): one UTF-8 JSON object, at most 16 KiB
+Wire form (version 1.1; 1.0 had no ``method``): one UTF-8 JSON object, at most 16 KiB
 (:data:`MAX_ENCODED`), keys in the order below, a key left out when its
 value is the default (None, empty, false)::
 
-    {"v":[1,0],"transport":"wss","client_address":"203.0.113.5",...}
+    {"v":[1,1],"transport":"wss","client_address":"203.0.113.5",...}
 
 ======================  =========================  =====================================
 key                     JSON type                  meaning

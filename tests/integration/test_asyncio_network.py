@@ -177,7 +177,7 @@ def test_peer_information_behind_ipc_tcpd(rundir: Path, procs, caplog) -> None:
         assert recv_exact(s, 2) == b"ok"
         info: dict[str, Any] = json.loads(recv_msg(s))
         assert info == {
-            "v": [1, 0],
+            "v": list(peerinfo.VERSION),
             "transport": "tcp",
             "client_address": "127.0.0.3",
             "client_port": s.getsockname()[1],

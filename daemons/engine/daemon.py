@@ -16,13 +16,10 @@ the name, or a WebSocket upgrade) while the engine does the I/O:
    ``$RUNDIR/SERVICE``; success -> ``handshake.accept()`` gives the layer for
    the switched phase and the LibIPC bytes that arrived early; the Context
    switches the pair and from then on relays without the engine. A service
-   whose lock carries the ``peer-info`` mark is reached through its door
-   (``$RUNDIR/SERVICE.door``, :mod:`ipc_core.door`) instead: the engine sends
-   the peer information (its own record of the socket's addresses, completed
-   by the handshake's ``describe``), stops reading the peer, and waits within
-   the handshake deadline for the service's verdict: accept -> the switch as
-   above (with any message the service sent behind its verdict); refuse ->
-   the handshake's 403 and the service's reason in the log;
+   whose lock carries the ``peer-info`` or ``handoff`` mark is reached through
+   its door instead (:mod:`daemons.engine.doors`): the peer information first,
+   the peer's socket itself with it for a hand-off, then the service's
+   verdict within the handshake deadline;
 4. any failure (bad input, refused or unknown service, deadline) -> the
    handshake's refusal bytes are flushed, the socket closed, the reason logged
    and counted. Nothing else is affected;
@@ -54,10 +51,8 @@ STOPPING, RELOADING, WATCHDOG).
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
-import functools
 import ipaddress
 import logging
 import os
@@ -79,16 +74,14 @@ from ipc_core import (
     PeerClosed,
     ProtocolError,
     ServiceBusy,
-    door,
-    door_path,
-    service_marks,
     socket_path,
 )
-from ipc_core.peerinfo import PeerInfo, PeerInfoTooLarge
+from ipc_core.peerinfo import PeerInfoTooLarge
 
 from . import systemd
 from .control import ControlService, MetricsHttp
 from .deadlines import Deadlines
+from .doors import Doors
 from .errors import ErrorKind, Failure, HandshakeRefused, LocalRefused
 from .handshake import (
     DescribesPeer,
@@ -106,21 +99,16 @@ from .handshake import (
     settles,
 )
 from .listeners import bound_address, exposed_addresses, peer_name, raise_fd_limit, tune_tcp
-from .local import connect_local
 from .log import LogThrottle, plural
 from .metrics import DaemonMetrics
 from .policy import ServiceAccess, exposure_warning, network_refusal, policy_summary
-from .trust import TrustedNetworks, parse_ip
+from .trust import TrustedNetworks
 
 __all__ = ["Daemon", "Owner", "source_key", "tcp_idle_seconds"]
 
 log = logging.getLogger("ipc.daemon")
 
 _RECV_SIZE = 65536
-#: The lock mark of a service that asked for peer information (docs/protocol.md).
-_PEER_INFO = "peer-info"
-#: The lock mark of a service that takes handed-over network sockets.
-_HANDOFF = "handoff"
 #: accept() errors that mean "out of descriptors or memory": pause, do not spin.
 _ACCEPT_PAUSE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
@@ -204,6 +192,8 @@ class Daemon:
         #: Hand a plain LibIPC stream's socket to a service that takes it
         #: (``handoff`` lock mark); False: ``--no-handoff``, always relay.
         self.handoff = True
+        #: Services with a door: peer information and hand-offs (doors.py).
+        self.doors = Doors(self)
         #: Proxies that speak for their clients (``--proxy-protocol``,
         #: ``--trust-proxy``): not counted by ``--max-connections-per-ip``
         #: themselves; each connection counts under the client its
@@ -693,7 +683,7 @@ class Daemon:
         """The peer named ``service``: policy, connection (through the door of
         a service that wants peer information), then the switch."""
         try:
-            local, offer, handing = self._open_local(p, service)
+            local, offer, handing = self.doors.open_local(p, service)
         except LocalRefused as exc:
             self._reject(p, exc.failure, exc.reason)
             return
@@ -704,7 +694,7 @@ class Daemon:
             self._reject(p, Failure.INTERNAL, f"cannot describe the peer: {exc}", status=500)
             return
         if offer is not None:
-            self._offer(p, service, local, offer, handing)
+            self.doors.offer(p, service, local, offer, handing)
             return
         self._accept_peer(p, local, service, b"")
 
@@ -723,171 +713,6 @@ class Daemon:
         self._switch(p, local, layer, early, service)
         if leftover and p.fd in self.ctx:
             self.ctx.feed_switch(local.fileno(), leftover)
-
-    def _open_local(self, p: _Pending, service: str) -> tuple[socket.socket, bytes | None, bool]:
-        """A connection to ``service`` for a network peer; when it is the
-        service's door (it asked for peer information, or takes hand-offs and
-        this peer's stream is plain LibIPC) the offer to send there, made
-        before connecting (a peer whose facts do not fit the record costs the
-        service nothing); and whether the peer's socket goes with the offer
-        (a hand-off: the daemon has already accepted the handshake). A name the policy
-        refuses is answered exactly like a name that does not exist (same
-        status, same path through the handshake): a peer learns nothing of
-        what runs here. The log keeps the real reason."""
-        rundir = self.ctx.rundir
-        marks = service_marks(service, rundir)
-        refusal = network_refusal(self.access, service, rundir, marks=marks)
-        if refusal is not None:
-            raise LocalRefused(Failure.REFUSED, refusal)
-        if self.handoff and _HANDOFF in marks and p.hands_over is not None:
-            handed = p.hands_over.handover()
-            if handed is not None:
-                reply, early = handed
-                offer = door.offer_frame(self._describe(p)) + door.handoff_frame(reply, early)
-                return self._connect_door(service), offer, True
-        if _PEER_INFO not in marks:
-            return connect_local(service, rundir), None, False
-        offer = door.offer_frame(self._describe(p))
-        return self._connect_door(service), offer, False
-
-    def _connect_door(self, service: str) -> socket.socket:
-        rundir = self.ctx.rundir
-        try:
-            return connect_local(door_path(service, rundir).name, rundir)
-        except LocalRefused as exc:
-            if exc.failure is not Failure.UNKNOWN_SERVICE:
-                raise
-            why = f"no door for local service {service!r} (it asked for peer information)"
-            raise LocalRefused(exc.failure, why) from None
-
-    # ------------------------------------------------------ peer information
-
-    def _offer(
-        self, p: _Pending, service: str, local: socket.socket, frame: bytes, handing: bool
-    ) -> None:
-        """Send the peer information to ``service``'s door (with the peer's
-        socket when ``handing`` it over), then wait for its verdict without
-        reading the peer (its bytes wait in the kernel)."""
-        try:
-            if handing:
-                rights = array.array("i", [p.fd]).tobytes()
-                sent = local.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-            else:
-                sent = local.send(frame)
-        except OSError as exc:
-            sent, why = -1, exc.strerror or str(exc)
-        else:
-            why = "its socket buffer is full"
-        if sent != len(frame):  # a fresh Unix socket takes 16 KiB at once, or is broken
-            local.close()
-            self._reject(p, Failure.SERVICE_UNAVAILABLE, f"service {service!r}: {why}")
-            return
-        ctx = self.ctx
-        p.parked = ctx.socket_of(p.fd)
-        self.disown(p.fd)
-        ctx.remove_external(p.fd)
-        p.door = local
-        reader = door.VerdictReader()
-        dfd = ctx.add_external(local)
-        self.own(dfd, functools.partial(self._on_verdict, p, service, reader, handing))
-
-    def _describe(self, p: _Pending) -> PeerInfo:
-        """The engine's record of the socket, completed by the handshake."""
-        sock = self.ctx.socket_of(p.fd)
-        client = _address(sock, "getpeername")
-        local = _address(sock, "getsockname")
-        info = PeerInfo(
-            transport="tcp",
-            client_address=client[0],
-            client_port=client[1],
-            local_address=local[0],
-            local_port=local[1],
-        )
-        return p.describes.describe(info) if p.describes is not None else info
-
-    def _on_verdict(
-        self,
-        p: _Pending,
-        service: str,
-        reader: door.VerdictReader,
-        handing: bool,
-        event: Event,
-    ) -> None:
-        """The service's verdict on the door. Accept: the switch (with the
-        messages behind the verdict), or, for a hand-off, our copy of the
-        socket closed (the service writes ``ok``). Anything else: the peer
-        is closed with the reason."""
-        if event.type is not EventType.EXTERNAL or p.door is None:
-            return
-        try:
-            data = p.door.recv(_RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            data, error = b"", exc.strerror or str(exc)
-        else:
-            error = ""
-        failure: tuple[Failure, str] | None = None
-        try:
-            verdict = reader.feed(data)
-        except PeerClosed:
-            failure = (Failure.SERVICE_UNAVAILABLE, error or "closed its door without a verdict")
-        except ProtocolError as exc:
-            failure = (Failure.SERVICE_UNAVAILABLE, f"broke the door protocol: {exc}")
-        else:
-            if verdict is None:
-                return
-            if not verdict.accepted:
-                failure = (Failure.SERVICE_REFUSED, f"refused: {verdict.reason or 'no reason'}")
-            elif handing and reader.leftover:
-                failure = (Failure.SERVICE_UNAVAILABLE, "sent bytes after a hand-off verdict")
-        if failure is None and handing:
-            self._handed_over(p, service)
-            return
-        local = self._unpark(p)
-        if failure is None and local is not None:
-            self._accept_peer(p, local, service, reader.leftover)
-            return
-        if local is not None:
-            local.close()
-        if failure is not None:
-            self._reject(p, failure[0], f"service {service!r} {failure[1]}")
-
-    def _handed_over(self, p: _Pending, service: str) -> None:
-        """The service has the peer's socket: forget ours (without a
-        shutdown, which would end the service's connection too)."""
-        local, p.door = p.door, None
-        sock, p.parked = p.parked, None
-        if local is not None:
-            self.disown(local.fileno())
-            if local.fileno() in self.ctx:
-                self.ctx.remove_external(local.fileno())
-            local.close()
-        self._forget_pending(p)
-        self._network_closed(p.fd)
-        if sock is not None:
-            sock.close()
-        self.metrics.handoffs.inc()
-        log.info(
-            "%s: %s -> %r handed over (%.1f ms)",
-            self.name,
-            p.who,
-            service,
-            (time.monotonic() - p.started) * 1000,
-        )
-
-    def _unpark(self, p: _Pending) -> socket.socket | None:
-        """Back to the Context with the waiting peer; the door socket, out of
-        it (None if either is gone)."""
-        local, p.door = p.door, None
-        if local is not None:
-            self.disown(local.fileno())
-            if local.fileno() in self.ctx:
-                self.ctx.remove_external(local.fileno())
-        sock, p.parked = p.parked, None
-        if sock is not None:
-            self.own(self.ctx.add_external(sock), self._on_pending)
-        return local
 
     def _switch(
         self, p: _Pending, local: socket.socket, layer: Layer | None, early: bytes, service: str
@@ -956,7 +781,7 @@ class Daemon:
     def _timeout(self, p: _Pending) -> None:
         if self._pending.get(p.fd) is p:
             waited = p.door is not None
-            local = self._unpark(p)
+            local = self.doors.unpark(p)
             if local is not None:
                 local.close()
             if waited:
@@ -1039,19 +864,6 @@ class Daemon:
             m.bytes.inc(counters.bytes - last_bytes, direction=direction)
             m.messages.inc(counters.messages - last_messages, direction=direction)
             self._last_stats[tag] = (counters.bytes, counters.messages)
-
-
-def _address(sock: Any, which: str) -> tuple[str | None, int | None]:
-    """(IP, port) of one end of a socket, IPv4-mapped as IPv4; (None, None)
-    for a Unix socket or a socket that is gone."""
-    try:
-        addr = getattr(sock, which)()
-    except OSError:
-        return None, None
-    if not (isinstance(addr, tuple) and len(addr) >= 2):
-        return None, None
-    ip = parse_ip(addr[0])
-    return (str(ip), addr[1]) if ip is not None else (None, None)
 
 
 def source_key(addr: Any) -> str | None:

@@ -81,6 +81,7 @@ def test_the_engine_never_imports_a_codec_or_a_command() -> None:
 ENGINE_IO = {
     "daemons.engine",
     "daemons.engine.daemon",
+    "daemons.engine.doors",
     "daemons.engine.outbound",
     "daemons.engine.startup",
     "daemons.engine.local",

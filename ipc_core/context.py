@@ -40,31 +40,18 @@ concept each (as trio's loop does):
 * ``_relay``        relaying between switched ends: one strategy per end,
   chosen when the switch is set up
 * ``_scheduling``   timers, callbacks from other threads, signals
+* ``_doors``        the doors of peer-information and hand-off services:
+  offers, credentials, adopted sockets, verdicts
 
 This module keeps the loop itself (``wait_event``, dispatch), LibIPC peers
-and listeners (read, accept), the doors of peer-information services, and
-the public methods.
-
-Doors
------
-A service started with ``peer_info=True`` has a second listener, its door
-(:mod:`ipc_core.door` says why and the wire protocol). A connection accepted
-there is a PEER whose reader is ``_read_offer`` until the offer is read:
-``recvmsg`` with ``SCM_CREDENTIALS``, every read from a trusted uid, within
-the offer deadline (kept in ``conn.linger``, so a close cancels it). Then the
-connection becomes an ordinary peer (``_read_peer``, a FrameDecoder fed with
-what followed the offer), a CONNECTION event carries the PeerInfo, and the
-connection waits in ``_offered`` for its verdict: ``refuse`` sends a refusal,
-otherwise the accept goes out at the next ``wait_event`` after that event was
-returned, or before the first write to the connection. The hot paths pay one
-truthiness test of ``_offered`` (empty but for those moments); ordinary
-peers' reads pay nothing.
+and listeners (read, accept), and the public methods. Door connections wait
+in ``_offered`` for a verdict; the hot paths pay one truthiness test of it
+(empty but for those moments), ordinary peers' reads nothing.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import functools
 import heapq
@@ -73,11 +60,9 @@ import os
 import select
 import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +83,7 @@ from ._connections import (
     wrap_fd,
 )
 from ._connections import header_hint as _header_hint  # noqa: F401  (tests import it here)
+from ._doors import Door, Doors, _accept_log_due
 from ._relay import Relay
 from ._scheduling import Inbox, Signals, TimerHandle, Timers, next_wait
 from .errors import IPCError, PeerClosed, ProtocolError, ServiceUnavailable, UsageError
@@ -117,13 +103,6 @@ _SMALL_FRAME = 64 * 1024  # below this, header + payload are joined and sent wit
 _ACCEPT_BATCH = 64
 DEFAULT_QUEUE_HIGH_WATER = 1 * 1024 * 1024
 _CONNECTION = EventType.CONNECTION
-_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
-_CRED_SPACE = socket.CMSG_SPACE(_UCRED.size)
-#: Credentials and one passed descriptor (a hand-off); room for a few more,
-#: so that a sender passing several is refused, not silently truncated.
-_HANDOFF_SPACE = _CRED_SPACE + socket.CMSG_SPACE(4 * 4)
-_ACCEPT_FRAME = _door.accept_frame()
-
 __all__ = [
     "LINGER_SECONDS",
     "Context",
@@ -138,45 +117,6 @@ __all__ = [
 
 class ContextStopped(IPCError):
     """The context was stopped (by ``stop()`` or a SIGINT/SIGTERM)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Door:
-    """A peer-information service's door: whom it believes, for which listener."""
-
-    name: str
-    origin: int  # the service's normal listening descriptor
-    trusted: frozenset[int]
-    #: Takes handed-over network sockets (one SCM_RIGHTS descriptor per offer).
-    handoff: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class _Handover:
-    """A handed-over socket waiting for the application's verdict: the door
-    connection to answer on, and what to write to the client on accept."""
-
-    door: Conn
-    reply: bytes
-
-
-class _Offer:
-    """The reading state of one door connection: the offer, then (when a
-    socket came with it) the hand-off frame."""
-
-    __slots__ = ("fds", "handoff", "info", "reader")
-
-    def __init__(self) -> None:
-        self.reader = _door.OfferReader()
-        self.info: PeerInfo | None = None
-        self.handoff: _door.HandoffReader | None = None
-        self.fds: list[int] = []
-
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
 
 
 class Context:
@@ -237,8 +177,8 @@ class Context:
         #: Door connections whose CONNECTION is out and whose verdict is not:
         #: fd -> (connection, its CONNECTION event).
         self._offered: dict[int, tuple[Conn, Event]] = {}
-        #: Handed-over sockets among them: fd -> their door and reply.
-        self._handovers: dict[int, _Handover] = {}
+        #: The doors of peer-information and hand-off services (_doors.py).
+        self._doors = Doors(self)
         #: Seconds a door connection has to send its offer.
         self._offer_seconds = _door.OFFER_SECONDS
 
@@ -321,9 +261,9 @@ class Context:
         conn.reader = self._accept
         self._table.add(conn, _EPOLLIN)
         if service.door is not None:
-            door = _Door(name, conn.fd, trusted | {0, os.geteuid(), service.owner_uid}, handoff)
+            door = Door(name, conn.fd, trusted | {0, os.geteuid(), service.owner_uid}, handoff)
             gate = Conn(LISTENER, service.door)
-            gate.reader = functools.partial(self._accept_door, door)
+            gate.reader = functools.partial(self._doors.accept, door)
             self._table.add(gate, _EPOLLIN)
             self._table.doors[conn.fd] = gate
             log.debug("service %r: door on %s", name, service.door_path)
@@ -482,7 +422,7 @@ class Context:
                 return False
             raise UsageError(f"descriptor {fd} is not in the context")
         if self._offered and fd in self._offered:
-            self._accept_offer(fd)
+            self._doors.accept_offer(fd)
         n = len(payload)
         if n > self.max_message_size:
             raise UsageError(f"message of {n} bytes exceeds max_message_size")
@@ -520,7 +460,7 @@ class Context:
             self._events.append(Event(EventType.ERROR, fd, reason="schedule: unknown descriptor"))
             return
         if self._offered and fd in self._offered:
-            self._accept_offer(fd)
+            self._doors.accept_offer(fd)
         n = len(payload)
         if n > self.max_message_size:
             raise UsageError(f"message of {n} bytes exceeds max_message_size")
@@ -532,14 +472,14 @@ class Context:
         if fd not in self._conns and self._table.disconnection_pending(fd):
             return False
         if self._offered and fd in self._offered:
-            self._accept_offer(fd)
+            self._doors.accept_offer(fd)
         return self._table.send(self._table.get(fd), data)
 
     def send_fd(self, fd: int, data: bytes, passed_fd: int) -> None:
         """Send ``data`` with descriptor ``passed_fd`` attached (SCM_RIGHTS) on
         Unix peer ``fd``; the router hands connections to clients this way."""
         if self._offered and fd in self._offered:
-            self._accept_offer(fd)
+            self._doors.accept_offer(fd)
         conn = self._table.get(fd)
         if conn.out:
             raise UsageError(f"descriptor {fd} has queued data; cannot pass a descriptor now")
@@ -630,7 +570,7 @@ class Context:
         """Return the next event, waiting at most ``timeout`` seconds (default:
         the context's ``timer``); a TIMER event when that time passes idle."""
         if self._offered:
-            self._accept_seen_offers()
+            self._doors.accept_seen()
         events = self._events
         if events:
             return events.popleft()
@@ -756,223 +696,6 @@ class Context:
 
     # ------------------------------------------------------------------ doors
 
-    def _accept_door(self, door: _Door, conn: Conn) -> None:
-        """Accept on a door: the new connection reads its offer first."""
-        lsock = conn.sock
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, _addr = lsock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    if _accept_log_due():
-                        log.error("cannot accept on %s: %s; pausing 100 ms", conn.fd, exc.strerror)
-                    self._pause_listener(conn)
-                return
-            try:
-                sock.setblocking(False)
-                # Inherited from the listening door already (so no byte written
-                # before the accept lacks credentials); said again to be explicit.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            except OSError as exc:
-                log.warning("door of service %r: %s; closing a connection", door.name, exc)
-                sock.close()
-                continue
-            peer = Conn(PEER, sock)
-            peer.origin = door.origin
-            peer.reader = functools.partial(self._read_offer, door, _Offer())
-            self._table.add(peer, _EPOLLIN)
-            peer.linger = self._timers.call_later(
-                self._offer_seconds, functools.partial(self._offer_late, door, peer)
-            )
-
-    def _read_offer(self, door: _Door, state: _Offer, conn: Conn) -> None:
-        """Read a door connection until its offer (and, with a handed-over
-        socket, the hand-off frame) is complete (see Doors)."""
-        space = _HANDOFF_SPACE if door.handoff else _CRED_SPACE
-        try:
-            n, ancdata, flags, _addr = conn.sock.recvmsg_into([self._view], space)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._drop_door(door, conn, f"read failed: {exc.strerror or exc}", state)
-            return
-        if n:
-            problem = _credentials_problem(
-                ancdata, flags, door.trusted, state.fds if door.handoff else None
-            )
-            if problem is not None:
-                self._drop_door(door, conn, problem, state)
-                return
-        data: bytes | memoryview = self._view[:n]
-        try:
-            if state.info is None:
-                state.info = state.reader.feed(data)
-                if state.info is None:
-                    return
-                data = state.reader.leftover
-                if not state.fds:
-                    self._offer_read(door, conn, state.info, data)
-                    return
-                state.handoff = _door.HandoffReader()
-                if not data:
-                    return
-            assert state.handoff is not None
-            handoff = state.handoff.feed(data)
-        except PeerClosed:
-            self._drop_door(door, conn, "closed before sending its peer information", state)
-            return
-        except ProtocolError as exc:
-            self._drop_door(door, conn, f"bad peer information: {exc}", state)
-            return
-        if handoff is None:
-            return
-        if state.handoff.leftover:
-            self._drop_door(door, conn, "bytes after the hand-off frame", state)
-            return
-        self._handed_over(door, conn, state, handoff)
-
-    def _offer_read(self, door: _Door, conn: Conn, info: PeerInfo, leftover: bytes) -> None:
-        """A relayed client's offer is read: the door connection becomes an
-        ordinary peer, announced with its peer information."""
-        if not self._door_opened(door, conn):
-            return
-        fd = conn.fd
-        conn.peer = info
-        conn.decoder = FrameDecoder(self.max_message_size)
-        conn.reader = self._read_peer
-        event = Event(_CONNECTION, fd, origin=door.origin, peer=info)
-        self._events.append(event)
-        self._offered[fd] = (conn, event)
-        if leftover:
-            self._feed_early(conn, leftover)
-
-    def _door_opened(self, door: _Door, conn: Conn, state: _Offer | None = None) -> bool:
-        """The offer is in: no deadline, no more credentials to read."""
-        if conn.linger is not None:
-            conn.linger.cancel()
-            conn.linger = None
-        try:
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
-        except OSError as exc:
-            self._drop_door(door, conn, f"cannot set up the connection: {exc.strerror}", state)
-            return False
-        return True
-
-    def _feed_early(self, conn: Conn, data: bytes) -> None:
-        """Messages that came with a new peer, queued behind its CONNECTION."""
-        assert conn.decoder is not None
-        try:
-            messages = conn.decoder.feed(data)
-        except ProtocolError as exc:
-            log.warning("%s; closing it", bad_input(conn, exc))
-            self._offered.pop(conn.fd, None)
-            self._drop_handover(conn.fd)
-            self._table.close_conn(conn, str(exc), error=type(exc))
-            return
-        for message in messages:
-            self._events.append(message_rx(conn.fd, message))
-
-    def _handed_over(self, door: _Door, conn: Conn, state: _Offer, handoff: _door.Handoff) -> None:
-        """A daemon handed its network socket over: adopt it as a peer (the
-        door connection waits for the verdict, then closes)."""
-        info = state.info
-        assert info is not None
-        if len(state.fds) != 1:
-            self._drop_door(door, conn, f"{len(state.fds)} descriptors with one hand-off", state)
-            return
-        try:
-            sock = socket.socket(fileno=state.fds[0])
-        except OSError as exc:
-            self._drop_door(door, conn, f"the handed-over descriptor: {exc.strerror}", state)
-            return
-        state.fds.clear()
-        if sock.type != socket.SOCK_STREAM:
-            sock.close()
-            self._drop_door(door, conn, "the handed-over descriptor is not a stream socket")
-            return
-        if not self._door_opened(door, conn):
-            sock.close()
-            return
-        sock.setblocking(False)
-        peer = Conn(PEER, sock)
-        peer.origin = door.origin
-        peer.peer = info
-        peer.decoder = FrameDecoder(self.max_message_size)
-        peer.reader = self._read_peer
-        self._table.add(peer, _EPOLLIN)
-        conn.reader = self._read_spent_door
-        event = Event(_CONNECTION, peer.fd, origin=door.origin, peer=info)
-        self._events.append(event)
-        self._offered[peer.fd] = (peer, event)
-        self._handovers[peer.fd] = _Handover(conn, handoff.reply)
-        if handoff.early:
-            self._feed_early(peer, handoff.early)
-
-    def _read_spent_door(self, conn: Conn) -> None:
-        """A door whose socket was handed over says nothing more: close it on
-        EOF (the daemon gave up) or on any byte."""
-        try:
-            data = conn.sock.recv(1)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        self._table.close_conn(conn, None if not data else "bytes after a hand-off", report=False)
-
-    def _answer_door(self, door: Conn, frame: bytes) -> None:
-        """The verdict on a hand-off's door, then the door closed: at once if
-        the frame went out (it nearly always does: a fresh socket), else when
-        the daemon, having read it, closes its end (``_read_spent_door``)."""
-        if self._conns.get(door.fd) is not door:
-            return
-        self._table.send(door, frame)
-        if not door.out:
-            self._table.close_conn(door, None, report=False)
-
-    def _drop_handover(self, fd: int) -> _Handover | None:
-        handover = self._handovers.pop(fd, None) if self._handovers else None
-        if handover is not None and self._conns.get(handover.door.fd) is handover.door:
-            self._table.close_conn(handover.door, None, report=False)
-        return handover
-
-    def _offer_late(self, door: _Door, conn: Conn) -> None:
-        if self._conns.get(conn.fd) is conn and conn.decoder is None:
-            conn.linger = None
-            self._drop_door(door, conn, f"no peer information within {self._offer_seconds:g} s")
-
-    def _drop_door(self, door: _Door, conn: Conn, reason: str, state: _Offer | None = None) -> None:
-        """A door connection that is not believed: a warning, a close, no event
-        (and any descriptor it passed closed)."""
-        if state is not None:
-            state.close_fds()
-        log.warning("door of service %r, descriptor %d: %s; closing it", door.name, conn.fd, reason)
-        self._table.close_conn(conn, reason, report=False)
-
-    def _accept_offer(self, fd: int) -> None:
-        """Send the accept verdict to door connection ``fd`` (if it is still
-        the connection that made the offer)."""
-        conn, _event = self._offered.pop(fd)
-        handover = self._handovers.pop(fd, None) if self._handovers else None
-        if handover is None:
-            if self._conns.get(fd) is conn:
-                self._table.send(conn, _ACCEPT_FRAME)
-            return
-        # A handed-over socket: the verdict on the door (the daemon then
-        # closes its copy), the door closed, the client's reply first.
-        self._answer_door(handover.door, _ACCEPT_FRAME)
-        if self._conns.get(fd) is conn and handover.reply:
-            self._table.send(conn, handover.reply)
-
-    def _accept_seen_offers(self) -> None:
-        """Accept every offer whose CONNECTION event the application has
-        already been given (and did not refuse)."""
-        queued = {id(ev) for ev in self._events if ev.peer is not None}
-        for fd, (_conn, event) in list(self._offered.items()):
-            if id(event) not in queued:
-                self._accept_offer(fd)
-
     def refuse(self, fd: int, reason: str) -> None:
         """Refuse a client that came through the door (its CONNECTION event
         carried ``peer``): the daemon gets the refusal with ``reason`` (cut
@@ -984,25 +707,7 @@ class Context:
         (UsageError after that, or for a connection that did not come
         through a door).
         """
-        conn = self._table.get(fd)
-        entry = self._offered.get(fd)
-        if entry is None or entry[0] is not conn:
-            raise UsageError(
-                f"descriptor {fd} has no verdict to give (not a door connection,"
-                " or already accepted)"
-            )
-        frame = _door.refuse_frame(reason)
-        del self._offered[fd]
-        log.debug("descriptor %d refused: %s", fd, _door.clean_reason(reason))
-        handover = self._handovers.pop(fd, None) if self._handovers else None
-        if handover is None:
-            self._table.send(conn, frame)
-            self.close(fd, flush=True)
-            return
-        # The refusal goes to the daemon on the door; the client gets nothing
-        # and sees the close once the daemon drops its copy too.
-        self._answer_door(handover.door, frame)
-        self.close(fd, flush=True)
+        self._doors.refuse(fd, reason)
 
     def peer_info(self, fd: int) -> PeerInfo | None:
         """Who the client on ``fd`` is, when it came through the service's
@@ -1037,7 +742,7 @@ class Context:
             return
         if self._offered:
             self._offered.pop(fd, None)  # closed without a verdict: the daemon sees EOF
-            self._drop_handover(fd)
+            self._doors.drop_handover(fd)
         if conn.kind == SWITCHED:
             table.close_pair(conn, None)
         elif flush and (conn.out or refill is not None):
@@ -1085,7 +790,7 @@ class Context:
                 f"descriptor {fd} has received bytes not yet delivered: it cannot be released"
             )
         if self._offered and fd in self._offered:
-            self._accept_offer(fd)
+            self._doors.accept_offer(fd)
             if self._conns.get(fd) is not conn:  # the accept could not be written
                 raise PeerClosed(f"descriptor {fd} closed while sending the accept")
         if conn.out:
@@ -1110,7 +815,7 @@ class Context:
         table.close_deferred()
         self._events.clear()
         self._offered.clear()
-        self._handovers.clear()
+        self._doors.handovers.clear()
         if not table.closed:
             table.closed = True
             self._signals.restore()
@@ -1160,7 +865,7 @@ class Context:
                 conn = self._new_switched(fd)
             return conn
         if self._offered and fd in self._offered:
-            self._accept_offer(fd)
+            self._doors.accept_offer(fd)
         conn = self._conns.get(fd)
         if conn is None:
             if self._table.disconnection_pending(fd):
@@ -1183,55 +888,3 @@ class Context:
     def _check_open(self) -> None:
         if self._table.closed:
             raise UsageError("the context is closed")
-
-
-def _credentials_problem(
-    ancdata: list[tuple[int, int, bytes]],
-    flags: int,
-    trusted: frozenset[int],
-    keep: list[int] | None = None,
-) -> str | None:
-    """Why one read of a door connection is not believed, or None: its
-    SCM_CREDENTIALS must name a trusted uid. Passed descriptors go to
-    ``keep`` (a door that takes hand-offs) or are closed and refused."""
-    creds = None
-    passed = False
-    for level, kind, data in ancdata:
-        if level != socket.SOL_SOCKET:
-            continue
-        if kind == socket.SCM_CREDENTIALS and len(data) >= _UCRED.size:
-            creds = _UCRED.unpack_from(data)
-        elif kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds = [fd for (fd,) in struct.iter_unpack("i", data[:usable])]
-            if keep is not None:
-                keep.extend(fds)
-                continue
-            passed = True
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-    if flags & socket.MSG_CTRUNC:
-        return "sent more descriptors than one, or other ancillary data"
-    if passed:
-        return "sent descriptors or other ancillary data"
-    if keep is not None and len(keep) > 1:
-        return f"sent {len(keep)} descriptors (a hand-off passes one)"
-    if creds is None or creds[0] == 0:
-        return "no credentials came with the peer information"
-    pid, uid, _gid = creds
-    if uid not in trusted:
-        return f"uid {uid} (pid {pid}) is not trusted to give peer information"
-    return None
-
-
-_accept_logged = [-float("inf")]
-
-
-def _accept_log_due(every: float = 5.0) -> bool:
-    """Rate limit for the accept-error line (a descriptor limit lasts)."""
-    now = time.monotonic()
-    if now - _accept_logged[0] < every:
-        return False
-    _accept_logged[0] = now
-    return True

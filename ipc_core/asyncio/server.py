@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import door as _door
-from ..context import _CRED_SPACE, _credentials_problem
+from .._doors import _CRED_SPACE, _credentials_problem
 from ..errors import PeerClosed, ProtocolError, UsageError
 from ..framing import DEFAULT_MAX_MESSAGE_SIZE
 from ..peerinfo import PeerInfo

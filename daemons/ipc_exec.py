@@ -61,8 +61,8 @@ from .codecs.lines import LineLayer, RawLayer
 from .engine.cgienv import base_environment, connection_environment
 from .engine.children import Child, Children, describe_status, spawn
 from .engine.listeners import raise_fd_limit
-from .engine.log import LOG_FORMATS, LogThrottle, escape_log_text, setup_logging
-from .engine.options import libipc_command, rundir_option, seconds, version
+from .engine.log import LogThrottle, escape_log_text, setup_logging
+from .engine.options import libipc_command, logging_options, rundir_option, seconds, version
 
 __all__ = ["ExecService", "exec_command"]
 
@@ -574,14 +574,7 @@ def _parse_env(values: Sequence[str]) -> list[tuple[str, str]]:
     help="Program stderr lines logged per second (all programs); the rest are dropped and counted.",
 )
 @rundir_option
-@click.option("-v", "--verbose", count=True, help="More log output (-v debug).")
-@click.option("-q", "--quiet", count=True, help="Less log output (-q warnings, -qq errors).")
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default="auto",
-    help="human (timestamps), json (one object a line), auto (human, journald-aware).",
-)
+@logging_options
 def exec_command(
     name: str,
     command: tuple[str, ...],

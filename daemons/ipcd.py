@@ -49,8 +49,8 @@ from .engine.daemon import Daemon
 from .engine.deadlines import Deadlines, RequestDeadlines
 from .engine.errors import Failure, LocalRefused
 from .engine.local import connect_local
-from .engine.log import LOG_FORMATS, setup_logging
-from .engine.options import libipc_command, rundir_option, seconds
+from .engine.log import setup_logging
+from .engine.options import libipc_command, logging_options, rundir_option, seconds
 from .engine.outbound import HANDOFF_OPTION, HANDS_OVER
 from .engine.policy import ServiceAccess
 from .engine.startup import starting
@@ -318,22 +318,7 @@ class Router:
     metavar="SECONDS",
     help="Close a client that has not sent its look-up by then.",
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default="auto",
-    help="auto: human, without timestamps under systemd; json: one object per line.",
-)
-@click.option(
-    "-v", "--verbose", count=True, show_default=False, help="More logs: -v adds debug lines."
-)
-@click.option(
-    "-q",
-    "--quiet",
-    count=True,
-    show_default=False,
-    help="Fewer logs: -q warnings and errors only, -qq errors only.",
-)
+@logging_options
 def main(
     rundir: Path | None,
     service_name: str,

@@ -71,13 +71,14 @@ from .engine.listeners import (
     peer_name,
 )
 from .engine.local import connect_local
-from .engine.log import LOG_FORMATS, setup_logging
+from .engine.log import setup_logging
 from .engine.metrics import Counter, DaemonMetrics
 from .engine.options import (
     LISTEN,
     CommonOptions,
     connect_timeout_option,
     libipc_command,
+    logging_options,
     rundir_option,
     seconds,
 )
@@ -993,22 +994,7 @@ class UdpListenParamType(click.ParamType):
     help="Local services remote peers may never reach (wins over --allow). Repeatable.",
 )
 @rundir_option
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default="auto",
-    help="auto: human, without timestamps under systemd; json: one object per line.",
-)
-@click.option(
-    "-v", "--verbose", count=True, show_default=False, help="More logs: -v adds debug lines."
-)
-@click.option(
-    "-q",
-    "--quiet",
-    count=True,
-    show_default=False,
-    help="Fewer logs: -q warnings and errors only, -qq errors only.",
-)
+@logging_options
 @click.option(
     "--handshake-timeout",
     type=seconds(0, min_open=True),

@@ -372,6 +372,40 @@ def common_options(func: F | None = None, *, default_listen: str | None = None) 
     return _add_common_options(func, default_listen)
 
 
+def _logging_params() -> list[Callable[[F], F]]:
+    return [
+        click.option(
+            "--log-format",
+            type=click.Choice(LOG_FORMATS),
+            default="auto",
+            help="auto: human, without timestamps under systemd; json: one object per line.",
+        ),
+        click.option(
+            "-v",
+            "--verbose",
+            count=True,
+            show_default=False,
+            help="More logs: -v adds debug lines.",
+        ),
+        click.option(
+            "-q",
+            "--quiet",
+            count=True,
+            show_default=False,
+            help="Fewer logs: -q warnings and errors only, -qq errors only.",
+        ),
+    ]
+
+
+def logging_options(func: F) -> F:
+    """``--log-format``, ``-v`` and ``-q``: the same on every long-running
+    command (the daemons through :func:`common_options`, ipcd, ipc-udpd,
+    ipc exec)."""
+    for option in reversed(_logging_params()):
+        func = option(func)
+    return func
+
+
 def _add_common_options(func: F, default_listen: str | None = None) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -404,26 +438,7 @@ def _add_common_options(func: F, default_listen: str | None = None) -> F:
             help="Local services remote peers may never reach (wins over --allow). Repeatable.",
         ),
         _rundir_param(),
-        click.option(
-            "--log-format",
-            type=click.Choice(LOG_FORMATS),
-            default="auto",
-            help="auto: human, without timestamps under systemd; json: one object per line.",
-        ),
-        click.option(
-            "-v",
-            "--verbose",
-            count=True,
-            show_default=False,
-            help="More logs: -v adds debug lines.",
-        ),
-        click.option(
-            "-q",
-            "--quiet",
-            count=True,
-            show_default=False,
-            help="Fewer logs: -q warnings and errors only, -qq errors only.",
-        ),
+        *_logging_params(),
         click.option(
             "--handshake-timeout",
             type=seconds(0, min_open=True),

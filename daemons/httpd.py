@@ -32,6 +32,7 @@ from .engine.handshake import Handshake
 from .engine.log import setup_logging
 from .engine.options import (
     CommonOptions,
+    check_origins,
     common_options,
     libipc_command,
     proxy_protocol_option,
@@ -343,20 +344,8 @@ def main(
     service's reply the response body (200). One LibIPC connection per HTTP
     keep-alive connection; pipelined requests are answered in order.
     """
-    if (server_tls.cert is None) != (server_tls.key is None):
-        raise click.UsageError("--cert and --key go together")
-    server_tls.check()
-    if server_tls.cert is None and server_tls.given:
-        raise click.UsageError(
-            "--client-ca, --allow-client, --min-tls, --ciphers and --crl need --cert/--key (https)"
-        )
-    for origin in cors:
-        if origin not in ("*", "null") and "://" not in origin:
-            raise click.BadParameter(
-                f"{origin!r}: an origin is SCHEME://HOST[:PORT] (as in https://app.example.com),"
-                " null or *",
-                param_hint="--cors",
-            )
+    server_tls.check_optional("https")
+    check_origins(cors, "--cors")
     for host in hosts:
         if split_host(host) is None:
             raise click.BadParameter(

@@ -85,6 +85,7 @@ from .engine.listeners import peer_name
 from .engine.log import setup_logging
 from .engine.options import (
     CommonOptions,
+    check_origins,
     common_options,
     libipc_command,
     proxy_protocol_option,
@@ -936,20 +937,8 @@ def main(
     reply one WebSocket message back. Plain HTTP on the same port serves the
     demo page (or --static DIR). -vv logs every frame.
     """
-    if (server_tls.cert is None) != (server_tls.key is None):
-        raise click.UsageError("--cert and --key go together")
-    server_tls.check()
-    if server_tls.cert is None and server_tls.given:
-        raise click.UsageError(
-            "--client-ca, --allow-client, --min-tls, --ciphers and --crl need --cert/--key (wss)"
-        )
-    for origin in origins:
-        if origin not in ("*", "null") and "://" not in origin:
-            raise click.BadParameter(
-                f"{origin!r}: an origin is SCHEME://HOST[:PORT] (as in https://app.example.com),"
-                " null or *",
-                param_hint="--origin",
-            )
+    server_tls.check_optional("wss")
+    check_origins(origins, "--origin")
     for host in hosts:
         if split_host(host) is None:
             raise click.BadParameter(

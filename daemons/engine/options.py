@@ -397,6 +397,18 @@ def _logging_params() -> list[Callable[[F], F]]:
     ]
 
 
+def check_origins(origins: Sequence[str], flag: str) -> None:
+    """Each of ``origins`` (``--origin``, ``--cors``) is SCHEME://HOST[:PORT],
+    ``null`` or ``*``; else a BadParameter naming ``flag``."""
+    for origin in origins:
+        if origin not in ("*", "null") and "://" not in origin:
+            raise click.BadParameter(
+                f"{origin!r}: an origin is SCHEME://HOST[:PORT] (as in https://app.example.com),"
+                " null or *",
+                param_hint=flag,
+            )
+
+
 def logging_options(func: F) -> F:
     """``--log-format``, ``-v`` and ``-q``: the same on every long-running
     command (the daemons through :func:`common_options`, ipcd, ipc-udpd,

@@ -403,6 +403,20 @@ class ServerTLS:
             raise TLSConfigError("no --cert/--key to serve TLS with")
         return self.policy.context(self.cert, self.key, self.client_ca)
 
+    def check_optional(self, secure_scheme: str) -> None:
+        """For a daemon where TLS is optional (ipc-websocketd, ipc-httpd): the
+        certificate and key go together, the other TLS flags need them
+        (``secure_scheme`` names what they would serve: wss, https), then
+        :meth:`check`."""
+        if (self.cert is None) != (self.key is None):
+            raise click.UsageError("--cert and --key go together")
+        self.check()
+        if self.cert is None and self.given:
+            raise click.UsageError(
+                "--client-ca, --allow-client, --min-tls, --ciphers and --crl need "
+                f"--cert/--key ({secure_scheme})"
+            )
+
     def check(self) -> None:
         """Refuse contradictory flags (``click.UsageError``/``BadParameter``),
         before anything is bound: the rules both daemons share."""

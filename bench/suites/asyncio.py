@@ -11,8 +11,17 @@ one CPU (taskset -c 0), medians of the runs:
   messages per second over the measured time, after a warm-up.
 * service: the C load generator (bench/c/loadgen, 1 and 100 connections)
   against an echo service written with Context (the event loop of the
-  examples) and one written with ipc_core.asyncio (``serve``, one task per
-  client): ``python -m bench.suites.asyncio service MODE ...``.
+  examples) and with ipc_core.asyncio in its two shapes: ``serve(name,
+  handler)`` (one task per client: ``async for message in conn: await
+  conn.send(message)``) and ``serve(name, protocol=Echo)`` (a
+  MessageProtocol: callbacks, no task per client):
+  ``python -m bench.suites.asyncio service MODE ...``.
+* asyncio's own floor, in the same run, without ipc_core.asyncio: a bare
+  ``asyncio.BufferedProtocol`` echo of the same frames (FrameDecoder, one
+  ``transport.write`` per reply, no task) and a bare task-per-client echo
+  over the same protocol (one future per message, ``send`` a plain call).
+  They say how close to Context a service on the standard asyncio loop can
+  come at all, in each shape.
 
 With uvloop importable, the asyncio rows are also measured on uvloop (not a
 dependency: the report says whether it was there).
@@ -21,6 +30,7 @@ dependency: the report says whether it was there).
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.util
 import json
 import os
@@ -41,6 +51,10 @@ TITLE = "asyncio: ipc_core.asyncio vs Context (client ping-pong, service under l
 CONNS = {"1 connection": 1, "100 connections": 100}
 PAYLOAD = b"x" * 64
 CONTEXT, ASYNCIO, UVLOOP = "Context", "ipc_core.asyncio", "ipc_core.asyncio + uvloop"
+PROTOCOL = "ipc_core.asyncio protocol="
+UVLOOP_PROTOCOL = "ipc_core.asyncio protocol= + uvloop"
+FLOOR_PROTOCOL = "floor: bare asyncio BufferedProtocol"
+FLOOR_TASK = "floor: bare asyncio task per client"
 TARGET = 0.7
 
 
@@ -49,10 +63,24 @@ def uvloop_available() -> bool:
 
 
 def modes() -> list[str]:
+    """The clients."""
     return [CONTEXT, ASYNCIO] + ([UVLOOP] if uvloop_available() else [])
 
 
-_MODE_ARG = {CONTEXT: "context", ASYNCIO: "asyncio", UVLOOP: "uvloop"}
+def service_modes() -> list[str]:
+    uv = [UVLOOP, UVLOOP_PROTOCOL] if uvloop_available() else []
+    return [CONTEXT, ASYNCIO, PROTOCOL, FLOOR_TASK, FLOOR_PROTOCOL, *uv]
+
+
+_MODE_ARG = {
+    CONTEXT: "context",
+    ASYNCIO: "asyncio",
+    UVLOOP: "uvloop",
+    PROTOCOL: "asyncio-protocol",
+    UVLOOP_PROTOCOL: "uvloop-protocol",
+    FLOOR_PROTOCOL: "floor-protocol",
+    FLOOR_TASK: "floor-task",
+}
 
 
 def missing() -> str | None:
@@ -113,7 +141,7 @@ def _measure_services(h: Harness) -> dict:
     d = h.mkdir("asyncio-services")
     started = {}
     try:
-        for mode in modes():
+        for mode in service_modes():
             name = _MODE_ARG[mode]
             started[mode] = h.start(
                 f"{name} echo service",
@@ -127,7 +155,7 @@ def _measure_services(h: Harness) -> dict:
                 h.loadgen, ["--unix", d / _MODE_ARG[mode], "-c", n, *h.lg_time()], pinned=True
             )
             for label, n in CONNS.items()
-            for mode in modes()
+            for mode in service_modes()
         }
         return h.measure(variants)
     finally:
@@ -174,9 +202,13 @@ def run(h: Harness, res: SuiteResult) -> None:
                     status(r),
                 ]
             )
-    for what, figs in (("client", clients), ("service", services)):
+    for what, figs, mode in (
+        ("client", clients, ASYNCIO),
+        ("service", services, ASYNCIO),
+        ("service protocol=", services, PROTOCOL),
+    ):
         for label in CONNS:
-            ours, theirs = figs[(label, ASYNCIO)], figs[(label, CONTEXT)]
+            ours, theirs = figs[(label, mode)], figs[(label, CONTEXT)]
             res.check(
                 f"{what}, {label}: asyncio / Context (msg/s)",
                 ratio(ours.get("rate"), theirs.get("rate")),
@@ -197,6 +229,23 @@ def run(h: Harness, res: SuiteResult) -> None:
         "Both clients are closed loops (one 64-byte message in flight per connection) in one "
         "process pinned to the CPU pongd is pinned to; the services are echo loops of the same "
         "shape as examples/upper_service.py, one process each."
+    )
+    res.notes.append(
+        "The two service shapes: 'ipc_core.asyncio' is serve(name, handler), one task per "
+        "client, a future and a task step per message (asyncio's streams); 'protocol=' is "
+        "serve(name, protocol=Echo), a MessageProtocol whose message_received runs in the "
+        "transport's read callback (asyncio's Protocol): no task per client, no task switch "
+        "per message."
+    )
+    res.notes.append(
+        "The 'floor' rows use no ipc_core.asyncio: a bare asyncio.BufferedProtocol echo "
+        "(FrameDecoder, one transport.write per reply) and a bare task-per-client echo over "
+        "it (a future per message, no checks, no limits). They are what the standard asyncio "
+        "loop costs by itself: when the task floor is below the target, no task-per-client "
+        "API on that loop can meet it. ipc_core.asyncio coalesces the small replies of a "
+        "busy loop turn into one burst of writes (a peer pinned to the same CPU is woken "
+        "once per burst, not once per reply), which is how its rows can pass the bare floors "
+        "at 100 connections; at 1 connection it writes at once, as the floors do."
     )
 
 
@@ -284,6 +333,109 @@ async def asyncio_service(rundir: Path, name: str) -> None:
         await server.serve_forever()
 
 
+async def protocol_service(rundir: Path, name: str) -> None:
+    from ipc_core.asyncio import Connection, MessageProtocol, serve
+
+    class Echo(MessageProtocol):
+        def connection_made(self, conn: Connection) -> None:
+            self.conn = conn
+
+        def message_received(self, message: bytes) -> None:
+            self.conn.send(message)
+
+    async with serve(name, protocol=Echo, rundir_path=rundir) as server:
+        server.handle_signals()
+        await server.serve_forever()
+
+
+# asyncio's floor: the same frames on the same loop with no ipc_core.asyncio
+# (no limits, no back-pressure, no run directory; the socket is bound here).
+
+_FLOOR_BUFFER = memoryview(bytearray(256 * 1024))
+
+
+class _FloorProtocol(asyncio.BufferedProtocol):
+    """Echo in the read callback: decode, one transport.write per reply."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from ipc_core.framing import FrameDecoder
+
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.decoder = FrameDecoder()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _FLOOR_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        from ipc_core.framing import header
+
+        write = self.transport.write
+        for message in self.decoder.feed(_FLOOR_BUFFER[:nbytes]):
+            write(header(len(message)) + message)
+
+    def eof_received(self) -> bool:
+        return False
+
+
+class _FloorTask(_FloorProtocol):
+    """A task per client, a future per message, send a plain call."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.gone = False
+        self.loop = asyncio.get_running_loop()
+        self.loop.create_task(self.echo())
+
+    def buffer_updated(self, nbytes: int) -> None:
+        messages = self.decoder.feed(_FLOOR_BUFFER[:nbytes])
+        if messages:
+            self.queue.extend(messages)
+            self.wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.wake()
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def recv(self) -> bytes | None:
+        while not self.queue:
+            if self.gone:
+                return None
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        return self.queue.popleft()
+
+    def send(self, message: bytes) -> None:
+        from ipc_core.framing import header
+
+        self.transport.write(header(len(message)) + message)
+
+    async def echo(self) -> None:
+        while (message := await self.recv()) is not None:
+            self.send(message)
+
+
+async def floor_service(rundir: Path, name: str, factory: type[_FloorProtocol]) -> None:
+    import signal
+
+    path = rundir / name
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set_result, None)
+    server = await loop.create_unix_server(factory, str(path), backlog=1024)
+    try:
+        await stop
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+
+
 def _asyncio_run(coro: Any, mode: str) -> Any:
     if mode == "uvloop":
         import uvloop  # type: ignore[import-not-found]  # optional
@@ -302,10 +454,17 @@ def main(argv: list[str]) -> None:
             rate, cpu = _asyncio_run(asyncio_client(rundir, conns, duration, warmup), mode)
         print(json.dumps({"rate": rate, "cpu_us": cpu}))
     elif role == "service":
+        name = argv[3]
         if mode == "context":
-            context_service(rundir, argv[3])
+            context_service(rundir, name)
+        elif mode == "floor-protocol":
+            asyncio.run(floor_service(rundir, name, _FloorProtocol))
+        elif mode == "floor-task":
+            asyncio.run(floor_service(rundir, name, _FloorTask))
+        elif mode.endswith("-protocol"):
+            _asyncio_run(protocol_service(rundir, name), mode.removesuffix("-protocol"))
         else:
-            _asyncio_run(asyncio_service(rundir, argv[3]), mode)
+            _asyncio_run(asyncio_service(rundir, name), mode)
     else:
         raise SystemExit(f"unknown role {role!r}")
 

@@ -21,10 +21,31 @@ A connection is an :class:`asyncio.Protocol` over the socket's transport:
 ``send`` waits on drain above ``write_high_water``, reading pauses when more
 than ``read_high_water`` bytes of messages wait for ``recv``, and a cancelled
 ``recv`` loses no message. Timeouts are asyncio's (``asyncio.timeout``).
+
+A service can also take asyncio's callback shape (no task per client)::
+
+    class Echo(MessageProtocol):
+        def connection_made(self, conn):
+            self.conn = conn
+
+        def message_received(self, message):
+            self.conn.send(message)
+
+    async with serve("echo", protocol=Echo) as server:
+        await server.serve_forever()
 """
 
-from ._stream import DEFAULT_HIGH_WATER, Connection
+from ._stream import DEFAULT_HIGH_WATER, Connection, MessageProtocol
 from .client import connect
-from .server import Handler, Server, serve
+from .server import Handler, ProtocolFactory, Server, serve
 
-__all__ = ["DEFAULT_HIGH_WATER", "Connection", "Handler", "Server", "connect", "serve"]
+__all__ = [
+    "DEFAULT_HIGH_WATER",
+    "Connection",
+    "Handler",
+    "MessageProtocol",
+    "ProtocolFactory",
+    "Server",
+    "connect",
+    "serve",
+]

@@ -23,6 +23,13 @@ Flow control, both ways:
 ``recv`` takes a message off the queue only after its wait is over, so a
 cancelled ``recv`` (``asyncio.timeout``, ``wait_for``, a task cancelled)
 loses nothing: the next ``recv`` returns the message.
+
+Small frames are coalesced per event loop (:class:`_Coalescer`): when many
+connections reply in the same turn of the loop (a busy service), their
+frames are written together at the end of that turn instead of one by one
+between the handlers' steps; a peer on the same CPU is then woken once for
+a burst instead of preempting the service after each reply (measured:
+bench/suites/asyncio.py). A lone connection (ping-pong) writes at once.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import asyncio
 import collections
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from .. import door as _door
@@ -47,6 +54,9 @@ log = logging.getLogger("ipc_core.asyncio")
 DEFAULT_HIGH_WATER = 1024 * 1024
 _SMALL_FRAME = 64 * 1024  # below this, header and payload are joined (one write)
 _ACCEPT_FRAME = _door.accept_frame()
+_CORK_FRAME = 4096  # frames below this may be coalesced...
+_CORK_BYTES = 64 * 1024  # ...up to this many bytes per loop turn, then written at once
+_PROBE_EVERY = 64  # while writing directly, every 64th small frame tries coalescing
 
 Message = bytes | bytearray | memoryview
 
@@ -65,6 +75,104 @@ def _read_buffer() -> memoryview:
     if view is None:
         view = _buffers.view = memoryview(bytearray(_READ_BUFFER))
     return view
+
+
+class _Coalescer:
+    """Small frames of one event loop's connections, written together.
+
+    Direct mode (the default): ``send`` writes at once. Every
+    ``_PROBE_EVERY``-th small frame is held instead and a flush is scheduled
+    (``call_soon``: after the callbacks and task steps already due in this
+    turn of the loop); frames sent meanwhile by any connection join it. A
+    flush that carried more than one frame keeps the coalescing on (the
+    loop is busy: many replies per turn); one that carried a single frame
+    turns it off again (a lone connection pays the extra turn once per 64
+    messages). Held bytes are bounded (``_CORK_BYTES``: written at once
+    beyond), and each connection's frames keep their order: while frames are
+    held, every small frame is held behind them; a large one flushes them
+    first. Why: on one CPU, a write that wakes the peer lets it preempt the
+    service; a burst of writes is one wakeup for many replies.
+    """
+
+    __slots__ = ("bytes", "countdown", "done", "frames", "holding", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        #: What ``send`` returns when it need not wait: a finished future
+        #: (awaiting it returns at once, in C; no coroutine per message).
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.done.set_result(None)
+        self.frames: list[tuple[asyncio.Transport, bytes]] = []
+        self.bytes = 0
+        self.holding = False
+        self.countdown = _PROBE_EVERY
+
+    def hold(self, transport: asyncio.Transport, data: bytes) -> None:
+        frames = self.frames
+        if not frames:
+            self.loop.call_soon(self.flush)
+        frames.append((transport, data))
+        self.bytes += len(data)
+        if self.bytes > _CORK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        frames = self.frames
+        if not frames:
+            return
+        if len(frames) == 1:
+            self.holding = False
+        self.frames = []
+        self.bytes = 0
+        for transport, data in frames:
+            if not transport.is_closing():
+                transport.write(data)
+
+    def held_for(self, transport: asyncio.BaseTransport) -> int:
+        return sum(len(data) for t, data in self.frames if t is transport)
+
+
+_coalescers = threading.local()
+
+
+def _coalescer(loop: asyncio.AbstractEventLoop) -> _Coalescer:
+    """The running loop's coalescer (one per loop; a thread runs one loop
+    at a time)."""
+    out: _Coalescer | None = getattr(_coalescers, "out", None)
+    if out is None or out.loop is not loop:
+        # A new loop in this thread: the old coalescer stays with its own
+        # connections (its scheduled flush runs on its loop).
+        out = _coalescers.out = _Coalescer(loop)
+    return out
+
+
+class MessageProtocol:
+    """The callback shape of a service, as :class:`asyncio.Protocol` is
+    the callback shape of asyncio's streams: ``serve(name,
+    protocol=Factory)`` makes one per client and calls these methods from
+    the event loop, with no task per client and no task switch per message
+    (the handler shape costs a future and a task step per message: see
+    docs/performance.md). A callback must not block; it replies with
+    ``conn.send(message)`` (not awaited: the frame is queued at once) and
+    ends the client with ``conn.close()``.
+
+    Back-pressure: while the client does not read what is sent to it
+    (the transport's buffer above ``write_high_water``), its messages are
+    not read either; what one callback sends in a row is its own bound.
+    """
+
+    def connection_made(self, conn: Connection) -> None:
+        """A client arrived (``conn.peer`` is set for a door connection;
+        ``conn.refuse(reason)`` here refuses it)."""
+
+    def message_received(self, message: bytes) -> None:
+        """One message from the client, in order."""
+        raise NotImplementedError
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The client is gone: None when it closed between two messages
+        (or the service closed it), else why (PeerClosed in the middle of
+        a message or on a reset, ProtocolError for bad framing)."""
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -118,6 +226,11 @@ class Connection(asyncio.BufferedProtocol):
         self._offered = peer is not None
         self._label = label
         self._view = _read_buffer()
+        self._out = _coalescer(self._loop)
+        self._linger: asyncio.TimerHandle | None = None
+        #: The callback shape (serve(protocol=...)): messages go to it, not to recv.
+        self._protocol: MessageProtocol | None = None
+        self._sink: Callable[[bytes], object] | None = None
 
     # ------------------------------------------------------------ protocol
 
@@ -130,11 +243,14 @@ class Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._label = f"{self._label} (descriptor {sock.fileno()})"
+        if self._on_made is not None:
+            # First: a callback-shape service sets its protocol here, before
+            # the door's leftover bytes are delivered.
+            self._on_made(self)
         if self._leftover:
             leftover, self._leftover = self._leftover, b""
-            self._feed(leftover)
-        if self._on_made is not None:
-            self._on_made(self)
+            if not transport.is_closing():
+                self._feed(leftover)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view
@@ -147,8 +263,14 @@ class Connection(asyncio.BufferedProtocol):
             return
         if not messages:
             return
+        if self._sink is not None:
+            self._deliver(messages)
+            return
         self._queue.extend(messages)
-        queued = self._queued = self._queued + sum(map(len, messages))
+        if len(messages) == 1:
+            queued = self._queued = self._queued + len(messages[0])
+        else:
+            queued = self._queued = self._queued + sum(map(len, messages))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -156,6 +278,65 @@ class Connection(asyncio.BufferedProtocol):
             self._reading_paused = True
             assert self._transport is not None
             self._transport.pause_reading()
+
+    def _deliver(self, messages: list[bytes]) -> None:
+        """The callback shape: each message to ``message_received``, in
+        order, until the connection closes (a callback closed it: the rest
+        is dropped, as a handler that returns drops what it did not read)
+        or its writing pauses (the client does not read its replies): then
+        the rest waits in the queue, reading is paused, and
+        ``resume_writing`` delivers it."""
+        sink = self._sink
+        transport = self._transport
+        assert sink is not None and transport is not None
+        queue = self._queue
+        if queue:  # older messages are still waiting for the client to read
+            queue.extend(messages)
+            self._queued += sum(map(len, messages))
+            return
+        rest = iter(messages)
+        try:
+            for message in rest:
+                sink(message)
+                if transport.is_closing():
+                    return
+                if self._writing_paused:
+                    queue.extend(rest)
+                    self._queued += sum(map(len, queue))
+                    return
+        except Exception as exc:
+            self._callback_failed("message_received", exc)
+
+    def _deliver_queued(self) -> None:
+        """Writing resumed: the messages held back by ``_deliver``."""
+        sink = self._sink
+        transport = self._transport
+        assert sink is not None and transport is not None
+        queue = self._queue
+        try:
+            while queue and not self._writing_paused and not transport.is_closing():
+                message = queue.popleft()
+                self._queued -= len(message)
+                sink(message)
+        except Exception as exc:
+            self._callback_failed("message_received", exc)
+            return
+        if queue or transport.is_closing():
+            return
+        if self._error is not None:  # the client half-closed meanwhile
+            self.close()
+        elif self._reading_paused:
+            self._resume()
+
+    def _callback_failed(self, what: str, exc: Exception) -> None:
+        """A protocol callback raised: logged (a peer's PeerClosed or
+        ProtocolError without a traceback, as for a handler), this client
+        closed, the others unaffected."""
+        if isinstance(exc, (PeerClosed, ProtocolError)):
+            log.debug("%s: %s ended it: %s", self._label, what, exc)
+        else:
+            log.error("%s: %s failed; closing it", self._label, what, exc_info=exc)
+        self.close()
 
     def _feed(self, data: bytes) -> None:
         """Bytes read before the transport existed (a door's leftover, at
@@ -173,10 +354,25 @@ class Connection(asyncio.BufferedProtocol):
                     f"{self._label}: peer closed in the middle of a message ({pending} bytes)"
                 )
             )
+            if self._protocol is not None:
+                self._end_protocol()
+                return True
             return False
         self._set_error(PeerClosed(f"{self._label}: peer closed the connection"), clean=True)
         # Keep our side open: a peer that half-closed may still read replies.
+        if self._protocol is not None:
+            self._end_protocol()
         return True
+
+    def _end_protocol(self) -> None:
+        """The callback shape, at the client's EOF: nothing more will come,
+        so close once the replies are written, or, with messages still held
+        back for a client that does not read, once they are delivered
+        (``_deliver_queued``); the linger bounds the wait either way."""
+        if not self._queue:
+            self.close()
+        elif self._linger is None:
+            self._linger = self._loop.call_later(LINGER_SECONDS, self._cut)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -188,14 +384,35 @@ class Connection(asyncio.BufferedProtocol):
             if not fut.done():
                 fut.set_result(None)
         self._drainers.clear()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if not self._closed.done():
             self._closed.set_result(None)
+        protocol = self._protocol
+        if protocol is not None:
+            self._protocol = self._sink = None
+            error = self._error
+            try:
+                protocol.connection_lost(
+                    None if self._clean_end or not isinstance(error, Exception) else error
+                )
+            except Exception:
+                log.exception("%s: connection_lost failed", self._label)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        if self._sink is not None and not self._reading_paused and not self._lost:
+            # The callback shape has no send to wait in: stop reading the
+            # client until it reads what it was sent.
+            self._reading_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self._sink is not None:
+            self._deliver_queued()
         for fut in self._drainers:
             if not fut.done():
                 fut.set_result(None)
@@ -232,6 +449,8 @@ class Connection(asyncio.BufferedProtocol):
             self._accept()
         queue = self._queue
         while not queue:
+            if self._sink is not None:
+                raise UsageError("this connection's messages go to its protocol")
             if self._error is not None:
                 raise self._error
             if self._waiter is not None:
@@ -241,19 +460,17 @@ class Connection(asyncio.BufferedProtocol):
                 await waiter
             finally:
                 self._waiter = None
-        return self._take()
-
-    def _take(self) -> bytes:
-        """The first queued message off the queue (reading resumes below
-        the low mark)."""
-        message = self._queue.popleft()
+        message = queue.popleft()
         self._queued -= len(message)
         if self._reading_paused and self._queued <= self._read_low:
-            self._reading_paused = False
-            if not self._lost:
-                assert self._transport is not None
-                self._transport.resume_reading()
+            self._resume()
         return message
+
+    def _resume(self) -> None:
+        self._reading_paused = False
+        if not self._lost:
+            assert self._transport is not None
+            self._transport.resume_reading()
 
     async def recv_typed(self) -> Any:
         """The next message, decoded by the connection's ``registry``."""
@@ -261,15 +478,19 @@ class Connection(asyncio.BufferedProtocol):
             raise UsageError("recv_typed() needs a connection made with registry=")
         return self.registry.decode(await self.recv())
 
-    async def send(self, message: Message | Any) -> None:
+    def send(self, message: Message | Any) -> Awaitable[None]:
         """Send one message (bytes-like, or a dataclass registered in the
-        connection's ``registry``). Returns once the transport took it and
-        its buffer is below ``write_high_water``: a peer that does not read
-        makes ``send`` wait. Raises PeerClosed when the connection is
-        closed, UsageError for a message over ``max_message_size``.
+        connection's ``registry``): ``await conn.send(message)``. The frame
+        is handed over at once; the returned awaitable waits while the
+        transport's buffer is above ``write_high_water`` (a peer that does
+        not read makes it wait) and is done at once otherwise. Raises
+        PeerClosed when the connection is closed, UsageError for a message
+        over ``max_message_size``.
 
-        A ``send`` cancelled while it waits has sent its message already
-        (the frame is in the transport's buffer, never half of it)."""
+        An awaitable, not a coroutine (no coroutine object per message):
+        ``asyncio.ensure_future(conn.send(m))`` makes it a task if needed.
+        Cancelled while it waits, the message is sent already (the frame is
+        in the transport's buffer, never half of it)."""
         if self._offered:
             self._accept()
         if type(message) is bytes:
@@ -282,13 +503,30 @@ class Connection(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             raise self._closed_error()
-        if n < _SMALL_FRAME:
-            transport.write(header(n) + message)
+        if n < _CORK_FRAME:
+            data = header(n) + message
+            out = self._out
+            if out.holding:
+                out.hold(transport, data)
+            else:
+                out.countdown -= 1
+                if out.countdown:
+                    transport.write(data)
+                else:  # probe: is the loop busy enough to coalesce?
+                    out.countdown = _PROBE_EVERY
+                    out.holding = True
+                    out.hold(transport, data)
         else:
-            transport.write(header(n))
-            transport.write(message)
-        if self._writing_paused:
-            await self._drain()
+            if self._out.frames:
+                self._out.flush()  # what this connection sent before goes first
+            if n < _SMALL_FRAME:
+                transport.write(header(n) + message)
+            else:
+                transport.write(header(n))
+                transport.write(message)
+        if self._writing_paused and self._sink is None:
+            return self._drain()
+        return self._out.done
 
     def _payload(self, message: Any) -> Message:
         if isinstance(message, (bytes, bytearray, memoryview)):
@@ -319,10 +557,12 @@ class Connection(asyncio.BufferedProtocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(_ACCEPT_FRAME)
 
-    async def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str) -> Awaitable[None]:
         """Refuse a client that came through the door (``peer`` is not
         None): the daemon gets ``reason`` (cut to 512 UTF-8 bytes, control
-        characters replaced) and closes its client; this connection closes.
+        characters replaced) and closes its client; this connection closes
+        (``await`` it to wait for that; a protocol's ``connection_made``
+        just calls it).
 
         Only before the verdict: unless the handler refuses first, the
         accept is sent when the handler first gives control back to the
@@ -342,26 +582,29 @@ class Connection(asyncio.BufferedProtocol):
         log.debug("%s refused: %s", self._label, _door.clean_reason(reason))
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(frame)
-        await self.close()
+        return self.close()
 
-    async def close(self) -> None:
+    def close(self) -> Awaitable[None]:
         """Close the connection once what was sent is written (at most
-        5 s for a peer that does not read; then it is cut). Idempotent."""
+        5 s for a peer that does not read; then it is cut). Idempotent.
+        The closing starts at once; ``await`` the result to wait until the
+        connection is closed (a protocol's callback need not)."""
         transport = self._transport
-        if transport is None:
-            return
+        if transport is None or self._lost:
+            return self._out.done
         self._offered = False  # closed without a verdict: the daemon sees EOF
         if not transport.is_closing():
+            self._out.flush()  # this connection's held frames go before the close
             transport.close()
-        if self._lost:
-            return
-        try:
-            async with asyncio.timeout(LINGER_SECONDS):
-                await asyncio.shield(self._closed)
-        except TimeoutError:
+        if self._linger is None and not self._lost:
+            self._linger = self._loop.call_later(LINGER_SECONDS, self._cut)
+        return asyncio.shield(self._closed)
+
+    def _cut(self) -> None:
+        self._linger = None
+        if not self._lost and self._transport is not None:
             log.warning("%s: peer not reading after %g s; cutting it", self._label, LINGER_SECONDS)
-            transport.abort()
-            await asyncio.shield(self._closed)
+            self._transport.abort()
 
     def abort(self) -> None:
         """Close now, dropping whatever is not written yet."""
@@ -389,7 +632,7 @@ class Connection(asyncio.BufferedProtocol):
         """Bytes handed to ``send`` and not written to the socket yet."""
         if self._transport is None or self._lost:
             return 0
-        return self._transport.get_write_buffer_size()
+        return self._transport.get_write_buffer_size() + self._out.held_for(self._transport)
 
     def __aiter__(self) -> Connection:
         return self
@@ -403,6 +646,8 @@ class Connection(asyncio.BufferedProtocol):
             self._accept()
         queue = self._queue
         while not queue:
+            if self._sink is not None:
+                raise UsageError("this connection's messages go to its protocol")
             if self._error is not None:
                 if self._clean_end:
                     raise StopAsyncIteration
@@ -414,7 +659,11 @@ class Connection(asyncio.BufferedProtocol):
                 await waiter
             finally:
                 self._waiter = None
-        return self._take()
+        message = queue.popleft()
+        self._queued -= len(message)
+        if self._reading_paused and self._queued <= self._read_low:
+            self._resume()
+        return message
 
     async def __aenter__(self) -> Connection:
         return self

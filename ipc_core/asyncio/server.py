@@ -10,6 +10,12 @@ running ``handler(conn)``; the connection is closed when the handler
 returns. A handler's exception is logged (a peer's PeerClosed or
 ProtocolError without a traceback) and ends only that client.
 
+The callback shape, ``serve(name, protocol=Factory)``, gives each client a
+:class:`~ipc_core.asyncio.MessageProtocol` instead of a task: its
+``message_received`` is called from the transport's read callback, so a
+message costs no future and no task step (asyncio's own ``Protocol`` next
+to its streams). Same run directory, door, limits and errors.
+
 With ``peer_info=True`` the service also listens on its door
 (:mod:`ipc_core.door`): a door connection is read here, with
 ``SCM_CREDENTIALS`` on every read (``recvmsg`` when readable, as Context
@@ -40,13 +46,14 @@ from ..framing import DEFAULT_MAX_MESSAGE_SIZE
 from ..peerinfo import PeerInfo
 from ..rundir import ServiceSocket, bind_service, rundir
 from ..typed import TypeRegistry
-from ._stream import DEFAULT_HIGH_WATER, Connection
+from ._stream import DEFAULT_HIGH_WATER, Connection, MessageProtocol
 
-__all__ = ["Handler", "Server", "serve"]
+__all__ = ["Handler", "ProtocolFactory", "Server", "serve"]
 
 log = logging.getLogger("ipc_core.asyncio")
 
 Handler = Callable[[Connection], Awaitable[Any]]
+ProtocolFactory = Callable[[], MessageProtocol]
 _ACCEPT_BATCH = 64
 _OFFER_READ = 64 * 1024
 
@@ -67,8 +74,9 @@ class Server:
     def __init__(
         self,
         service: ServiceSocket,
-        handler: Handler,
+        handler: Handler | None,
         *,
+        protocol: ProtocolFactory | None = None,
         trusted: frozenset[int],
         backlog: int,
         options: dict[str, Any],
@@ -77,6 +85,7 @@ class Server:
         self.path = service.path
         self._service = service
         self._handler = handler
+        self._protocol_factory = protocol
         self._trusted = trusted
         self._backlog = backlog
         self._options = options
@@ -119,13 +128,28 @@ class Server:
             conn.abort()
             return
         self._connections.add(conn)
-        task = self._loop.create_task(self._run(conn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self._protocol_factory is not None:
+            self._adopt(conn, self._protocol_factory)
+        else:
+            task = self._loop.create_task(self._run(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         if conn.peer is not None:
             # The verdict rule (see Connection.refuse): accept once the
             # handler's first step is over, unless it refused or sent first.
             self._loop.call_soon(self._verdict_due, conn)
+
+    def _adopt(self, conn: Connection, factory: ProtocolFactory) -> None:
+        """The callback shape: the client's protocol gets its messages
+        from now on; the connection leaves ``connections`` once closed."""
+        conn._closed.add_done_callback(lambda _: self._connections.discard(conn))
+        try:
+            protocol = factory()
+            conn._protocol = protocol
+            conn._sink = protocol.message_received
+            protocol.connection_made(conn)
+        except Exception as exc:
+            conn._callback_failed("connection_made", exc)
 
     @staticmethod
     def _verdict_due(conn: Connection) -> None:
@@ -133,6 +157,7 @@ class Server:
             conn._accept()
 
     async def _run(self, conn: Connection) -> None:
+        assert self._handler is not None
         try:
             await self._handler(conn)
         except (PeerClosed, ProtocolError) as exc:
@@ -296,7 +321,8 @@ class Server:
     async def wait_closed(self) -> None:
         """Wait until ``close()`` has ended every handler."""
         await asyncio.shield(self._stopped)
-        pending = list(self._tasks) + list(self._adopting)
+        pending: list[Awaitable[Any]] = [*self._tasks, *self._adopting]
+        pending += [conn.wait_closed() for conn in self._connections]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
@@ -332,7 +358,9 @@ def _adopted(tasks: set[asyncio.Task[Any]], sock: socket.socket) -> Callable[[An
 
 class serve:  # a class used like a function, as in python-websockets
     """Listen as service ``name``; every client runs ``handler(conn)`` in
-    its own task.
+    its own task, or, with ``protocol=Factory`` instead of a handler, gets
+    ``Factory()`` (a :class:`MessageProtocol`) whose callbacks run on the
+    loop with no task per client.
 
     ``server = await serve(name, handler)`` or ``async with serve(name,
     handler) as server: await server.serve_forever()`` (closed at the end).
@@ -345,8 +373,9 @@ class serve:  # a class used like a function, as in python-websockets
     def __init__(
         self,
         name: str,
-        handler: Handler,
+        handler: Handler | None = None,
         *,
+        protocol: ProtocolFactory | None = None,
         backlog: int = 1024,
         local_only: bool = False,
         peer_info: bool = False,
@@ -357,12 +386,15 @@ class serve:  # a class used like a function, as in python-websockets
         write_high_water: int = DEFAULT_HIGH_WATER,
         registry: TypeRegistry | None = None,
     ) -> None:
+        if (handler is None) == (protocol is None):
+            raise UsageError("serve() needs a handler or a protocol= factory (one of them)")
         trusted = frozenset(trusted_uids)
         for uid in trusted:
             if type(uid) is not int or uid < 0:
                 raise UsageError(f"trusted_uids: {uid!r} is not a uid")
         self.name = name
         self.handler = handler
+        self.protocol = protocol
         self.directory = Path(rundir_path) if rundir_path is not None else rundir()
         self._backlog = backlog
         self._local_only = local_only
@@ -386,7 +418,12 @@ class serve:  # a class used like a function, as in python-websockets
         )
         trusted = self._trusted | {0, os.geteuid(), service.owner_uid}
         server = Server(
-            service, self.handler, trusted=trusted, backlog=self._backlog, options=self._options
+            service,
+            self.handler,
+            protocol=self.protocol,
+            trusted=trusted,
+            backlog=self._backlog,
+            options=self._options,
         )
         await server._start()
         return server

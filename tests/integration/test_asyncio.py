@@ -33,7 +33,7 @@ from ipc_core import (
     service_alive,
     service_marks,
 )
-from ipc_core.asyncio import Connection, Server, connect, serve
+from ipc_core.asyncio import Connection, MessageProtocol, Server, connect, serve
 from tests.helpers import ROOT, connectable, recv_msg, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -439,3 +439,196 @@ def test_a_sigstopped_service_times_out_with_asyncio_timeout(rundir: Path, procs
 
     run(main())
     wait_for(lambda: connectable(rundir / "pong"), what="pongd still up")
+
+
+# ------------------------------------------- the callback shape (protocol=)
+
+
+class Recorder(MessageProtocol):
+    """Echo, and write down what happened (class-level: one list per test)."""
+
+    events: list[Any] = []
+
+    def connection_made(self, conn: Connection) -> None:
+        self.conn = conn
+        self.events.append("made")
+
+    def message_received(self, message: bytes) -> None:
+        if message == b"boom":
+            raise RuntimeError("the application's bug")
+        if message == b"bye":
+            self.conn.close()
+            return
+        self.conn.send(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append(exc)
+
+
+@pytest.fixture
+def recorder() -> Iterator[type[Recorder]]:
+    Recorder.events = []
+    yield Recorder
+
+
+def test_protocol_service_with_context_clients_and_many_messages_per_read(
+    rundir: Path, recorder: type[Recorder]
+) -> None:
+    with service_in_thread("cb", None, protocol=recorder), Context() as ctx:
+        fds = [ctx.connect_service("cb") for _ in range(20)]
+        for i, fd in enumerate(fds):
+            ctx.write(fd, b"n%d" % i)
+        for i, fd in enumerate(fds):
+            assert ctx.read(fd, timeout=10) == b"n%d" % i
+        s = raw_client(rundir, "cb")
+        burst = [os.urandom(n) for n in (0, 1, 500, 70000, 3)] * 40  # many frames per read
+        stream = b"".join(encode(m) for m in burst) + encode(b"bye")
+        writer = threading.Thread(target=s.sendall, args=(stream,))  # the replies flow back
+        writer.start()
+        assert [recv_msg(s) for _ in burst] == burst
+        writer.join(10)
+        assert s.recv(1) == b""  # "bye": the callback closed it
+    assert recorder.events.count("made") == 21
+    assert recorder.events.count(None) == 21  # every client ended cleanly
+
+
+def test_protocol_service_with_asyncio_clients_and_typed_messages(rundir: Path) -> None:
+    from dataclasses import dataclass
+
+    from ipc_core import TypeRegistry
+
+    registry = TypeRegistry()
+
+    @registry.register(1)
+    @dataclass
+    class Add:
+        a: int
+        b: int
+
+    @registry.register(2)
+    @dataclass
+    class Sum:
+        value: int
+
+    class Adder(MessageProtocol):
+        def connection_made(self, conn: Connection) -> None:
+            self.conn = conn
+
+        def message_received(self, message: bytes) -> None:
+            assert self.conn.registry is not None
+            request = self.conn.registry.decode(message)
+            self.conn.send(Sum(request.a + request.b))
+
+    async def main() -> None:
+        async with serve("adder", protocol=Adder, registry=registry) as server:
+
+            async def one(i: int) -> Any:
+                async with connect("adder", registry=registry) as conn:
+                    await conn.send(Add(i, 1000))
+                    return await conn.recv_typed()
+
+            got = await asyncio.gather(*(one(i) for i in range(100)))
+            assert got == [Sum(i + 1000) for i in range(100)]
+            assert server.is_serving
+
+    run(main())
+
+
+def test_protocol_callbacks_see_bad_input_and_failures_one_client_at_a_time(
+    rundir: Path, caplog, recorder: type[Recorder]
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ipc_core")
+    with service_in_thread("cbguard", None, protocol=recorder, max_message_size=1000):
+        good = raw_client(rundir, "cbguard")
+        bad = raw_client(rundir, "cbguard")
+        bad.sendall(struct.pack(">I", 1001) + b"x" * 10)
+        assert bad.recv(1) == b""
+        wait_for(lambda: "1001 bytes announced, limit is 1000" in caplog.text, what="log line")
+        buggy = raw_client(rundir, "cbguard")
+        buggy.sendall(encode(b"first") + encode(b"boom") + encode(b"never answered"))
+        assert recv_msg(buggy) == b"first"
+        assert buggy.recv(1) == b""
+        half = raw_client(rundir, "cbguard")
+        half.sendall(encode(b"whole") + struct.pack(">I", 100) + b"only part")
+        assert recv_msg(half) == b"whole"
+        half.shutdown(socket.SHUT_WR)
+        assert half.recv(1) == b""
+        good.sendall(encode(b"still served"))
+        assert recv_msg(good) == b"still served"
+        wait_for(lambda: len(recorder.events) >= 7, what="the connection_lost calls")
+    assert "message_received failed" in caplog.text and "the application's bug" in caplog.text
+    kinds = sorted(type(e).__name__ for e in recorder.events if e != "made")
+    assert kinds == ["MessageTooLarge", "NoneType", "NoneType", "PeerClosed"]
+    assert "middle of a message" in str(
+        next(e for e in recorder.events if isinstance(e, PeerClosed))
+    )
+
+
+def test_a_protocol_client_that_never_reads_is_not_read_either(rundir: Path) -> None:
+    """Back-pressure in the callback shape: while the client reads none of
+    the replies, the service stops reading its requests; its memory stays
+    bounded by the mark, and everything is answered once the client reads."""
+    conns: list[Connection] = []
+
+    class Big(MessageProtocol):
+        def connection_made(self, conn: Connection) -> None:
+            self.conn = conn
+            conns.append(conn)
+
+        def message_received(self, message: bytes) -> None:
+            self.conn.send(message * 64)  # 64 KiB of reply per 1 KiB request
+
+    with service_in_thread("cbflood", None, protocol=Big, write_high_water=128 * 1024):
+        s = raw_client(rundir, "cbflood")
+        s.setblocking(False)
+        request = encode(b"r" * 1024)
+        sent = stalled = 0
+        while stalled < 20:
+            try:
+                sent += s.send(request[sent % len(request) :] if sent % len(request) else request)
+                stalled = 0
+            except BlockingIOError:
+                stalled += 1
+                threading.Event().wait(0.02)
+        conn = conns[0]
+        assert conn._reading_paused
+        # The mark and the reply that crossed it; requests: at most one read.
+        assert conn.pending_bytes <= 128 * 1024 + 64 * 1024 + 4
+        assert conn.queued_bytes <= 256 * 1024
+        assert sent < 8 * 1024 * 1024  # the service stopped taking requests
+        s.setblocking(True)
+        s.settimeout(10)
+        full = sent // len(request)
+        for _ in range(full):
+            assert recv_msg(s) == b"r" * 1024 * 64
+
+
+def test_serve_wants_a_handler_or_a_protocol(rundir: Path) -> None:
+    from ipc_core import UsageError
+
+    with pytest.raises(UsageError, match="handler or a protocol"):
+        serve("x")
+    with pytest.raises(UsageError, match="handler or a protocol"):
+        serve("x", echo, protocol=Recorder)
+
+    async def main() -> None:
+        made: list[Connection] = []
+
+        class Probe(MessageProtocol):
+            def connection_made(self, conn: Connection) -> None:
+                self.conn = conn
+                made.append(conn)
+
+            def message_received(self, message: bytes) -> None:
+                self.conn.send(b"ok")
+
+        async with serve("probe", protocol=Probe) as server, connect("probe") as conn:
+            await conn.send(b"?")
+            assert await conn.recv() == b"ok"
+            with pytest.raises(UsageError, match="go to its protocol"):
+                await made[0].recv()  # a protocol's connection has no recv
+            server.close()  # the service's close ends the clients: connection_lost(None)
+            await server.wait_closed()
+            assert not server.connections and made[0].closed
+
+    run(main())

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from ipc_core import FrameDecoder, PeerClosed, ServiceUnavailable, door, encode, peerinfo
-from ipc_core.asyncio import Connection, connect
+from ipc_core.asyncio import Connection, MessageProtocol, connect
 from tests.helpers import (
     BIN,
     connectable,
@@ -274,6 +274,44 @@ def test_bad_offers_and_the_offer_deadline(rundir: Path, caplog) -> None:
         assert len(started) == 1
         good.sendall(encode(b"still here"))
         assert recv_msg(good) == b"still here"
+
+
+def test_a_protocol_service_on_the_door_refuses_or_accepts(rundir: Path) -> None:
+    """The callback shape behind a door: ``connection_made`` sees
+    ``conn.peer`` and may refuse; otherwise the accept goes out before the
+    first reply, and the bytes sent right behind the offer are delivered."""
+    import dataclasses
+
+    peers: list[Any] = []
+
+    class Gate(MessageProtocol):
+        def connection_made(self, conn: Connection) -> None:
+            self.conn = conn
+            peers.append(conn.peer)
+            assert conn.peer is not None
+            if conn.peer.path == "/refuse":
+                conn.refuse("not\nyou")
+
+        def message_received(self, message: bytes) -> None:
+            self.conn.send(message)
+
+    with service_in_thread("gate", None, protocol=Gate, peer_info=True):
+        client = door_client(rundir, "gate", extra=encode(b"early"))
+        verdict, leftover = read_verdict(client)
+        assert verdict == door.Verdict(True, None)
+        decoder = FrameDecoder()
+        messages = decoder.feed(leftover)
+        while not messages:
+            messages += decoder.feed(client.recv(65536))
+        assert messages == [b"early"]
+        client.sendall(encode(b"later"))
+        assert recv_msg(client) == b"later"
+
+        refused = door_client(rundir, "gate", info=dataclasses.replace(INFO, path="/refuse"))
+        verdict, _ = read_verdict(refused)
+        assert verdict == door.Verdict(False, "not\ufffdyou")
+        assert read_to_eof(refused) == b""
+        assert peers[0] == INFO
 
 
 def test_descriptors_on_the_door_are_refused(rundir: Path, caplog) -> None:

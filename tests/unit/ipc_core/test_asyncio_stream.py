@@ -260,6 +260,95 @@ def test_the_peer_half_closes_and_still_reads_replies() -> None:
     run(main())
 
 
+def test_small_sends_that_are_never_awaited_long_still_wait_for_drain() -> None:
+    """``send`` is a plain call (no coroutine per message) whose result is
+    done at once while the transport takes the frames: once the far end
+    stops reading, it must wait, small frames (coalesced) included. A send
+    that never waits would run this loop to its end without ever giving
+    the timeout a chance."""
+
+    async def main() -> None:
+        conn, far = await pair(write_high_water=16 * 1024)
+        sent = conn.send(b"x")
+        assert not asyncio.iscoroutine(sent)
+        await sent
+        sends = 0
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):
+                for _ in range(200_000):  # 20 MB if nothing waited
+                    await conn.send(b"s" * 100)
+                    sends += 1
+        assert sends < 50_000
+        # Bounded: the mark, the frames held for one loop turn, one frame.
+        assert conn.pending_bytes <= 16 * 1024 + 64 * 1024 + 104
+        far.close()
+
+    run(main())
+
+
+def test_replies_of_many_connections_in_one_turn_arrive_whole_and_in_order() -> None:
+    """Forty connections echo in the same loop turns, so their small frames
+    are coalesced (held, then written together): every reply arrives, in
+    order, per connection; big frames in between keep their place."""
+
+    async def main() -> None:
+        pairs = [await pair() for _ in range(40)]
+        rounds = 150
+
+        async def echo(conn: Connection) -> None:
+            for _ in range(rounds):
+                message = await conn.recv()
+                await conn.send(b"<")  # three frames per turn: held together
+                await conn.send(message)
+                await conn.send(b">")
+
+        def client(far: socket.socket, i: int) -> None:
+            for j in range(rounds):
+                body = b"%d.%d" % (i, j)
+                if j % 50 == 7:
+                    body += b"B" * 100_000  # not coalesced: flushes what is held first
+                far.sendall(encode(body))
+                assert [recv_msg(far) for _ in range(3)] == [b"<", body, b">"]
+
+        handlers = [asyncio.create_task(echo(conn)) for conn, _ in pairs]
+        await asyncio.gather(
+            *(asyncio.to_thread(client, far, i) for i, (_, far) in enumerate(pairs))
+        )
+        await asyncio.gather(*handlers)
+        assert pairs[0][0]._out.holding or pairs[0][0]._out.countdown < 64  # it did probe
+
+    run(main())
+
+
+def test_held_frames_go_out_on_their_own_and_before_a_close() -> None:
+    async def main() -> None:
+        conn, far = await pair()
+        out = conn._out
+        out.holding = True  # as in a busy loop: small frames are held for the turn
+        await conn.send(b"held")
+        assert out.frames and conn.pending_bytes == 8
+        assert await asyncio.to_thread(recv_msg, far) == b"held"  # flushed by the loop
+        assert not out.holding  # that flush carried one frame: back to writing at once
+        out.holding = True
+        await conn.send(b"one")
+        await conn.send(b"two")
+        await conn.send(b"3" * 70_000)  # too big to hold: the held ones go first
+        await conn.send(b"four")
+        await conn.close()  # held frames first, then the end of the stream
+        got = await asyncio.to_thread(lambda: [recv_msg(far) for _ in range(4)])
+        assert got == [b"one", b"two", b"3" * 70_000, b"four"]
+        assert far.recv(1) == b""
+
+        conn2, far2 = await pair()
+        out.holding = True
+        await conn2.send(b"dropped")
+        conn2.abort()  # abort drops what is not written, held frames included
+        await conn2.wait_closed()
+        assert far2.recv(100) == b""
+
+    run(main())
+
+
 # ---------------------------------------------------------- typed messages
 
 

@@ -55,14 +55,24 @@ from typing import Any
 
 import click
 
-from ipc_core import Context, EventType, IPCError, PeerInfo, ServiceBusy, UsageError
+from ipc_core import (
+    Context,
+    EventType,
+    HandedOver,
+    IPCError,
+    PeerInfo,
+    ServiceBusy,
+    UsageError,
+)
 
 from .codecs.lines import LineLayer, RawLayer
+from .codecs.ws import WebSocketServerLayer
 from .engine.cgienv import base_environment, connection_environment
 from .engine.children import Child, Children, describe_status, spawn
 from .engine.listeners import raise_fd_limit
 from .engine.log import LogThrottle, escape_log_text, setup_logging
 from .engine.options import libipc_command, logging_options, rundir_option, seconds, version
+from .engine.piperelay import PipeRelay, PipeRelays
 
 __all__ = ["ExecService", "exec_command"]
 
@@ -116,6 +126,7 @@ class ExecService:
         max_processes: int = 256,
         grace: float = 5.0,
         stderr_rate: int = 50,
+        handoff: bool = True,
     ) -> None:
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}")
@@ -140,13 +151,22 @@ class ExecService:
         #: itself an EXTERNAL descriptor of the Context: the copies are never
         #: read, so their data must not wake the loop).
         self._watch: select.epoll | None = None
+        #: Take WebSocket connections over from ipc-websocketd (lock mark
+        #: ``handoff-websocket``): relayed here, over pipes, in ``_relays``.
+        self.handoff = handoff
+        self._relays: PipeRelays | None = None
+        self._relay_by_pid: dict[int, tuple[PipeRelay, Child]] = {}
         self._refusals = LogThrottle()
         self._failures = LogThrottle()
         self._software = f"ipc-exec/{version()}"
 
     def start(self) -> None:
         """Listen as NAME (ServiceBusy if it runs already)."""
-        self.listener = self.ctx.service_init(self.name, peer_info=True)
+        self.listener = self.ctx.service_init(
+            self.name, peer_info=True, handoff_websocket=self.handoff
+        )
+        if self.handoff:
+            self._relays = PipeRelays(self.ctx)
         if self.mode == "framed":
             self._watch = select.epoll()
             self.ctx.add_external(self._watch.fileno())
@@ -158,7 +178,9 @@ class ExecService:
             for event in ctx:
                 kind = event.type
                 if kind is EventType.EXTERNAL:
-                    if self._watch is not None and event.fd == self._watch.fileno():
+                    if self._relays is not None and event.fd == self._relays.fd:
+                        self._relays.run()
+                    elif self._watch is not None and event.fd == self._watch.fileno():
                         self._clients_left()
                     else:
                         self.children.handle(event.fd)
@@ -174,6 +196,8 @@ class ExecService:
                 self._let_go(direct)
             if self._watch is not None:
                 self._watch.close()
+            if self._relays is not None:
+                self._relays.close()
             self.children.shutdown()
 
     # ------------------------------------------------------------ connecting
@@ -229,6 +253,11 @@ class ExecService:
             local_pid=local_pid,
             local_uid=local_uid,
         )
+        if self._relays is not None and peer is not None and peer.transport == "ws":
+            handed = self.ctx.take_handoff(fd)
+            if handed is not None:
+                self._take(handed, label, env)
+                return
         if self.mode == "framed" and self._give(fd, peer, label, env):
             return
         try:
@@ -331,6 +360,90 @@ class ExecService:
         log.debug("%s: started %s with the connection", label, child.name)
         return True
 
+    def _take(self, handed: HandedOver, label: str, env: dict[str, str]) -> None:
+        """A WebSocket connection handed over by ipc-websocketd: answer its
+        handshake here (the request is in ``early``), start the program with
+        two pipes, and relay between them (:mod:`daemons.engine.piperelay`):
+        one relay in the path, as websocketd has."""
+        assert self._relays is not None
+        sock, peer = handed.sock, handed.peer
+        ws = WebSocketServerLayer(max_message_size=self.ctx.max_message_size)
+        try:
+            ws.receive_data(handed.early)  # the request head: DECIDING
+            opening = b""
+            pipes: list[int] = []
+            try:
+                for _ in range(3):
+                    pipes.extend(os.pipe2(os.O_CLOEXEC))
+            except OSError as exc:
+                _close_fds(pipes)
+                self._handoff_failed(sock, ws, label, exc)
+                return
+            in_r, in_w, out_r, out_w, err_r, err_w = pipes
+            try:
+                pid = spawn(self.path, self.argv, env, in_r, err_w, stdout=out_w)
+            except OSError as exc:
+                _close_fds(pipes)
+                self._handoff_failed(sock, ws, label, exc)
+                return
+            finally:
+                _close_fds([in_r, out_w, err_w])
+            opening = ws.accept(peer.subprotocol)  # 101; messages sent behind the request
+        except IPCError as exc:  # a request the daemon accepted but this layer does not
+            log.warning("%s: WebSocket hand-off: %s; closing", label, exc)
+            with contextlib.suppress(OSError, IPCError):
+                sock.send(ws.data_to_send())
+            sock.close()
+            ws.release()
+            return
+        child = Child(pid, self.program, label)
+        child.on_exit = self._exited
+        self.children.watch(child, err_r)
+        program: LineLayer | RawLayer | None = None
+        if self.mode == "line":
+            program = LineLayer(self.ctx.max_message_size)
+        elif self.mode == "raw":
+            program = RawLayer(self.ctx.max_message_size)
+        relay = self._relays.start(
+            sock,
+            ws,
+            program,
+            in_w,
+            out_r,
+            label=f"{child.name} ({label})",
+            on_end=self._relay_ended,
+        )
+        self._relay_by_pid[pid] = (relay, child)
+        relay.to_client(ws.data_to_send())
+        if opening:
+            relay.to_program(opening)
+        log.debug("%s: started %s (WebSocket handed over)", label, child.name)
+
+    def _handoff_failed(
+        self, sock: socket.socket, ws: WebSocketServerLayer, label: str, exc: OSError
+    ) -> None:
+        """No program for a handed-over client: 503, logged at a bounded rate."""
+        self._log_cannot_start(label, exc)
+        with contextlib.suppress(IPCError):
+            ws.reject(503, "Service unavailable: the program cannot be started.\n")
+        with contextlib.suppress(OSError, IPCError):
+            sock.send(ws.data_to_send())
+        sock.close()
+        ws.release()
+
+    def _relay_ended(self, relay: PipeRelay) -> None:
+        """A handed-over client is done (it left, or the program's output
+        ended): the program, if still running, gets its grace period."""
+        for pid, (known, child) in list(self._relay_by_pid.items()):
+            if known is relay:
+                if relay.reason:
+                    log.info("%s: closed: %s", relay.label, relay.reason)
+                if child.status is None:
+                    self.children.stop(child)
+                else:
+                    del self._relay_by_pid[pid]
+                return
+
     def _clients_left(self) -> None:
         """Clients of --framed programs left (EPOLLHUP: the program reads EOF
         and its writes fail): ipc exec's copies go, the programs get the grace
@@ -384,9 +497,7 @@ class ExecService:
 
         self.ctx.call_later(DRAIN_SECONDS, drained)
 
-    def _cannot_start(self, fd: int, peer: PeerInfo | None, label: str, exc: OSError) -> None:
-        """The program cannot run for this client: logged (at a bounded
-        rate), the client refused or closed, the others unaffected."""
+    def _log_cannot_start(self, label: str, exc: OSError) -> None:
         more = self._failures.due()
         if more is not None:
             log.error(
@@ -396,6 +507,11 @@ class ExecService:
                 exc.strerror or exc,
                 more,
             )
+
+    def _cannot_start(self, fd: int, peer: PeerInfo | None, label: str, exc: OSError) -> None:
+        """The program cannot run for this client: logged (at a bounded
+        rate), the client refused or closed, the others unaffected."""
+        self._log_cannot_start(label, exc)
         self._refuse(fd, peer, f"{self.name}: the program cannot be started")
 
     def _early_message(self, fd: int, message: bytes) -> None:
@@ -427,6 +543,15 @@ class ExecService:
     def _exited(self, child: Child) -> None:
         status = child.status or 0
         level = logging.INFO if status == 0 else logging.WARNING
+        handed = self._relay_by_pid.pop(child.pid, None)
+        if handed is not None:
+            relay = handed[0]
+            log.log(level, "%s (%s) %s", child.name, child.label, describe_status(status))
+            if relay.open:
+                # Its output is relayed until its stdout ends; a background
+                # process holding it open gets DRAIN_SECONDS, then the end.
+                self.ctx.call_later(DRAIN_SECONDS, relay.close_program_output)
+            return
         direct = self._direct_by_pid.pop(child.pid, None)
         if direct is not None:
             log.log(level, "%s (%s) %s", child.name, child.label, describe_status(status))
@@ -460,6 +585,12 @@ class ExecService:
                 self.ctx.close(program_fd)
 
         self.ctx.call_later(DRAIN_SECONDS, drained)
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _resolve(program: str, env: dict[str, str]) -> str | None:
@@ -573,6 +704,12 @@ def _parse_env(values: Sequence[str]) -> list[tuple[str, str]]:
     metavar="LINES",
     help="Program stderr lines logged per second (all programs); the rest are dropped and counted.",
 )
+@click.option(
+    "--handoff/--no-handoff",
+    default=True,
+    help="Take WebSocket connections over from ipc-websocketd (it then relays "
+    "nothing; the program is fed over pipes here), or have it relay every message.",
+)
 @rundir_option
 @logging_options
 def exec_command(
@@ -587,6 +724,7 @@ def exec_command(
     grace: float,
     max_message_size: int,
     stderr_rate: int,
+    handoff: bool,
     rundir: Path | None,
     verbose: int,
     quiet: int,
@@ -642,6 +780,7 @@ def exec_command(
         max_processes=max_processes,
         grace=grace,
         stderr_rate=stderr_rate,
+        handoff=handoff,
     )
     try:
         service.start()

@@ -324,6 +324,20 @@ class WebSocketHandshake:
             raise ProtocolError(f"websocket: client closed before the 101: {exc}") from exc
         return self.ws, early
 
+    #: The lock mark of a service that takes WebSocket hand-offs (``HandsOver``).
+    handoff_mark = "handoff-websocket"
+
+    def handover(self) -> tuple[bytes, bytes] | None:
+        """``HandsOver``: the undecided handshake to a service that speaks
+        WebSocket itself (``ipc exec``): no reply from here, and every byte
+        the client sent, its request first (the service answers the 101 with
+        the subprotocol the peer information names). Never under TLS (the
+        TLS wrapper has no hand-off), never once a static file is answered."""
+        if self._body is not None or self.finished or self.options.text_replies:
+            return None  # --text: a setting the service would not know
+        early = self.ws.handover()
+        return None if early is None else (b"", early)
+
     def reject(self, reason: str, status: int) -> None:
         """403 policy, 404 unknown service, 503 unavailable, 408 deadline."""
         self.finished = True

@@ -6,6 +6,7 @@ application is "init a service or a connection, then loop over events".
 """
 
 from . import door
+from ._doors import HandedOver
 from .context import Context, ContextStopped, TimerHandle
 from .errors import (
     InvalidServiceName,
@@ -63,6 +64,7 @@ __all__ = [
     "EventType",
     "FrameDecoder",
     "FrameScanner",
+    "HandedOver",
     "IPCError",
     "InvalidServiceName",
     "Layer",

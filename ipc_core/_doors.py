@@ -63,8 +63,39 @@ class Door:
     name: str
     origin: int  # the service's normal listening descriptor
     trusted: frozenset[int]
-    #: Takes handed-over network sockets (one SCM_RIGHTS descriptor per offer).
+    #: Takes handed-over network sockets whose stream is LibIPC (ipc-tcpd).
     handoff: bool = False
+    #: Takes handed-over WebSocket connections, before the daemon answered
+    #: their handshake (ipc-websocketd): held for :meth:`Doors.take`.
+    websocket: bool = False
+
+    @property
+    def takes_sockets(self) -> bool:
+        """One SCM_RIGHTS descriptor per offer is kept, not refused."""
+        return self.handoff or self.websocket
+
+
+@dataclass(eq=False, slots=True)
+class HandedOver:
+    """A WebSocket connection a daemon handed over, as
+    :meth:`~ipc_core.Context.take_handoff` gives it: the client's socket
+    (non-blocking, nothing written to it yet), ``early``, every byte the
+    daemon read from the client (its HTTP request head first, then whatever
+    followed), which the taker parses before the socket's, and ``peer``."""
+
+    sock: socket.socket
+    early: bytes
+    peer: PeerInfo
+
+
+@dataclass(eq=False, slots=True)
+class _Held:
+    """A WebSocket hand-off waiting to be taken: outside the loop (nothing
+    reads its socket), its door waiting for the verdict."""
+
+    taken: HandedOver
+    door: Conn
+    event: Event
 
 
 @dataclass(eq=False, slots=True)
@@ -105,6 +136,8 @@ class Doors:
         self.offered = ctx._offered
         #: Handed-over sockets among them: fd -> their door and reply.
         self.handovers: dict[int, _Handover] = {}
+        #: WebSocket hand-offs waiting for take_handoff: fd -> what it gives.
+        self.held: dict[int, _Held] = {}
 
     def accept(self, door: Door, conn: Conn) -> None:
         """Accept on a door: the new connection reads its offer first."""
@@ -140,7 +173,7 @@ class Doors:
     def _read_offer(self, door: Door, state: _Offer, conn: Conn) -> None:
         """Read a door connection until its offer (and, with a handed-over
         socket, the hand-off frame) is complete (see Doors)."""
-        space = _HANDOFF_SPACE if door.handoff else _CRED_SPACE
+        space = _HANDOFF_SPACE if door.takes_sockets else _CRED_SPACE
         try:
             n, ancdata, flags, _addr = conn.sock.recvmsg_into([self.ctx._view], space)
         except BlockingIOError:
@@ -150,7 +183,7 @@ class Doors:
             return
         if n:
             problem = _credentials_problem(
-                ancdata, flags, door.trusted, state.fds if door.handoff else None
+                ancdata, flags, door.trusted, state.fds if door.takes_sockets else None
             )
             if problem is not None:
                 self._drop_door(door, conn, problem, state)
@@ -242,10 +275,19 @@ class Doors:
             sock.close()
             self._drop_door(door, conn, "the handed-over descriptor is not a stream socket")
             return
+        websocket = info.transport == "ws"
+        if not (door.websocket if websocket else door.handoff):
+            sock.close()
+            kind = "a WebSocket" if websocket else f"a {info.transport!r}"
+            self._drop_door(door, conn, f"{kind} connection handed over; this service takes none")
+            return
         if not self._door_opened(door, conn):
             sock.close()
             return
         sock.setblocking(False)
+        if websocket:
+            self._hold(door, conn, HandedOver(sock, handoff.early, info))
+            return
         peer = Conn(PEER, sock)
         peer.origin = door.origin
         peer.peer = info
@@ -259,6 +301,50 @@ class Doors:
         self.handovers[peer.fd] = _Handover(conn, handoff.reply)
         if handoff.early:
             self._feed_early(peer, handoff.early)
+
+    def _hold(self, door: Door, conn: Conn, taken: HandedOver) -> None:
+        """A WebSocket hand-off: announced, then held for ``take`` (the
+        application parses the handshake itself; the Context never reads
+        a WebSocket stream)."""
+        conn.reader = self._read_spent_door
+        fd = taken.sock.fileno()
+        event = Event(_CONNECTION, fd, origin=door.origin, peer=taken.peer)
+        self.held[fd] = _Held(taken, conn, event)
+        self.ctx._events.append(event)
+
+    def take(self, fd: int) -> HandedOver | None:
+        """Accept held hand-off ``fd`` (the verdict to the daemon, whose copy
+        then closes) and give it to the caller, who owns its socket; None
+        when ``fd`` is no hand-off waiting."""
+        held = self.held.pop(fd, None) if self.held else None
+        if held is None:
+            return None
+        self._answer_door(held.door, _ACCEPT_FRAME)
+        return held.taken
+
+    def drop_held(self, fd: int, reason: str) -> bool:
+        """Refuse held hand-off ``fd`` with ``reason``; False if none."""
+        held = self.held.pop(fd, None) if self.held else None
+        if held is None:
+            return False
+        self._answer_door(held.door, _door.refuse_frame(reason))
+        held.taken.sock.close()
+        return True
+
+    def untaken(self) -> None:
+        """Hand-offs whose CONNECTION event the application was given but did
+        not take: refused (a service that asked for WebSocket hand-offs and
+        then ignores one would leave the client waiting forever)."""
+        queued = {id(ev) for ev in self.ctx._events if ev.peer is not None}
+        for fd, held in list(self.held.items()):
+            if id(held.event) not in queued:
+                log.warning("descriptor %d: WebSocket hand-off not taken; refusing it", fd)
+                self.drop_held(fd, "the service did not take the connection")
+
+    def close_held(self) -> None:
+        for held in self.held.values():
+            held.taken.sock.close()
+        self.held.clear()
 
     def _read_spent_door(self, conn: Conn) -> None:
         """A door whose socket was handed over says nothing more: close it on
@@ -336,6 +422,9 @@ class Doors:
         (UsageError after that, or for a connection that did not come
         through a door).
         """
+        if self.drop_held(fd, reason):
+            log.debug("descriptor %d refused: %s", fd, _door.clean_reason(reason))
+            return
         conn = self.ctx._table.get(fd)
         entry = self.offered.get(fd)
         if entry is None or entry[0] is not conn:

@@ -83,7 +83,7 @@ from ._connections import (
     wrap_fd,
 )
 from ._connections import header_hint as _header_hint  # noqa: F401  (tests import it here)
-from ._doors import Door, Doors, _accept_log_due
+from ._doors import Door, Doors, HandedOver, _accept_log_due
 from ._relay import Relay
 from ._scheduling import Inbox, Signals, TimerHandle, Timers, next_wait
 from .errors import IPCError, PeerClosed, ProtocolError, ServiceUnavailable, UsageError
@@ -209,6 +209,7 @@ class Context:
         local_only: bool = False,
         peer_info: bool = False,
         handoff: bool = False,
+        handoff_websocket: bool = False,
         trusted_uids: Iterable[int] = (),
         marks: Iterable[str] = (),
     ) -> int:
@@ -235,6 +236,14 @@ class Context:
         it), and is an ordinary peer from then on: this context's limits
         (message size, queues) apply to it, the daemon's no longer do.
 
+        ``handoff_websocket=True`` (lock mark ``handoff-websocket``) takes
+        WebSocket connections over from ipc-websocketd, before it answered
+        their handshake: the CONNECTION event (``peer.transport`` is ``ws``)
+        is for :meth:`take_handoff`, which gives the client's socket and the
+        bytes the daemon read (the HTTP request first); the application
+        speaks WebSocket itself (``ipc exec`` does). One not taken by the
+        next ``wait_event`` is refused.
+
         ``marks``: more lines for the lock file (lower-case words), which
         other programs read with :func:`~ipc_core.service_marks` (ipc-tcpd's
         outbound side says ``hands-over`` so that ipcd asks it for sockets).
@@ -254,6 +263,7 @@ class Context:
             local_only=local_only,
             peer_info=peer_info,
             handoff=handoff,
+            handoff_websocket=handoff_websocket,
             marks=tuple(marks),
         )
         conn = Conn(LISTENER, service.sock)
@@ -261,7 +271,8 @@ class Context:
         conn.reader = self._accept
         self._table.add(conn, _EPOLLIN)
         if service.door is not None:
-            door = Door(name, conn.fd, trusted | {0, os.geteuid(), service.owner_uid}, handoff)
+            trusting = trusted | {0, os.geteuid(), service.owner_uid}
+            door = Door(name, conn.fd, trusting, handoff, handoff_websocket)
             gate = Conn(LISTENER, service.door)
             gate.reader = functools.partial(self._doors.accept, door)
             self._table.add(gate, _EPOLLIN)
@@ -571,6 +582,8 @@ class Context:
         the context's ``timer``); a TIMER event when that time passes idle."""
         if self._offered:
             self._doors.accept_seen()
+        if self._doors.held:
+            self._doors.untaken()
         events = self._events
         if events:
             return events.popleft()
@@ -712,7 +725,21 @@ class Context:
     def peer_info(self, fd: int) -> PeerInfo | None:
         """Who the client on ``fd`` is, when it came through the service's
         door (the CONNECTION event's ``peer``); None for any other descriptor."""
+        held = self._doors.held.get(fd)
+        if held is not None:
+            return held.taken.peer
         return self._table.get(fd).peer
+
+    def take_handoff(self, fd: int) -> HandedOver | None:
+        """Take WebSocket hand-off ``fd`` (a CONNECTION event of a
+        ``handoff_websocket=True`` service whose ``peer.transport`` is
+        ``ws``): the daemon gets the accept and closes its copy; the caller
+        owns the socket, parses ``early`` (the client's HTTP request, then
+        any frames) before reading it, and answers the handshake itself.
+        ``refuse(fd, reason)`` instead turns it down. None, with nothing
+        done, when ``fd`` is no such hand-off (a client relayed as before,
+        or one taken already)."""
+        return self._doors.take(fd)
 
     # ---------------------------------------------------------------- closing
 
@@ -816,6 +843,7 @@ class Context:
         self._events.clear()
         self._offered.clear()
         self._doors.handovers.clear()
+        self._doors.close_held()
         if not table.closed:
             table.closed = True
             self._signals.restore()

@@ -50,6 +50,7 @@ LOCK_MODE = 0o660  # like the sockets: a group member can take over a stale lock
 LOCAL_ONLY_MARK = b"local-only"
 PEER_INFO_MARK = b"peer-info"
 HANDOFF_MARK = b"handoff"
+HANDOFF_WEBSOCKET_MARK = b"handoff-websocket"
 _MARK_READ = 256
 _MARK = re.compile(rb"[a-z][a-z0-9-]{0,31}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -311,6 +312,7 @@ def _mark_lock(
     local_only: bool,
     peer_info: bool = False,
     handoff: bool = False,
+    handoff_websocket: bool = False,
     extra: tuple[bytes, ...] = (),
 ) -> None:
     """Write the service's marks into its lock, one per line; a service
@@ -323,6 +325,7 @@ def _mark_lock(
             (LOCAL_ONLY_MARK, local_only),
             (PEER_INFO_MARK, peer_info),
             (HANDOFF_MARK, handoff),
+            (HANDOFF_WEBSOCKET_MARK, handoff_websocket),
             *((mark, True) for mark in extra),
         )
         if wanted
@@ -349,6 +352,7 @@ def bind_service(
     local_only: bool = False,
     peer_info: bool = False,
     handoff: bool = False,
+    handoff_websocket: bool = False,
     marks: tuple[str, ...] = (),
 ) -> ServiceSocket:
     """Lock, clean up stale sockets, bind and listen: one service instance.
@@ -357,7 +361,8 @@ def bind_service(
     (see :func:`is_local_only`); ``peer_info`` marks it as wanting peer
     information and binds its door too (see :func:`door_path`); ``handoff``
     marks it as taking handed-over network sockets through its door (see
-    :mod:`ipc_core.door`), and binds the door too. ``marks``: more lines for
+    :mod:`ipc_core.door`), and binds the door too; ``handoff_websocket`` the
+    same for WebSocket connections (mark ``handoff-websocket``). ``marks``: more lines for
     the lock (lower-case words, e.g. ``hands-over``), for other programs to
     read with :func:`service_marks`. A name
     ending in ``.door`` is refused (InvalidServiceName).
@@ -375,6 +380,7 @@ def bind_service(
             local_only=local_only,
             peer_info=peer_info,
             handoff=handoff,
+            handoff_websocket=handoff_websocket,
             marks=_check_marks(marks),
         )
     finally:
@@ -390,15 +396,21 @@ def _bind_in(
     local_only: bool,
     peer_info: bool,
     handoff: bool = False,
+    handoff_websocket: bool = False,
     marks: tuple[bytes, ...] = (),
 ) -> ServiceSocket:
     lock_fd = _take_lock(dir_fd, Path(str(path) + LOCK_SUFFIX), name)
     door = Path(str(path) + DOOR_SUFFIX)
-    wants_door = peer_info or handoff
+    wants_door = peer_info or handoff or handoff_websocket
     try:
         owner_uid = os.fstat(dir_fd).st_uid
         _mark_lock(
-            lock_fd, local_only=local_only, peer_info=peer_info, handoff=handoff, extra=marks
+            lock_fd,
+            local_only=local_only,
+            peer_info=peer_info,
+            handoff=handoff,
+            handoff_websocket=handoff_websocket,
+            extra=marks,
         )
         # A door left by a crashed instance goes too, whether or not this one
         # has a door: a service without peer information leaves none behind.

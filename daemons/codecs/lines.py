@@ -110,6 +110,17 @@ class LineLayer:
                 return None
         return b"".join([_line_frame(line) for line in lines])
 
+    def fast_line(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """The commonest read, one whole line: its message (no header), or
+        None (nothing consumed) for anything else."""
+        if self._partial or not data or data[-1] != _NL:
+            return None
+        raw = bytes(data)
+        if raw.find(b"\n") != len(raw) - 1:
+            return None
+        line = raw[:-2] if len(raw) > 1 and raw[-2] == _CR else raw[:-1]
+        return line if len(line) <= self.max_line else None
+
     # ---------------------------------------------------- client -> program
 
     def send(self, data: bytes | bytearray | memoryview) -> None:

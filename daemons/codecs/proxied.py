@@ -202,6 +202,13 @@ class ProxiedHandshake:
     def accept(self) -> tuple[Layer | None, bytes]:
         return self.inner.accept()
 
+    @property
+    def handoff_mark(self) -> str:
+        """The inner handshake's (``HandsOver``); any mark when it has none
+        (``handover`` then returns None)."""
+        inner = hands_over(self.inner)
+        return inner.handoff_mark if inner is not None else "handoff"
+
     def handover(self) -> tuple[bytes, bytes] | None:
         """The inner handshake's hand-off (TCPd's), None if it has none (TLS)."""
         inner = hands_over(self.inner)

@@ -114,6 +114,9 @@ class TcpdHandshake:
         early, self._early = self._early, b""
         return None, early
 
+    #: The lock mark of a service that takes this stream (``HandsOver``).
+    handoff_mark = "handoff"
+
     def handover(self) -> tuple[bytes, bytes] | None:
         """Accept for a hand-off: ``ok`` and the early bytes go to the service,
         which writes ``ok`` itself (the stream after it is plain LibIPC)."""

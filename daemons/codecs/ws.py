@@ -359,6 +359,7 @@ class WebSocketServerLayer:
         self._head = bytearray()  # HTTP head being received
         self._scanned = 0  # how far _head was searched for the blank line
         self._early = b""  # bytes after the head, held until accept()
+        self._request_head = b""  # the request's head, while DECIDING
         self._ws_request: Request | None = None
         self._request: HandshakeRequest | None = None
         self._out: list[bytes] = []  # bytes for the network, in order
@@ -477,6 +478,15 @@ class WebSocketServerLayer:
         websockets' general parser (which never sees these bytes, and is
         only bypassed while it sits idle at a frame boundary).
         """
+        payload = self.fast_payload(data)
+        if payload is None:
+            return None
+        n = len(payload)
+        return (_IPC_HEADS[n] if n < 126 else header(n)) + payload
+
+    def fast_payload(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """:meth:`fast_receive` without the LibIPC header: the message itself
+        (for a relay whose other side is not LibIPC: ``ipc exec``'s pipes)."""
         if not self._fast_ok and not self._check_fast():
             return None
         end = len(data)
@@ -500,11 +510,16 @@ class WebSocketServerLayer:
         if first == 0x81 and not _is_utf8(payload):
             return None  # the general path closes with 1007
         self.activity += 1
-        return (_IPC_HEADS[length] if length < 126 else header(length)) + payload
+        return payload
 
     def fast_send(self, data: bytes | bytearray | memoryview) -> bytes | None:
         """``data`` is exactly one whole LibIPC message: return its data
         frame for the network. None (nothing consumed): use send()."""
+        return self.fast_send_payload(data[4:])
+
+    def fast_send_payload(self, payload: bytes | bytearray | memoryview) -> bytes | None:
+        """:meth:`fast_send` for a message without its LibIPC header (a relay
+        whose other side is not LibIPC: ``ipc exec``'s pipes)."""
         if (
             not (self._fast_ok or self._check_fast())
             or self._out
@@ -513,7 +528,7 @@ class WebSocketServerLayer:
             or self.text_replies
         ):
             return None
-        n = len(data) - 4
+        n = len(payload)
         if n > self.max_message_size:
             return None  # send() fails the connection (1011), as for any oversize message
         if n < 126:
@@ -523,7 +538,7 @@ class WebSocketServerLayer:
         else:
             head = _HEAD64.pack(0x82, 127, n)
         self.activity += 1
-        return head + data[4:]
+        return head + payload
 
     def _check_fast(self) -> bool:
         self._fast_ok = ok = (
@@ -553,6 +568,7 @@ class WebSocketServerLayer:
         """
         request = self._deciding()
         assert self._ws_request is not None
+        self._request_head = b""
         if not origin_allowed(request.origin, self.origins):
             self._answer(403, "Failed to open a WebSocket connection: forbidden origin.\n")
             raise self._failed(ProtocolError(f"websocket: origin not allowed: {request.origin!r}"))
@@ -576,6 +592,17 @@ class WebSocketServerLayer:
         self._phase = Phase.OPEN
         early, self._early = self._early, b""
         return self.receive_data(early) if early else b""
+
+    def handover(self) -> bytes | None:
+        """For a hand-off to a service that speaks WebSocket itself: every
+        byte the client sent, its request head first, for the taker to parse
+        as if it had read them. The layer stays undecided: if the service
+        refuses, ``reject`` still answers (403); if it accepts, the driver
+        drops the layer unanswered. None unless the request is complete and
+        undecided."""
+        if self._phase is not Phase.DECIDING or self._error is not None:
+            return None
+        return self._request_head + self._early
 
     def reject(self, status: int, body: str) -> None:
         """Refuse the request with an HTTP error (403, 404, ...), then close.
@@ -726,6 +753,7 @@ class WebSocketServerLayer:
             raise ProtocolError(f"websocket: HTTP request head over {self.max_request_size} bytes")
         self._early = bytes(head[end:])
         self._head = bytearray()
+        self._request_head = bytes(head[:end])  # for handover(), until the decision
         proto = self._proto
         proto.receive_data(bytes(head[:end]))
         events = proto.events_received()
@@ -1068,7 +1096,7 @@ class WebSocketServerLayer:
         self._fragments = None
         self._decoder = FrameDecoder(self.max_message_size)  # a partial reply
         self._head = bytearray()
-        self._early = b""
+        self._early = self._request_head = b""
         self._stash = b""
         self._stream_left = self._slow_left = 0
         self._stream_utf8 = None

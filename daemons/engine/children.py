@@ -59,17 +59,25 @@ _DEFAULT_SIGNALS = frozenset(
 _POLL_SECONDS = 0.5
 
 
-def spawn(path: str, argv: Sequence[str], env: Mapping[str, str], stdio: int, stderr: int) -> int:
+def spawn(
+    path: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    stdio: int,
+    stderr: int,
+    stdout: int | None = None,
+) -> int:
     """Start ``path`` with ``argv`` and exactly ``env``; its stdin and stdout
-    are ``stdio``, its stderr ``stderr``; return its pid (also its process
-    group and session). Raises OSError when it cannot be executed."""
+    are ``stdio`` (its stdout ``stdout`` when given: two pipes), its stderr
+    ``stderr``; return its pid (also its process group and session). Raises
+    OSError when it cannot be executed."""
     return os.posix_spawn(
         path,
         list(argv),
         dict(env),
         file_actions=[
             (os.POSIX_SPAWN_DUP2, stdio, 0),
-            (os.POSIX_SPAWN_DUP2, stdio, 1),
+            (os.POSIX_SPAWN_DUP2, stdio if stdout is None else stdout, 1),
             (os.POSIX_SPAWN_DUP2, stderr, 2),
         ],
         setsid=True,

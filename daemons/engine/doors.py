@@ -53,7 +53,6 @@ _RECV_SIZE = 65536
 #: The lock mark of a service that asked for peer information (docs/protocol.md).
 _PEER_INFO = "peer-info"
 #: The lock mark of a service that takes handed-over network sockets.
-_HANDOFF = "handoff"
 
 
 class Doors:
@@ -78,8 +77,9 @@ class Doors:
         refusal = network_refusal(self.daemon.access, service, rundir, marks=marks)
         if refusal is not None:
             raise LocalRefused(Failure.REFUSED, refusal)
-        if self.daemon.handoff and _HANDOFF in marks and p.hands_over is not None:
-            handed = p.hands_over.handover()
+        hands_over = p.hands_over
+        if self.daemon.handoff and hands_over is not None and hands_over.handoff_mark in marks:
+            handed = hands_over.handover()
             if handed is not None:
                 reply, early = handed
                 offer = door.offer_frame(self.describe(p)) + door.handoff_frame(reply, early)

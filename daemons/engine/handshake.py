@@ -113,14 +113,22 @@ class KnowsClient(Protocol):
 
 @runtime_checkable
 class HandsOver(Protocol):
-    """Optional: a handshake after which the network stream is plain LibIPC
-    (TCPd's), so the socket itself can be handed to the service.
+    """Optional: a handshake whose socket can be handed to a service that
+    speaks its stream: plain LibIPC after TCPd's handshake (lock mark
+    ``handoff``), or WebSocket, handed before the 101 (mark
+    ``handoff-websocket``, see ``ipc_core.Context.take_handoff``).
 
-    ``handover()`` accepts like ``accept()`` and returns ``(reply, early)``:
-    the bytes the service must write to the client first (``ok``) and the
-    LibIPC bytes read past the handshake; None when this connection's stream
-    is not plain after all (a wrapper around a TLS handshake), with nothing
-    done."""
+    ``handoff_mark`` is the lock mark a service must carry to be given this
+    connection. ``handover()`` gives the handshake away and returns
+    ``(reply, early)``: the bytes the service must write to the client first
+    (TCPd's ``ok``; b"" for WebSocket, whose service answers the handshake
+    itself) and the bytes read past what this side consumed (for WebSocket,
+    everything the client sent, its request head first); None when this
+    connection cannot be handed over after all (a wrapper around a TLS
+    handshake), with nothing done."""
+
+    @property
+    def handoff_mark(self) -> str: ...
 
     def handover(self) -> tuple[bytes, bytes] | None: ...
 

@@ -679,12 +679,15 @@ def test_framed_mode_through_ipc_tcpd(
     assert env["REMOTE_PORT"] == str(mine[1]) and env["SERVER_PORT"] == str(port)
 
 
+@pytest.mark.parametrize("handoff", [True, False], ids=["handed-over", "relayed"])
 def test_framed_mode_through_ipc_websocketd(
     start_exec,
     websocketd,  # noqa: F811
     tmp_path: Path,
+    handoff: bool,
 ) -> None:
-    start_exec("direct", "--framed", "--", framed_program(tmp_path))
+    flag = "--handoff" if handoff else "--no-handoff"
+    start_exec("direct", "--framed", flag, "--", framed_program(tmp_path))
     daemon = websocketd()
     with daemon.connect("direct?room=7", origin=f"http://127.0.0.1:{daemon.port}") as ws:
         info = json.loads(ws.recv(timeout=5))
@@ -694,7 +697,10 @@ def test_framed_mode_through_ipc_websocketd(
             assert (got if isinstance(got, bytes) else got.encode()) == (
                 payload if isinstance(payload, bytes) else payload.encode()
             )
-    assert info["socket"] and info["peer_pid"] == daemon.proc.pid  # type: ignore[attr-defined]
+    if handoff:  # ipc exec holds the client's socket; the program has two pipes
+        assert not info["socket"] and info["blocking"], info
+    else:  # the program holds the daemon's door connection itself
+        assert info["socket"] and info["peer_pid"] == daemon.proc.pid  # type: ignore[attr-defined]
     env = info["env"]
     assert env["IPC_TRANSPORT"] == "ws" and env["PATH_INFO"] == "/direct"
     assert env["QUERY_STRING"] == "room=7" and env["REMOTE_ADDR"] == "127.0.0.1"

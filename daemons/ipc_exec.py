@@ -127,6 +127,7 @@ class ExecService:
         grace: float = 5.0,
         stderr_rate: int = 50,
         handoff: bool = True,
+        ping_interval: float = 20.0,
     ) -> None:
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}")
@@ -154,6 +155,7 @@ class ExecService:
         #: Take WebSocket connections over from ipc-websocketd (lock mark
         #: ``handoff-websocket``): relayed here, over pipes, in ``_relays``.
         self.handoff = handoff
+        self.ping_interval = ping_interval
         self._relays: PipeRelays | None = None
         self._relay_by_pid: dict[int, tuple[PipeRelay, Child]] = {}
         self._refusals = LogThrottle()
@@ -166,7 +168,7 @@ class ExecService:
             self.name, peer_info=True, handoff_websocket=self.handoff
         )
         if self.handoff:
-            self._relays = PipeRelays(self.ctx)
+            self._relays = PipeRelays(self.ctx, ping_interval=self.ping_interval)
         if self.mode == "framed":
             self._watch = select.epoll()
             self.ctx.add_external(self._watch.fileno())
@@ -710,6 +712,14 @@ def _parse_env(values: Sequence[str]) -> list[tuple[str, str]]:
     help="Take WebSocket connections over from ipc-websocketd (it then relays "
     "nothing; the program is fed over pipes here), or have it relay every message.",
 )
+@click.option(
+    "--ping-interval",
+    type=seconds(0),
+    default=20.0,
+    metavar="SECONDS",
+    help="Handed-over WebSocket clients: a ping this often; no pong by the next "
+    "one closes the client (0: never).",
+)
 @rundir_option
 @logging_options
 def exec_command(
@@ -725,6 +735,7 @@ def exec_command(
     max_message_size: int,
     stderr_rate: int,
     handoff: bool,
+    ping_interval: float,
     rundir: Path | None,
     verbose: int,
     quiet: int,
@@ -781,6 +792,7 @@ def exec_command(
         grace=grace,
         stderr_rate=stderr_rate,
         handoff=handoff,
+        ping_interval=ping_interval,
     )
     try:
         service.start()

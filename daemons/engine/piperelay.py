@@ -26,7 +26,9 @@ Ending: the client leaving (EOF, a close frame, an error) closes the
 program's stdin and calls ``on_end`` (the owner then stops the program after
 its grace period); the program closing its stdout (it exited) closes the
 WebSocket with 1000 once what it wrote is sent. What is still unsent to a
-client that does not read goes after ``linger`` seconds.
+client that does not read goes after ``linger`` seconds. Every
+``ping_interval`` each client is pinged, and one whose previous ping got no
+pong is closed (as ipc-websocketd's keepalive does for the clients it relays).
 """
 
 from __future__ import annotations
@@ -393,6 +395,19 @@ class PipeRelay:
         self._close_stdout()
         self._client_gone(reason)
 
+    def keepalive(self, interval: float) -> None:
+        """Every ``interval``: a ping; a client whose last pong never came is
+        gone (a peer that vanished without a FIN would hold its program
+        forever)."""
+        if self._net_eof:
+            return
+        net = self.net
+        if not net.pong_received_since_last_ping():
+            self._client_gone(f"no pong within {interval:g} s", lost=True)
+            return
+        net.ping()
+        self._flush_net_layer()
+
     def close_program_output(self) -> None:
         """The program exited and a grandchild may hold its stdout: end now."""
         if self.stdout >= 0:
@@ -438,9 +453,12 @@ class PipeRelays:
     """The relays of one process, in one private epoll that is itself one
     EXTERNAL descriptor of ``ctx`` (see the module docstring)."""
 
-    def __init__(self, ctx: Context, *, linger: float = 2.0) -> None:
+    def __init__(self, ctx: Context, *, linger: float = 2.0, ping_interval: float = 20.0) -> None:
         self.ctx = ctx
         self.linger = linger
+        self.ping_interval = ping_interval
+        if ping_interval > 0:
+            ctx.call_later(ping_interval, self._ping_all)
         self._ep = select.epoll()
         self.fd = ctx.add_external(self._ep.fileno())
         #: descriptor -> (relay, what it is: 0 client, 1 stdin, 2 stdout)
@@ -517,6 +535,13 @@ class PipeRelays:
         if self._mask.pop(fd, None) is not None:
             with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(fd)
+
+    def _ping_all(self) -> None:
+        if self._ep.closed:
+            return
+        self.ctx.call_later(self.ping_interval, self._ping_all)
+        for relay in list(self.relays):
+            relay.keepalive(self.ping_interval)
 
     def close_fd(self, fd: int) -> int:
         """Forget and close pipe end ``fd`` (if open); -1, its new value."""

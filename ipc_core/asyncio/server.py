@@ -332,7 +332,8 @@ class Server:
 
     @property
     def connections(self) -> frozenset[Connection]:
-        """The clients whose handlers are running."""
+        """The clients being served (a handler running, or a protocol's
+        connection not closed yet)."""
         return frozenset(self._connections)
 
     async def __aenter__(self) -> Server:

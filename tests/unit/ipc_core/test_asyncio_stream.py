@@ -349,6 +349,37 @@ def test_held_frames_go_out_on_their_own_and_before_a_close() -> None:
     run(main())
 
 
+@pytest.mark.parametrize("awaited", [True, False])
+def test_close_cuts_a_peer_that_does_not_read_after_the_linger(
+    monkeypatch, caplog, awaited: bool
+) -> None:
+    """close() starts at once (a protocol's callback calls it without
+    await) and a peer that reads nothing is cut after the linger."""
+    monkeypatch.setattr("ipc_core.asyncio._stream.LINGER_SECONDS", 0.3)
+
+    async def main() -> None:
+        conn, far = await pair(write_high_water=16 * 1024)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                while True:  # the far end never reads
+                    await conn.send(b"p" * 60000)
+        assert conn.pending_bytes > 0
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        closing = conn.close()
+        if awaited:
+            await closing
+        else:
+            await asyncio.sleep(0)  # the close is under way without anyone waiting
+            assert not conn.closed
+            await conn.wait_closed()
+        assert conn.closed and 0.2 < loop.time() - start < 5
+        assert "peer not reading after 0.3 s; cutting it" in caplog.text
+        far.close()
+
+    run(main())
+
+
 # ---------------------------------------------------------- typed messages
 
 

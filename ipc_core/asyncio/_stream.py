@@ -263,8 +263,15 @@ class Connection(asyncio.BufferedProtocol):
             return
         if not messages:
             return
-        if self._sink is not None:
-            self._deliver(messages)
+        sink = self._sink
+        if sink is not None:
+            if len(messages) == 1 and not self._queue:  # the common case, inlined
+                try:
+                    sink(messages[0])
+                except Exception as exc:
+                    self._callback_failed("message_received", exc)
+            else:
+                self._deliver(messages)
             return
         self._queue.extend(messages)
         if len(messages) == 1:

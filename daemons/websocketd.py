@@ -927,6 +927,13 @@ def _reload_all(parts: Sequence[Callable[[], None]]) -> None:
     help="Counters are served on the local service NAME.ctl (ipc status NAME); "
     "give each instance sharing a run directory its own.",
 )
+@click.option(
+    "--no-handoff",
+    is_flag=True,
+    help="Always relay, even to services that take WebSocket connections over "
+    "(by default ipc exec gets the connection itself, before the 101, and this "
+    "daemon leaves the path).",
+)
 def main(
     common: CommonOptions,
     origins: tuple[str, ...],
@@ -944,6 +951,7 @@ def main(
     proxy_protocol: TrustedNetworks,
     server_tls: ServerTLS,
     control_name: str,
+    no_handoff: bool,
 ) -> None:
     """Let browsers reach local LibIPC services: ws://HOST:PORT/SERVICE.
 
@@ -988,6 +996,7 @@ def main(
             hold_pool=hold_pool,
             proxy_protocol=proxy_protocol,
         )
+        daemon.handoff = not no_handoff
     log.info(
         "%s: %s, replies as %s, origins: %s, static files: %s, tokens: %s, trusted proxies: %s",
         NAME,

@@ -3,18 +3,16 @@ websocketd running ``cat``: a program per WebSocket connection.
 
 Both sides do the same work: each WebSocket message is written to a ``cat``
 process's stdin, each read of its stdout becomes a message (``ipc exec
---raw``, ``websocketd --binary=true``; ipc exec's line mode is measured too,
-for reference: loadgen sends binary frames, which websocketd's line mode
-does not end with a newline). In ``--raw`` mode ours is two relays
-(ipc-websocketd relays to the service, ``ipc exec`` to the programs),
-websocketd one. ``ipc exec --framed NAME -- cat`` is measured beside it:
-``cat`` echoes LibIPC frames unchanged, so it is a correct echo, and in that
-mode each ``cat`` holds ipc-websocketd's connection itself (no relay in ipc
-exec): one relay, as in websocketd. 100 connections, one 64-byte message in flight
-each, every process (and with them the ``cat`` children) pinned to one CPU,
-runs interleaved, medians. Memory per connection: the RSS (and PSS, which
-shares the ``cat`` pages fairly) of every process involved, daemons and
-children, while 100 connections are held, minus the idle figure, per
+--raw``, ``websocketd --binary=true``). ipc exec's line mode (the default)
+and ``--framed`` are measured too. ipc-websocketd hands each connection over
+to ipc exec (lock mark ``handoff-websocket``), which answers the handshake
+and feeds ``cat`` over pipes: one relay, as websocketd. The relayed path
+(``ipc exec --no-handoff``: ipc-websocketd relays to ipc exec, which relays
+to cat) is shown for reference. 100 connections, one 64-byte message in
+flight each, every process (and with them the ``cat`` children) pinned to
+one CPU, runs interleaved, medians. Memory per connection: the RSS (and PSS,
+which shares the ``cat`` pages fairly) of every process involved, daemons
+and children, while 100 connections are held, minus the idle figure, per
 connection.
 """
 
@@ -33,8 +31,9 @@ NAME = "exec"
 TITLE = "ipc exec: a program per WebSocket connection, ipc-websocketd + ipc exec vs websocketd"
 
 OURS = "ipc-websocketd + ipc exec --raw"
-FRAMED = "ipc-websocketd + ipc exec --framed"
 LINES = "ipc-websocketd + ipc exec (line mode)"
+FRAMED = "ipc-websocketd + ipc exec --framed"
+RELAYED = "ipc-websocketd + ipc exec --raw --no-handoff (relayed)"
 PEER = "websocketd --binary=true"
 CONNECTIONS = 100
 SERVICE = "cat"
@@ -49,18 +48,19 @@ def missing() -> str | None:
     )
 
 
-def _ours(h: Harness, rundir: Path, mode: str) -> servers.Target:
+def _ours(h: Harness, rundir: Path, mode: str, handoff: bool = True) -> servers.Target:
     """ipc exec NAME -- cat, then ipc-websocketd in front of it; the Target's
     ``extra`` processes are the service (for the memory figures)."""
+    flags = ["--mode", mode] + ([] if handoff else ["--no-handoff"])
     service = h.start(
         "ipc-exec",
-        [BIN / "ipc", "exec", "-q", "--rundir", rundir, "--mode", mode, SERVICE, "--", "cat"],
+        [BIN / "ipc", "exec", "-q", "--rundir", rundir, *flags, SERVICE, "--", "cat"],
         nofile=servers.nofile(),
         ready=("unix", rundir / SERVICE),
     )
     relay = servers.ipc_websocketd(h, rundir)
     relay.args = [a if a != "/pong" else f"/{SERVICE}" for a in relay.args]
-    if mode == "raw":  # a read of cat's output is a message: the replies are a stream
+    if mode != "framed":  # a read of cat's output is a message: the replies are a stream
         relay.args.append("--ws-stream")
     _EXTRA[id(relay)] = service.pid
     return relay
@@ -171,9 +171,10 @@ def _hold(h: Harness, target: servers.Target, n: int) -> dict:
 def run(h: Harness, res: SuiteResult) -> None:
     starters = {
         OURS: partial(_ours, h, h.mkdir("exec-raw"), "raw"),
+        LINES: partial(_ours, h, h.mkdir("exec-line"), "line"),
         FRAMED: partial(_ours, h, h.mkdir("exec-framed"), "framed"),
         PEER: partial(_websocketd, h),
-        LINES: partial(_ours, h, h.mkdir("exec-line"), "line"),
+        RELAYED: partial(_ours, h, h.mkdir("exec-relayed"), "raw", False),
     }
     targets = {name: servers.Restartable(h, start) for name, start in starters.items()}
     load = ["-c", CONNECTIONS, "-s", 64, *h.lg_time()]
@@ -183,7 +184,7 @@ def run(h: Harness, res: SuiteResult) -> None:
         for t in targets.values():
             _stop(h, t.target)
     held = {}
-    for name in (OURS, FRAMED, PEER):  # fresh servers: idle means never used
+    for name in (OURS, LINES, RELAYED, PEER):  # fresh servers: idle means never used
         target = starters[name]()
         try:
             held[name] = _hold(h, target, CONNECTIONS)
@@ -200,14 +201,12 @@ def run(h: Harness, res: SuiteResult) -> None:
             "p50 µs",
             "p99 µs",
             "server CPU µs/msg",
-            "--raw vs this",
-            "--framed vs this",
+            "vs websocketd",
             "run spread",
             "note",
         ],
     )
-    ours = figs[OURS]
-    framed = figs[FRAMED]
+    peer = figs[PEER]
     for name, r in figs.items():
         t.rows.append(
             [
@@ -216,30 +215,21 @@ def run(h: Harness, res: SuiteResult) -> None:
                 fmt(r.get("p50_us"), 1),
                 fmt(r.get("p99_us"), 1),
                 fmt(r.get("cpu_us_per_msg"), 1),
-                fmt_ratio(ratio(ours.get("rate"), r.get("rate"))),
-                fmt_ratio(ratio(framed.get("rate"), r.get("rate"))),
+                fmt_ratio(ratio(r.get("rate"), peer.get("rate"))),
                 spread(r),
                 status(r),
             ]
         )
-    res.check_ratio(
-        f"{CONNECTIONS} connections: msg/s, {OURS} / websocketd",
-        ours.get("rate"),
-        figs[PEER].get("rate"),
-        ">=",
-        1.0,
-        "msg/s",
-        show=fmt_rate,
-    )
-    res.check_ratio(
-        f"{CONNECTIONS} connections: msg/s, {FRAMED} / websocketd",
-        framed.get("rate"),
-        figs[PEER].get("rate"),
-        ">=",
-        1.0,
-        "msg/s",
-        show=fmt_rate,
-    )
+    for name in (OURS, LINES, FRAMED):
+        res.check_ratio(
+            f"{CONNECTIONS} connections: msg/s, {name} / websocketd",
+            figs[name].get("rate"),
+            peer.get("rate"),
+            ">=",
+            1.0,
+            "msg/s",
+            show=fmt_rate,
+        )
     t = res.table(
         f"memory with {CONNECTIONS} connections held (daemons + every cat)",
         ["server", "processes", "RSS idle MiB", "RSS held MiB", "RSS/conn KiB", "PSS/conn KiB"],
@@ -257,18 +247,22 @@ def run(h: Harness, res: SuiteResult) -> None:
             ]
         )
     res.notes += [
-        "The comparison: ipc exec --raw against websocketd --binary=true, both running cat per "
+        "The comparison: ipc exec against websocketd --binary=true, both running cat per "
         "connection, each read of cat's output one message (loadgen reads the replies as a "
         "stream, --ws-stream). websocketd's default line mode is not measured: loadgen sends "
         "binary frames, which websocketd in text mode writes without a newline, so cat's "
-        "line never ends. ipc exec's line mode is shown for reference (figures only).",
-        "Ours is two processes: ipc-websocketd (-q --no-static) relaying to the service "
-        "`ipc exec --mode MODE cat -- cat` (peer information through its door; in raw and line "
-        "mode cat's stdin and stdout are one socket pair switched with the client inside ipc "
-        "exec's loop; in framed mode they are ipc-websocketd's door connection itself, so ipc "
-        "exec relays nothing); websocketd is one Go process with pipes to each cat. Every "
-        "process and every cat pinned to one CPU.",
-        "--framed: cat echoes the LibIPC frames ipc-websocketd writes, unchanged, so each "
+        "line never ends. ipc exec's line mode (its default: each message a line on stdin, "
+        "each line of stdout a message) does more work than websocketd --binary and is held "
+        "to the same target.",
+        "Ours is two processes: ipc-websocketd (-q --no-static) and the service `ipc exec "
+        "--mode MODE cat -- cat`. ipc-websocketd hands each WebSocket connection over to ipc "
+        "exec (the service's lock carries `handoff-websocket`: peer information and the socket "
+        "go through its door, before the 101), which answers the handshake and relays to cat "
+        "over two pipes: one relay per message, as in websocketd (one Go process with pipes "
+        "to each cat). `--no-handoff` (for reference): ipc-websocketd relays every message to "
+        "ipc exec, which relays it to cat over a socket pair. Every process and every cat "
+        "pinned to one CPU.",
+        "--framed: cat echoes the LibIPC frames ipc exec writes, unchanged, so each "
         "WebSocket message comes back as one message (no --ws-stream needed).",
         "server CPU µs/msg: user + system time of the servers' processes (daemons and cats) "
         "during a run over the messages of the run (warmup included): the cost of a message, "

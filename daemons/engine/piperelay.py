@@ -154,16 +154,25 @@ class PipeRelay:
         data = self._view[:n]
         kind = self.kind
         if kind:  # one whole message, the program reads it raw or as a line
-            payload = self.net.fast_payload(data)
-            if payload is not None:
-                self._write_program(payload if kind == _RAW else payload + b"\n")
-                return
+            out = self.net.fast_payload(data)
+            if out is not None and kind == _LINE:
+                out += b"\n"
         else:
-            stream = self.net.fast_receive(data)
-            if stream is not None:
-                self._write_program(stream)
+            out = self.net.fast_receive(data)
+        if out is None:
+            self._slow_net(bytes(data))
+        elif self._prog_out or self.stdin < 0:
+            self._write_program(out)
+        else:  # the common case, inline: the pipe takes it all
+            try:
+                written = os.write(self.stdin, out)
+            except BlockingIOError:
+                written = 0
+            except OSError as exc:
+                self._program_input_gone(exc)
                 return
-        self._slow_net(bytes(data))
+            if written < len(out):
+                self._write_program(out[written:])
 
     def _slow_net(self, data: bytes) -> None:
         """Anything but one whole data frame: websockets' parser (control
@@ -270,10 +279,20 @@ class PipeRelay:
             wire = None if line is None else net.fast_send_payload(line)
         else:
             wire = net.fast_send(data) if _one_frame(data) else None  # type: ignore[arg-type]
-        if wire is not None:
-            self.to_client(wire)
-        else:
+        if wire is None:
             self._slow_program(bytes(data))
+        elif self._net_out or self._done:
+            self.to_client(wire)
+        else:  # the common case, inline: the socket takes it all
+            try:
+                sent = self.sock.send(wire)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._client_gone(f"write failed: {exc.strerror or exc}", lost=True)
+                return
+            if sent < len(wire):
+                self.to_client(wire[sent:])
 
     def _slow_program(self, data: bytes) -> None:
         """Anything but one whole message: the program's layer, then the
@@ -310,9 +329,10 @@ class PipeRelay:
             except OSError as exc:
                 self._client_gone(f"write failed: {exc.strerror or exc}", lost=True)
                 return
-            if n < len(wire):
-                self._net_out += wire[n:]
-                self._relays.want(self.sock.fileno(), _OUT | (_IN if self._reading_net else 0))
+            if n == len(wire):
+                return
+            self._net_out += wire[n:]
+            self._relays.want(self.sock.fileno(), _OUT | (_IN if self._reading_net else 0))
         if self._reading_prog and len(self._net_out) > self.high_water:
             self._reading_prog = False  # the client reads slowly: stop reading the program
             if self.stdout >= 0:

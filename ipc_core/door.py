@@ -83,6 +83,13 @@ itself, so that no relay stays in the path:
 
 A service that did not ask for hand-offs refuses a passed descriptor (and
 closes it), as version 1 does.
+
+WebSocket hand-off: a service with the lock mark ``handoff-websocket``
+speaks WebSocket itself (``ipc exec``). ipc-websocketd hands it the client's
+socket the same way, before answering the upgrade: the offer's transport is
+``ws``, ``reply`` is empty (the service answers the 101 itself) and
+``early`` every byte the client sent, its HTTP request head first. On a
+refusal the daemon answers 403.
 """
 
 from __future__ import annotations

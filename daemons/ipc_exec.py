@@ -69,6 +69,7 @@ from .codecs.lines import LineLayer, RawLayer
 from .codecs.ws import WebSocketServerLayer
 from .engine.cgienv import base_environment, connection_environment
 from .engine.children import Child, Children, describe_status, spawn
+from .engine.daemon import source_key
 from .engine.listeners import raise_fd_limit
 from .engine.log import LogThrottle, escape_log_text, setup_logging
 from .engine.options import libipc_command, logging_options, rundir_option, seconds, version
@@ -128,6 +129,7 @@ class ExecService:
         stderr_rate: int = 50,
         handoff: bool = True,
         ping_interval: float = 20.0,
+        max_per_ip: int = 64,
     ) -> None:
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}")
@@ -156,6 +158,12 @@ class ExecService:
         #: ``handoff-websocket``): relayed here, over pipes, in ``_relays``.
         self.handoff = handoff
         self.ping_interval = ping_interval
+        #: Programs one client address (IPv6: its /64) may run at once; 0: no cap.
+        #: The daemons' --max-connections-per-ip counts a connection only while
+        #: they hold it; a handed-over one is counted here.
+        self.max_per_ip = max_per_ip
+        self._per_ip: dict[str, int] = {}
+        self._ip_of: dict[int, str] = {}  # pid -> its client's key
         self._relays: PipeRelays | None = None
         self._relay_by_pid: dict[int, tuple[PipeRelay, Child]] = {}
         self._refusals = LogThrottle()
@@ -220,6 +228,29 @@ class ExecService:
         port = f":{peer.client_port}" if peer.client_port is not None else ""
         return escape_log_text(f"{peer.transport} {address}{port}")
 
+    def _ip_key(self, peer: PeerInfo | None) -> str | None:
+        """The per-address key of a client that came through a daemon (None:
+        a local client, an unknown address, or no cap)."""
+        if not self.max_per_ip or peer is None or not peer.client_address:
+            return None
+        return source_key((peer.client_address, peer.client_port or 0))
+
+    def _count(self, pid: int, peer: PeerInfo | None) -> None:
+        """A program started for ``peer``: counted under its address until it exits."""
+        key = self._ip_key(peer)
+        if key is not None:
+            self._per_ip[key] = self._per_ip.get(key, 0) + 1
+            self._ip_of[pid] = key
+
+    def _uncount(self, pid: int) -> None:
+        key = self._ip_of.pop(pid, None)
+        if key is not None:
+            left = self._per_ip[key] - 1
+            if left:
+                self._per_ip[key] = left
+            else:
+                del self._per_ip[key]
+
     def _refuse(self, fd: int, peer: PeerInfo | None, reason: str) -> None:
         if peer is not None:
             self.ctx.refuse(fd, reason)
@@ -238,6 +269,19 @@ class ExecService:
                     more,
                 )
             self._refuse(fd, peer, f"too many clients of {self.name} (--max-processes)")
+            return
+        key = self._ip_key(peer)
+        if key is not None and self._per_ip.get(key, 0) >= self.max_per_ip:
+            more = self._refusals.due()
+            if more is not None:
+                log.warning(
+                    "%s refused: %d programs for %s (--max-connections-per-ip)%s",
+                    label,
+                    self._per_ip[key],
+                    key,
+                    more,
+                )
+            self._refuse(fd, peer, f"too many connections from {key} (--max-connections-per-ip)")
             return
         local_pid = local_uid = None
         if peer is None:
@@ -285,6 +329,7 @@ class ExecService:
             theirs.close()
             os.close(err_w)
         child = Child(pid, self.program, label)
+        self._count(pid, peer)
         child.on_exit = self._exited
         self.children.watch(child, err_r)
         ours.setblocking(False)
@@ -346,6 +391,7 @@ class ExecService:
         finally:
             os.close(err_w)
         child = Child(pid, self.program, label)
+        self._count(pid, peer)
         child.on_exit = self._exited
         self.children.watch(child, err_r)
         direct = _Direct(sock, child)
@@ -399,6 +445,7 @@ class ExecService:
             ws.release()
             return
         child = Child(pid, self.program, label)
+        self._count(pid, peer)
         child.on_exit = self._exited
         self.children.watch(child, err_r)
         program: LineLayer | RawLayer | None = None
@@ -543,6 +590,7 @@ class ExecService:
         self.children.stop(client.child)
 
     def _exited(self, child: Child) -> None:
+        self._uncount(child.pid)
         status = child.status or 0
         level = logging.INFO if status == 0 else logging.WARNING
         handed = self._relay_by_pid.pop(child.pid, None)
@@ -713,6 +761,15 @@ def _parse_env(values: Sequence[str]) -> list[tuple[str, str]]:
     "nothing; the program is fed over pipes here), or have it relay every message.",
 )
 @click.option(
+    "--max-connections-per-ip",
+    "max_per_ip",
+    type=click.IntRange(0, 100_000),
+    default=64,
+    metavar="N",
+    help="Programs one client address (an IPv6 /64) may run at once, for clients "
+    "that came through a daemon (handed over or relayed); more are refused. 0 = no limit.",
+)
+@click.option(
     "--ping-interval",
     type=seconds(0),
     default=20.0,
@@ -736,6 +793,7 @@ def exec_command(
     stderr_rate: int,
     handoff: bool,
     ping_interval: float,
+    max_per_ip: int,
     rundir: Path | None,
     verbose: int,
     quiet: int,
@@ -793,6 +851,7 @@ def exec_command(
         stderr_rate=stderr_rate,
         handoff=handoff,
         ping_interval=ping_interval,
+        max_per_ip=max_per_ip,
     )
     try:
         service.start()

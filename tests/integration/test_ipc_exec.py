@@ -415,6 +415,37 @@ def test_max_processes_refuses_beyond_the_limit(
     b.close()
 
 
+@pytest.mark.parametrize("handoff", ["--handoff", "--no-handoff"])
+def test_max_connections_per_ip_counts_clients_through_a_daemon(
+    start_exec,
+    websocketd,  # noqa: F811
+    handoff: str,
+) -> None:
+    """ipc-websocketd's own per-address cap no longer holds a handed-over
+    connection: ipc exec counts programs per client address itself."""
+    ex = start_exec("capped", "--max-connections-per-ip", "2", handoff, "--", "cat")
+    daemon = websocketd()
+    origin = f"http://127.0.0.1:{daemon.port}"
+    with (
+        daemon.connect("capped", origin=origin) as first,
+        daemon.connect("capped", origin=origin) as second,
+    ):
+        for ws in (first, second):
+            ws.send("hi")
+            assert ws.recv(timeout=5) in (b"hi", "hi")
+        with pytest.raises(InvalidStatus) as info:
+            daemon.connect("capped", origin=origin).close()
+        assert info.value.response.status_code == 403
+        ex.logs.wait_for("--max-connections-per-ip")
+        with ex.connect() as local:  # local clients are not counted
+            assert ask(local, b"local") == b"local"
+        first.close()
+        wait_for(lambda: len(ex.children()) == 1, what="the first program gone")
+        with daemon.connect("capped", origin=origin) as third:
+            third.send("again")
+            assert third.recv(timeout=5) in (b"again", "again")
+
+
 def test_a_double_start_and_a_missing_program_exit_2(start_exec, rundir: Path) -> None:
     start_exec("busy", "--", "cat")
     out = subprocess.run(

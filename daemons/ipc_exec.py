@@ -418,36 +418,31 @@ class ExecService:
         ws = WebSocketServerLayer(max_message_size=self.ctx.max_message_size)
         try:
             ws.receive_data(handed.early)  # the request head: DECIDING
-            opening = b""
-            pipes: list[int] = []
-            try:
-                for _ in range(3):
-                    pipes.extend(os.pipe2(os.O_CLOEXEC))
-            except OSError as exc:
-                _close_fds(pipes)
-                self._handoff_failed(sock, ws, label, exc)
-                return
-            in_r, in_w, out_r, out_w, err_r, err_w = pipes
-            try:
-                pid = spawn(self.path, self.argv, env, in_r, err_w, stdout=out_w)
-            except OSError as exc:
-                _close_fds(pipes)
-                self._handoff_failed(sock, ws, label, exc)
-                return
-            finally:
-                _close_fds([in_r, out_w, err_w])
-            opening = ws.accept(peer.subprotocol)  # 101; messages sent behind the request
         except IPCError as exc:  # a request the daemon accepted but this layer does not
-            log.warning("%s: WebSocket hand-off: %s; closing", label, exc)
-            with contextlib.suppress(OSError, IPCError):
-                sock.send(ws.data_to_send())
-            sock.close()
-            ws.release()
+            self._handoff_broken(sock, ws, label, exc)
             return
+        pipes: list[int] = []
+        try:
+            for _ in range(3):
+                pipes.extend(os.pipe2(os.O_CLOEXEC))
+            in_r, in_w, out_r, out_w, err_r, err_w = pipes
+            pid = spawn(self.path, self.argv, env, in_r, err_w, stdout=out_w)
+        except OSError as exc:  # out of descriptors, or the program cannot run
+            _close_fds(pipes)
+            self._handoff_failed(sock, ws, label, exc)
+            return
+        _close_fds([in_r, out_w, err_w])  # the program's ends
         child = Child(pid, self.program, label)
         self._count(pid, peer)
         child.on_exit = self._exited
         self.children.watch(child, err_r)
+        try:
+            opening = ws.accept(peer.subprotocol)  # 101; messages sent behind the request
+        except IPCError as exc:  # e.g. a close frame or a bad frame right behind it
+            _close_fds([in_w, out_r])  # the program reads EOF
+            self.children.stop(child)
+            self._handoff_broken(sock, ws, label, exc)
+            return
         program: LineLayer | RawLayer | None = None
         if self.mode == "line":
             program = LineLayer(self.ctx.max_message_size)
@@ -467,6 +462,18 @@ class ExecService:
         if opening:
             relay.to_program(opening)
         log.debug("%s: started %s (WebSocket handed over)", label, child.name)
+
+    @staticmethod
+    def _handoff_broken(
+        sock: socket.socket, ws: WebSocketServerLayer, label: str, exc: IPCError
+    ) -> None:
+        """The handed-over client's bytes do not make a WebSocket here: what
+        the layer answers (an HTTP error, a close frame) goes out, then the close."""
+        log.warning("%s: WebSocket hand-off: %s; closing", label, exc)
+        with contextlib.suppress(OSError, IPCError):
+            sock.send(ws.data_to_send())
+        sock.close()
+        ws.release()
 
     def _handoff_failed(
         self, sock: socket.socket, ws: WebSocketServerLayer, label: str, exc: OSError

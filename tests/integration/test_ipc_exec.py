@@ -885,3 +885,47 @@ def test_framed_mode_sigterm_stops_every_program(start_exec, tmp_path: Path) -> 
         assert closed(a) and closed(b)  # every copy of the connections gone
     assert not any(alive(p) for p in pids)
     assert not (ex.rundir / "stopf").exists() and not (ex.rundir / "stopf.door").exists()
+
+
+def _upgrade(port: int, path: str = "/cat") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "behind",
+    [
+        bytes((0x88, 0x82)) + b"\0\0\0\0" + (1000).to_bytes(2, "big"),  # a close
+        bytes((0x82, 0x03)) + b"abc",  # an unmasked frame: a protocol error
+    ],
+    ids=["close", "unmasked"],
+)
+def test_a_handed_over_client_whose_request_ends_badly_costs_nothing(
+    start_exec,
+    websocketd,  # noqa: F811
+    behind: bytes,
+) -> None:
+    """Bytes right behind the request reach ipc exec with the hand-off: a
+    close or a bad frame there ends that client (101, then a close frame) and
+    the program started for it; ipc exec serves the next one."""
+    ex = start_exec("cat", "--grace", "0.5", "--", "cat")
+    daemon = websocketd()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as s:
+        s.sendall(_upgrade(daemon.port) + behind)
+        got = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 101"), got
+    head, _, frames = got.partition(b"\r\n\r\n")
+    assert frames[:1] == b"\x88", got  # a close frame, then the end
+    ex.logs.wait_for("WebSocket hand-off")
+    wait_for(lambda: not ex.children(), what="its program gone")
+    with daemon.connect("cat", origin=f"http://127.0.0.1:{daemon.port}") as ws:
+        ws.send("next")
+        assert ws.recv(timeout=5) in (b"next", "next")

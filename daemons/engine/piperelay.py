@@ -25,8 +25,10 @@ write); bytes for the program above it stop the reading of the client.
 Ending: the client leaving (EOF, a close frame, an error) closes the
 program's stdin and calls ``on_end`` (the owner then stops the program after
 its grace period); the program closing its stdout (it exited) closes the
-WebSocket with 1000 once what it wrote is sent. What is still unsent to a
-client that does not read goes after ``linger`` seconds. Every
+WebSocket with 1000 once what it wrote is sent; a message of the program
+the client cannot be given (a line over the limit) closes it with 1011, the
+daemon stopping with 1001. What is still unsent to a client that does not
+read goes after ``linger`` seconds. Every
 ``ping_interval`` each client is pinged, and one whose previous ping got no
 pong is closed (as ipc-websocketd's keepalive does for the clients it relays).
 """
@@ -56,6 +58,8 @@ _OUT = select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP
 _U32 = struct.Struct(">I")
 _FRAMED, _RAW, _LINE = 0, 1, 2
+_GOING_AWAY = 1001  # WebSocket close codes (RFC 6455 7.4.1)
+_INTERNAL_ERROR = 1011
 
 
 class _Layer(Protocol):
@@ -230,7 +234,7 @@ class PipeRelay:
             self._relays.want(self.stdin, _OUT)
         if self._reading_net and len(self._prog_out) > self.high_water:
             self._reading_net = False  # the program is slow: stop reading the client
-            self._relays.want(self.sock.fileno(), 0)
+            self._watch_client()
 
     def stdin_writable(self) -> None:
         pending = self._prog_out
@@ -246,7 +250,14 @@ class PipeRelay:
             self._relays.want(self.stdin, 0)
         if not self._reading_net and not self._net_eof and len(pending) <= self.high_water // 4:
             self._reading_net = True
-            self._relays.want(self.sock.fileno(), _IN)
+            self._watch_client()
+
+    def _watch_client(self) -> None:
+        """Watch the client's socket for reading while it is read, and for
+        writing while bytes wait for it: pausing one direction must not
+        pause the other (both congested at once would never drain)."""
+        mask = _IN if self._reading_net and not self._net_eof else 0
+        self._relays.want(self.sock.fileno(), (mask | _OUT) if self._net_out else mask)
 
     def _program_input_gone(self, exc: OSError) -> None:
         """The program no longer reads its stdin (closed it, or exited):
@@ -255,6 +266,11 @@ class PipeRelay:
             log.debug("%s: writing to the program: %s", self.label, exc.strerror or exc)
         self._prog_out.clear()
         self._close_stdin()
+        if not self._reading_net and not self._net_eof:
+            # Paused for the program's sake: read the client again (what it
+            # sends is dropped), or its pongs and its close would never be read.
+            self._reading_net = True
+            self._watch_client()
 
     # ----------------------------------------------------------- program side
 
@@ -411,6 +427,8 @@ class PipeRelay:
         if self.reason is None:
             self.reason = reason
         log.info("%s: %s; closing", self.label, reason)
+        with contextlib.suppress(IPCError):  # a no-op when the layer queued its own
+            self.net.close(_INTERNAL_ERROR, "the program's output is not deliverable")
         self._flush_net_layer()
         self._close_stdout()
         self._client_gone(reason)
@@ -460,7 +478,15 @@ class PipeRelay:
         self._relays.ended(self)
 
     def close(self) -> None:
-        """Stop at once (the daemon stops)."""
+        """Stop at once (the daemon stops): the client is told 1001 (going
+        away) when its socket takes the close frame now, as a relayed client
+        is by ipc-websocketd."""
+        if not self._done and not self._net_eof and not self._net_out:
+            with contextlib.suppress(IPCError, OSError):
+                self.net.close(_GOING_AWAY)
+                out = self.net.data_to_send()
+                if out:
+                    self.sock.send(out)
         self._net_eof = self._prog_eof = True
         self._finish()
 

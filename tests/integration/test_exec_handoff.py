@@ -194,6 +194,24 @@ def test_many_messages_pipelined_keep_their_order(start_exec, websocketd) -> Non
     wait_for(lambda: not ex.children(), what="cat gone")
 
 
+def test_many_clients_at_once_each_get_their_own_replies(
+    start_exec,  # noqa: F811
+    websocketd,  # noqa: F811
+) -> None:
+    ex = start_exec("many", "--raw", "--", "cat")
+    daemon = websocketd()
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(daemon.connect("many")) for _ in range(30)]
+        for round_ in range(10):
+            for n, ws in enumerate(clients):
+                ws.send(b"%d:%d" % (n, round_))
+            for n, ws in enumerate(clients):
+                assert recv(ws) == b"%d:%d" % (n, round_)
+        assert len(ex.children()) == 30
+    assert handoffs(daemon, "many") == 30
+    wait_for(lambda: not ex.children(), what="every cat gone")
+
+
 # ------------------------------------------------------- handed over or not
 
 
@@ -471,6 +489,7 @@ def test_a_vanished_client_stops_its_program(
 ) -> None:
     ex = start_exec("gone", "--grace", "0.5", "--", "sleep", "60")
     daemon = websocketd()
+    baseline = ex.fds()
     for partial in (b"", frame(b"x" * 1000)[:300]):  # idle, or half a frame sent
         sock = raw_upgrade(daemon.port, "gone")
         sock.sendall(partial)
@@ -500,6 +519,7 @@ def test_a_vanished_client_stops_its_program(
             client.stdout.close()
     wait_for(lambda: not alive(pid) and not ex.children(), what="sleep stopped")
     assert handoffs(daemon, "gone") == 3
+    wait_for(lambda: ex.fds() == baseline, what=f"back to {baseline} descriptors")
     assert ex.proc.poll() is None
 
 
@@ -511,12 +531,15 @@ def test_max_processes_refuses_a_handed_over_client_with_403(
     daemon = websocketd()
     with daemon.connect("one") as first:
         assert recv_after(first, "a") == b"a"
+        baseline = ex.fds()
         for _ in range(3):
             with pytest.raises(InvalidStatus) as info:
                 daemon.connect("one").close()
             assert info.value.response.status_code == 403
         ex.logs.wait_for("--max-processes")
         assert recv_after(first, "still") == b"still"
+        # The refused hand-offs' sockets and doors are closed here.
+        wait_for(lambda: ex.fds() == baseline, what=f"back to {baseline} descriptors")
     wait_for(lambda: not ex.children(), what="the first cat gone")
     with daemon.connect("one") as ws:
         assert recv_after(ws, "next") == b"next"

@@ -394,16 +394,23 @@ class PipeRelay:
         self._close_stdin()
         self._close_stdout()
         self._prog_eof = True
-        if self.on_end is not None:
-            self.on_end(self)
+        self._ended()
         if lost or not self._net_out:
             self._finish()
         else:
             self._linger()
 
+    def _ended(self) -> None:
+        """Tell the owner, once, that this client is done with its program."""
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end(self)
+
     def _program_done(self) -> None:
-        """The program's output ended: close the WebSocket with 1000 once
-        what it wrote is sent."""
+        """The program's output ended: what it wrote is sent, then the close
+        frame (1000); the client's answering close (read like any frame) ends
+        the connection, as RFC 6455 has it, so the browser sees a clean close.
+        A client that never answers is cut after ``linger`` seconds."""
         self._close_stdout()
         self._prog_eof = True
         if self._net_eof:
@@ -411,15 +418,14 @@ class PipeRelay:
         with contextlib.suppress(IPCError):
             self.net.close()
         self._flush_net_layer()
-        self._net_eof = True
         self._close_stdin()
-        if self.on_end is not None:
-            self.on_end(self)
-        if not self._net_out:
-            self._finish()
-        else:
-            self._relays.want(self.sock.fileno(), _OUT)
-            self._linger()
+        self._ended()
+        if getattr(self.net, "closed", True):  # nothing to wait for (no handshake layer)
+            self._client_gone(None)
+            return
+        self._reading_net = True  # the answer must be read, paused or not
+        self._watch_client()
+        self._linger()
 
     def _fail(self, reason: str) -> None:
         """A protocol error on the program's side: the client gets the close

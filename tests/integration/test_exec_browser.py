@@ -3,8 +3,11 @@ ipc-websocketd, in the real headless Chromium.
 
 The page (ipc-websocketd's own origin) opens ``ws://.../counter``; each
 connection runs its own ``count.sh``, which prints 1 to 10 with pauses and
-its client's address, then exits: the browser gets the eleven messages as
-text, then the close, and the service logs the script's exit.
+its client's address, then exits: the browser gets the eleven messages, then
+the close, and the service logs the script's exit. Twice: with
+``ipc-websocketd --text`` (text frames; the daemon relays), and with its
+default binary replies, where ipc-websocketd hands the connection over to
+ipc exec, which answers the handshake and feeds the script over pipes.
 """
 
 from __future__ import annotations
@@ -36,12 +39,17 @@ done
 OPEN = """(() => {
   window.got = []; window.wsClosed = null;
   const ws = new WebSocket(`ws://${location.host}/counter?from=browser`);
-  ws.onmessage = (e) => window.got.push(e.data);
+  ws.binaryType = "arraybuffer";
+  ws.onmessage = (e) => window.got.push(
+    typeof e.data === "string" ? e.data : "binary:" + new TextDecoder().decode(e.data));
   ws.onclose = (e) => { window.wsClosed = {code: e.code, clean: e.wasClean}; };
 })()"""
 
 
-def test_the_counter_script_in_chromium(rundir: Path, procs: Processes, tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", [True, False], ids=["text-relayed", "binary-handed-over"])
+def test_the_counter_script_in_chromium(
+    rundir: Path, procs: Processes, tmp_path: Path, text: bool
+) -> None:
     script = tmp_path / "count.sh"
     script.write_text(COUNT_SH)
     script.chmod(0o755)
@@ -51,7 +59,9 @@ def test_the_counter_script_in_chromium(rundir: Path, procs: Processes, tmp_path
     )  # fmt: skip
     logs = LogReader(service)
     logs.wait_for("serving")
-    port = start_websocketd(procs, rundir, tmp_path / "websocketd.log", "--text")
+    daemon_log = tmp_path / "websocketd.log"
+    port = start_websocketd(procs, rundir, daemon_log, "--text" if text else "--binary")
+    kind = "" if text else "binary:"
     with chromium() as page:
         page.call("Page.enable")
         page.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
@@ -67,9 +77,11 @@ def test_the_counter_script_in_chromium(rundir: Path, procs: Processes, tmp_path
             page.evaluate(OPEN)
             wait_for(lambda: page.evaluate("window.wsClosed") is not None, 20, what="the close")
             got = page.evaluate("window.got")
-            assert got[1:] == [str(n) for n in range(1, 11)], got
-            assert got[0] == "counting for 127.0.0.1 (ws, /counter?from=browser)", got
+            assert got[1:] == [f"{kind}{n}" for n in range(1, 11)], got
+            assert got[0] == f"{kind}counting for 127.0.0.1 (ws, /counter?from=browser)", got
             closed = page.evaluate("window.wsClosed")
             assert closed["clean"] is True, json.dumps(closed)
     line = logs.wait_for("exited with status 0")
     assert re.search(r"count\.sh\[\d+\] \(ws 127\.0\.0\.1:\d+\)", line), line
+    handed = daemon_log.read_text().count("handed over")
+    assert handed == (0 if text else 2), daemon_log.read_text()

@@ -51,7 +51,8 @@ def missing() -> str | None:
 def _ours(h: Harness, rundir: Path, mode: str, handoff: bool = True) -> servers.Target:
     """ipc exec NAME -- cat, then ipc-websocketd in front of it; the Target's
     ``extra`` processes are the service (for the memory figures)."""
-    flags = ["--mode", mode] + ([] if handoff else ["--no-handoff"])
+    flags = ["--mode", mode, "--max-connections-per-ip", "0"]  # one source, 100 connections
+    flags += [] if handoff else ["--no-handoff"]
     service = h.start(
         "ipc-exec",
         [BIN / "ipc", "exec", "-q", "--rundir", rundir, *flags, SERVICE, "--", "cat"],

@@ -41,6 +41,7 @@ status is logged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -66,7 +67,8 @@ from ipc_core import (
 )
 
 from .codecs.lines import LineLayer, RawLayer
-from .codecs.ws import WebSocketServerLayer
+from .codecs.ws import HoldPool, WebSocketServerLayer
+from .codecs.wsrequest import TokenScrubber
 from .engine.cgienv import base_environment, connection_environment
 from .engine.children import Child, Children, describe_status, spawn
 from .engine.daemon import source_key
@@ -74,10 +76,17 @@ from .engine.listeners import raise_fd_limit
 from .engine.log import LogThrottle, escape_log_text, setup_logging
 from .engine.options import libipc_command, logging_options, rundir_option, seconds, version
 from .engine.piperelay import PipeRelay, PipeRelays
+from .engine.tokens import find_token
 
 __all__ = ["ExecService", "exec_command"]
 
 log = logging.getLogger("ipc.exec")
+#: websockets' own log for handed-over clients (every frame and the request
+#: at DEBUG, each connection at INFO): only with -vv, and never a token.
+frame_log = logging.getLogger("ipc.exec.frames")
+frame_log.addFilter(TokenScrubber())
+#: As ipc-websocketd's --hold-pool default.
+DEFAULT_HOLD_POOL = 2 * 1024 * 1024
 
 MODES = ("line", "framed", "raw")
 DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
@@ -165,6 +174,9 @@ class ExecService:
         self._per_ip: dict[str, int] = {}
         self._ip_of: dict[int, str] = {}  # pid -> its client's key
         self._relays: PipeRelays | None = None
+        #: Unfinished fragmented messages all handed-over clients may hold
+        #: beyond 256 KiB each, as ipc-websocketd bounds them.
+        self._hold_pool = HoldPool(DEFAULT_HOLD_POOL)
         self._relay_by_pid: dict[int, tuple[PipeRelay, Child]] = {}
         self._refusals = LogThrottle()
         self._failures = LogThrottle()
@@ -415,7 +427,9 @@ class ExecService:
         one relay in the path, as websocketd has."""
         assert self._relays is not None
         sock, peer = handed.sock, handed.peer
-        ws = WebSocketServerLayer(max_message_size=self.ctx.max_message_size)
+        ws = WebSocketServerLayer(
+            max_message_size=self.ctx.max_message_size, logger=frame_log, pool=self._hold_pool
+        )
         try:
             ws.receive_data(handed.early)  # the request head: DECIDING
         except IPCError as exc:  # a request the daemon accepted but this layer does not
@@ -437,7 +451,7 @@ class ExecService:
         child.on_exit = self._exited
         self.children.watch(child, err_r)
         try:
-            opening = ws.accept(peer.subprotocol)  # 101; messages sent behind the request
+            opening = ws.accept(_subprotocol(ws, peer))  # 101; messages behind the request
         except IPCError as exc:  # e.g. a close frame or a bad frame right behind it
             _close_fds([in_w, out_r])  # the program reads EOF
             self.children.stop(child)
@@ -455,7 +469,7 @@ class ExecService:
             in_w,
             out_r,
             label=f"{child.name} ({label})",
-            on_end=self._relay_ended,
+            on_end=functools.partial(self._relay_ended, child=child),
         )
         self._relay_by_pid[pid] = (relay, child)
         relay.to_client(ws.data_to_send())
@@ -487,18 +501,15 @@ class ExecService:
         sock.close()
         ws.release()
 
-    def _relay_ended(self, relay: PipeRelay) -> None:
+    def _relay_ended(self, relay: PipeRelay, child: Child) -> None:
         """A handed-over client is done (it left, or the program's output
         ended): the program, if still running, gets its grace period."""
-        for pid, (known, child) in list(self._relay_by_pid.items()):
-            if known is relay:
-                if relay.reason:
-                    log.info("%s: closed: %s", relay.label, relay.reason)
-                if child.status is None:
-                    self.children.stop(child)
-                else:
-                    del self._relay_by_pid[pid]
-                return
+        if relay.reason:
+            log.info("%s: closed: %s", relay.label, relay.reason)
+        if child.status is None:
+            self.children.stop(child)
+        else:
+            self._relay_by_pid.pop(child.pid, None)
 
     def _clients_left(self) -> None:
         """Clients of --framed programs left (EPOLLHUP: the program reads EOF
@@ -642,6 +653,18 @@ class ExecService:
                 self.ctx.close(program_fd)
 
         self.ctx.call_later(DRAIN_SECONDS, drained)
+
+
+def _subprotocol(ws: WebSocketServerLayer, peer: PeerInfo) -> str | None:
+    """The subprotocol the 101 selects: ipc-websocketd's choice. The peer
+    information never names a token entry (``ipc.token.TOKEN``, a secret),
+    which the daemon selects when the client offered nothing else (a browser
+    fails a connection whose offered subprotocol goes unanswered): found
+    again in the request, as the daemon found it."""
+    if peer.subprotocol is not None or ws.request is None:
+        return peer.subprotocol
+    presented = find_token(ws.request.path, ws.request.headers)
+    return presented.echo if presented.where == "subprotocol" else None
 
 
 def _close_fds(fds: Sequence[int]) -> None:
@@ -839,6 +862,7 @@ def exec_command(
         return
     _quiet_group_logging()
     setup_logging(verbose - quiet, log_format)
+    frame_log.setLevel(logging.DEBUG if verbose - quiet >= 2 else logging.WARNING)
     _ensure_std_descriptors()
     raise_fd_limit(64 + 5 * max_processes)
     try:

@@ -198,7 +198,9 @@ class Router:
         sock = self.ctx.socket_of(lookup.daemon_fd)
         need = 4 if len(lookup.answer) < 4 else 4 + struct.unpack(">I", lookup.answer[:4])[0]
         try:
-            chunk, fds, _flags, _addr = socket.recv_fds(sock, need - len(lookup.answer), 1)
+            chunk, fds, _flags, _addr = socket.recv_fds(
+                sock, need - len(lookup.answer), 1, socket.MSG_CMSG_CLOEXEC
+            )
         except BlockingIOError:
             return
         except OSError as exc:

@@ -332,9 +332,17 @@ class WebSocketHandshake:
         WebSocket itself (``ipc exec``): no reply from here, and every byte
         the client sent, its request first (the service answers the 101 with
         the subprotocol the peer information names). Never under TLS (the
-        TLS wrapper has no hand-off), never once a static file is answered."""
-        if self._body is not None or self.finished or self.options.text_replies:
-            return None  # --text: a setting the service would not know
+        TLS wrapper has no hand-off), never once a static file is answered,
+        never with --text or a --max-message-size below the default (the
+        operator's settings would not hold in the service)."""
+        options = self.options
+        if (
+            self._body is not None
+            or self.finished
+            or options.text_replies  # --text: a setting the service would not know
+            or options.max_message_size < DEFAULT_MAX_MESSAGE_SIZE  # nor a lower limit
+        ):
+            return None
         early = self.ws.handover()
         return None if early is None else (b"", early)
 

@@ -175,7 +175,11 @@ class Doors:
         socket, the hand-off frame) is complete (see Doors)."""
         space = _HANDOFF_SPACE if door.takes_sockets else _CRED_SPACE
         try:
-            n, ancdata, flags, _addr = conn.sock.recvmsg_into([self.ctx._view], space)
+            # MSG_CMSG_CLOEXEC: a passed socket must never leak into a child
+            # (ipc exec's programs would hold every other client's connection).
+            n, ancdata, flags, _addr = conn.sock.recvmsg_into(
+                [self.ctx._view], space, socket.MSG_CMSG_CLOEXEC
+            )
         except BlockingIOError:
             return
         except OSError as exc:

@@ -19,7 +19,7 @@ def send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
 
 def recv_fd(sock: socket.socket, bufsize: int = 4096) -> tuple[bytes, int | None]:
     """Receive data and at most one descriptor; extra descriptors are closed."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, bufsize, 4)
+    data, fds, _flags, _addr = socket.recv_fds(sock, bufsize, 4, socket.MSG_CMSG_CLOEXEC)
     for extra in fds[1:]:
         os.close(extra)
     return data, (fds[0] if fds else None)

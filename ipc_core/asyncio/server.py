@@ -199,7 +199,9 @@ class Server:
 
     def _read_offer(self, offer: _Offer) -> None:
         try:
-            data, ancdata, flags, _addr = offer.sock.recvmsg(_OFFER_READ, _CRED_SPACE)
+            data, ancdata, flags, _addr = offer.sock.recvmsg(
+                _OFFER_READ, _CRED_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
         except BlockingIOError:
             return
         except OSError as exc:

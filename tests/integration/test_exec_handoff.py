@@ -766,3 +766,86 @@ def test_exec_help_documents_the_handoff_options() -> None:
         [BIN / "ipc", "exec", "--help"], capture_output=True, text=True, timeout=30, check=True
     ).stdout
     assert "--no-handoff" in out and "--ping-interval" in out
+
+
+# -- found in review: descriptors, tokens, the daemon's own limit ---------------------
+
+
+def test_the_program_inherits_only_its_pipes(start_exec, websocketd, tmp_path: Path) -> None:  # noqa: F811
+    """A handed-over socket arrives close-on-exec (MSG_CMSG_CLOEXEC): a later
+    program must not hold an earlier client's connection."""
+    prog = script(
+        tmp_path,
+        "fds.py",
+        f"#!{sys.executable}\nimport os, sys\n"
+        "print(' '.join(sorted(os.listdir('/proc/self/fd'))), flush=True)\n"
+        "for line in sys.stdin:\n    print(line, end='', flush=True)\n",
+    )
+    start_exec("fds", "--", prog)
+    daemon = websocketd()
+    with daemon.connect("fds") as a, daemon.connect("fds") as b:
+        for ws in (a, b):
+            assert recv(ws) == b"0 1 2 3"  # 3 is the directory listdir opened
+    assert handoffs(daemon, "fds") == 2
+
+
+def test_a_closed_client_sees_the_end_while_a_later_client_runs(start_exec, websocketd) -> None:  # noqa: F811
+    start_exec("pair", "--", "cat")
+    daemon = websocketd()
+    first = raw_upgrade(daemon.port, "pair")
+    try:
+        with daemon.connect("pair") as later:  # its program started after the first's
+            assert recv_after(later, "x") == b"x"
+            first.sendall(frame(b"\x03\xe8", Opcode.CLOSE))
+            started = time.monotonic()
+            frames, ended = read_frames(first, timeout=5)  # the close reply, then EOF
+            assert frames and frames[-1][0] == Opcode.CLOSE.value
+            assert ended - started < 2, "a later program holds the first client's socket"
+    finally:
+        first.close()
+
+
+def test_a_token_subprotocol_alone_is_selected_by_the_101(
+    start_exec,  # noqa: F811
+    websocketd,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    start_exec("env", "--", "cat")
+    token = "secret-token-0123456789abcdef"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token} alice env\n")
+    tokens.chmod(0o600)
+    daemon = websocketd("--token-file", str(tokens))
+    entry = f"ipc.token.{token}"
+    with daemon.connect("env", subprotocols=[entry]) as ws:
+        assert ws.subprotocol == entry  # a browser fails the connection otherwise
+        assert recv_after(ws, "x") == b"x"
+    assert handoffs(daemon, "env") == 1
+
+
+def test_tokens_never_reach_ipc_exec_log(start_exec, websocketd, tmp_path: Path) -> None:  # noqa: F811
+    ex = start_exec("c", "-v", "--", "cat")
+    token = "secret-token-0123456789abcdef"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token} alice c\n")
+    tokens.chmod(0o600)
+    daemon = websocketd("--token-file", str(tokens))
+    with daemon.connect(f"c?token={token}") as ws:
+        assert recv_after(ws, "x") == b"x"
+    with daemon.connect("c", subprotocols=["chat", f"ipc.token.{token}"]) as ws:
+        assert recv_after(ws, "y") == b"y"
+    assert handoffs(daemon, "c") == 2
+    ex.logs.wait_for("exited with status 0")
+    text = ex.logs.text()
+    assert token not in text
+    assert "connection open" not in text  # websockets' per-connection INFO lines: -vv only
+
+
+def test_the_daemons_lower_message_limit_is_kept_by_relaying(start_exec, websocketd) -> None:  # noqa: F811
+    start_exec("lim", "--", "cat")
+    daemon = websocketd("--max-message-size", "1000")
+    with daemon.connect("lim") as ws:
+        assert recv_after(ws, b"x" * 999) == b"x" * 999
+        ws.send(b"x" * 5000)
+        assert close_code(ws) == 1009
+    assert handoffs(daemon, "lim") == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -324,3 +325,16 @@ def test_a_door_taking_both_kinds_holds_ws_and_adopts_tcp(rundir) -> None:
         taken.sock.close()
         for gate in (g_ws, g_tcp):
             gate.close()
+
+
+def test_a_taken_socket_is_not_inherited_by_programs(rundir: Path) -> None:
+    """MSG_CMSG_CLOEXEC on the door: a handed-over socket never leaks into a
+    child the service starts (ipc exec starts one per client)."""
+    with Context() as ctx, tcp_pair() as (_client, server):
+        ctx.service_init("web", handoff_websocket=True)
+        gate = hand_over(rundir, "web", server)
+        taken = ctx.take_handoff(next_event(ctx).fd)
+        assert taken is not None
+        assert not os.get_inheritable(taken.sock.fileno())
+        taken.sock.close()
+        gate.close()

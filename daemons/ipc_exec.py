@@ -916,7 +916,15 @@ def _quiet_group_logging() -> None:
 
 def _ensure_std_descriptors() -> None:
     """Descriptors 0-2 open (on /dev/null if need be), so a socket pair never
-    lands there and a child's dup2 onto 0-2 always clears close-on-exec."""
+    lands there and a child's dup2 onto 0-2 always clears close-on-exec; and
+    every other descriptor ipc exec was started with closed on exec, so that
+    no program inherits what its parent left open (a shell's, a supervisor's)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2:
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)

@@ -929,3 +929,30 @@ def test_a_handed_over_client_whose_request_ends_badly_costs_nothing(
     with daemon.connect("cat", origin=f"http://127.0.0.1:{daemon.port}") as ws:
         ws.send("next")
         assert ws.recv(timeout=5) in (b"next", "next")
+
+
+def test_programs_inherit_nothing_ipc_exec_was_started_with(
+    rundir: Path, procs: Processes, tmp_path: Path
+) -> None:
+    """A descriptor left open by ipc exec's parent (a shell's, a supervisor's)
+    does not reach the programs: only stdin, stdout and stderr do."""
+    prog = script(
+        tmp_path,
+        "fds.py",
+        f"#!{sys.executable}\nimport os\n"
+        "print(' '.join(sorted(os.listdir('/proc/self/fd'))), flush=True)\n",
+    )
+    leaked_r, leaked_w = os.pipe()
+    try:
+        proc = procs.start(
+            BIN / "ipc", "exec", "--rundir", rundir, "fds", "--", prog,
+            env={"RUNDIR": str(rundir)}, pass_fds=(leaked_r, leaked_w),
+        )  # fmt: skip
+        LogReader(proc).wait_for("serving")
+    finally:
+        os.close(leaked_r)
+        os.close(leaked_w)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(rundir / "fds"))
+        assert recv_msg(s) == b"0 1 2 3"  # 3 is the directory listdir opened

@@ -310,8 +310,8 @@ class Doors:
         """A WebSocket hand-off: announced, then held for ``take`` (the
         application parses the handshake itself; the Context never reads
         a WebSocket stream)."""
-        conn.reader = self._read_spent_door
         fd = taken.sock.fileno()
+        conn.reader = functools.partial(self._read_held_door, fd)
         event = Event(_CONNECTION, fd, origin=door.origin, peer=taken.peer)
         self.held[fd] = _Held(taken, conn, event)
         self.ctx._events.append(event)
@@ -322,6 +322,9 @@ class Doors:
         when ``fd`` is no hand-off waiting."""
         held = self.held.pop(fd, None) if self.held else None
         if held is None:
+            return None
+        if self._withdrawn(held.door):  # the daemon gave up and answered the client itself
+            self._drop_withdrawn(fd, held)
             return None
         self._answer_door(held.door, _ACCEPT_FRAME)
         return held.taken
@@ -345,6 +348,42 @@ class Doors:
                 log.warning("descriptor %d: WebSocket hand-off not taken; refusing it", fd)
                 self.drop_held(fd, "the service did not take the connection")
 
+    def _read_held_door(self, fd: int, conn: Conn) -> None:
+        """The door of a hand-off still held says something (EOF: the daemon
+        gave up, e.g. at its deadline, and answered the client itself): the
+        held socket goes too, and its CONNECTION event if still queued."""
+        data = _door_says(conn)
+        if data is None:
+            return
+        held = self.held.get(fd)
+        if held is not None and held.door is conn:
+            del self.held[fd]
+            self._drop_withdrawn(fd, held)  # the door closed with it
+            return
+        self.ctx._table.close_conn(
+            conn, None if not data else "bytes after a hand-off", report=False
+        )
+
+    def _withdrawn(self, door: Conn) -> bool:
+        """Has the daemon closed (or broken) a held hand-off's door? Checked
+        at ``take``: its EOF may not have been read yet."""
+        if self.ctx._conns.get(door.fd) is not door:
+            return True
+        try:
+            door.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True  # EOF (it gave up), or a byte it must not send
+
+    def _drop_withdrawn(self, fd: int, held: _Held) -> None:
+        with contextlib.suppress(ValueError):
+            self.ctx._events.remove(held.event)  # not yet seen: never will be
+        held.taken.sock.close()
+        self.ctx._table.close_conn(held.door, None, report=False)
+        log.warning("descriptor %d: the daemon withdrew its WebSocket hand-off", fd)
+
     def close_held(self) -> None:
         for held in self.held.values():
             held.taken.sock.close()
@@ -353,12 +392,9 @@ class Doors:
     def _read_spent_door(self, conn: Conn) -> None:
         """A door whose socket was handed over says nothing more: close it on
         EOF (the daemon gave up) or on any byte."""
-        try:
-            data = conn.sock.recv(1)
-        except BlockingIOError:
+        data = _door_says(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         self.ctx._table.close_conn(
             conn, None if not data else "bytes after a hand-off", report=False
         )
@@ -448,6 +484,18 @@ class Doors:
         # and sees the close once the daemon drops its copy too.
         self._answer_door(handover.door, frame)
         self.ctx.close(fd, flush=True)
+
+
+def _door_says(conn: Conn) -> bytes | None:
+    """One byte from a door past its offer (b"" at EOF or on an error), or
+    None when nothing is there yet."""
+    try:
+        data: bytes = conn.sock.recv(1)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+    return data
 
 
 def _credentials_problem(

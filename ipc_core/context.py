@@ -766,6 +766,8 @@ class Context:
         table = self._table
         conn = self._conns.get(fd)
         if conn is None:
+            if self._doors.held:  # a WebSocket hand-off not taken: refused
+                self._doors.drop_held(fd, "closed by the service")
             return
         if self._offered:
             self._offered.pop(fd, None)  # closed without a verdict: the daemon sees EOF

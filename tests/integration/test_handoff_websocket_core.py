@@ -338,3 +338,31 @@ def test_a_taken_socket_is_not_inherited_by_programs(rundir: Path) -> None:
         assert not os.get_inheritable(taken.sock.fileno())
         taken.sock.close()
         gate.close()
+
+
+def test_a_handoff_the_daemon_withdraws_is_not_given(rundir, caplog) -> None:
+    """The daemon closes the door before the verdict (its deadline passed and
+    it answered the client itself): ``take_handoff`` gives nothing and the
+    held socket goes."""
+    caplog.set_level(logging.WARNING, logger="ipc_core")
+    with Context() as ctx, tcp_pair() as (client, server):
+        ctx.service_init("web", handoff_websocket=True)
+        gate = hand_over(rundir, "web", server)
+        event = next_event(ctx)
+        gate.close()
+        assert ctx.take_handoff(event.fd) is None
+        assert "withdrew" in warnings_of(caplog)
+        assert closed_by_service(client, server)
+
+
+def test_closing_a_held_handoff_refuses_it(rundir) -> None:
+    with Context() as ctx, tcp_pair() as (client, server):
+        ctx.service_init("web", handoff_websocket=True)
+        gate = hand_over(rundir, "web", server)
+        event = next_event(ctx)
+        ctx.close(event.fd)
+        verdict, _ = read_verdict(gate)
+        assert not verdict.accepted and verdict.reason == "closed by the service"
+        assert ctx.take_handoff(event.fd) is None
+        assert closed_by_service(client, server)
+        gate.close()

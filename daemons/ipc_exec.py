@@ -316,6 +316,8 @@ class ExecService:
             if handed is not None:
                 self._take(handed, label, env)
                 return
+            if fd not in self.ctx:  # a hand-off the daemon withdrew (logged): gone
+                return
         if self.mode == "framed" and self._give(fd, peer, label, env):
             return
         try:

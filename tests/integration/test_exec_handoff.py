@@ -32,7 +32,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 
-from tests.helpers import BIN, wait_for
+from ipc_core import encode
+from tests.helpers import BIN, recv_msg, wait_for
 from tests.integration.test_ipc_exec import (  # noqa: F401  (start_exec: a fixture)
     PRINTENV,
     alive,
@@ -849,3 +850,26 @@ def test_the_daemons_lower_message_limit_is_kept_by_relaying(start_exec, websock
         ws.send(b"x" * 5000)
         assert close_code(ws) == 1009
     assert handoffs(daemon, "lim") == 0
+
+
+def test_handoffs_the_daemon_withdraws_at_once_cost_nothing(
+    start_exec,  # noqa: F811
+    rundir: Path,
+) -> None:
+    """A daemon that gives up right after handing a connection over (its
+    deadline passed): whether ipc exec saw the withdrawal before taking it or
+    not, it keeps serving, and no program outlives its client."""
+    from tests.integration.test_handoff_websocket_core import hand_over, tcp_pair
+
+    ex = start_exec("w", "--grace", "0.5", "--", "cat")
+    for _ in range(20):
+        with tcp_pair() as (client, server):
+            gate = hand_over(rundir, "w", server)
+            gate.close()
+            server.close()
+            client.close()
+    wait_for(lambda: not ex.children(), what="no program left")
+    assert ex.proc.poll() is None and "Traceback" not in ex.logs.text()
+    with ex.connect() as s:
+        s.sendall(encode(b"still here"))
+        assert recv_msg(s) == b"still here"

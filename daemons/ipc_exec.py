@@ -7,7 +7,7 @@ once, with the client's identity in its environment.
 
 This module is the command: its options, the program's environment, start
 and stop. The service itself, one program per client connection, is
-:class:`daemons.engine.execservice.ExecService` (its docstring says how it
+:class:`daemons.execservice.ExecService` (its docstring says how it
 works).
 """
 
@@ -27,10 +27,10 @@ import click
 from ipc_core import Context, IPCError, ServiceBusy
 
 from .engine.cgienv import base_environment
-from .engine.execservice import DEFAULT_MAX_MESSAGE_SIZE, MODES, ExecService, frame_log
 from .engine.listeners import raise_fd_limit
 from .engine.log import setup_logging
 from .engine.options import libipc_command, logging_options, rundir_option, seconds
+from .execservice import DEFAULT_MAX_MESSAGE_SIZE, MODES, ExecService, frame_log
 
 __all__ = ["ExecService", "exec_command"]
 

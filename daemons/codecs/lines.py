@@ -1,7 +1,7 @@
 """The program side of ``ipc exec``, Sans-I/O: lines or raw reads <-> messages.
 
 Why: ``ipc exec`` joins each client connection to one process's stdin and
-stdout (one Unix socket pair, see :mod:`daemons.engine.execservice`) inside the
+stdout (one Unix socket pair, see :mod:`daemons.execservice`) inside the
 Context's switch, so the loop does every read and write and these layers
 only convert bytes, as the TLS and WebSocket layers do for the daemons.
 Each is a :class:`ipc_core.Layer` on the program's end of the pair:

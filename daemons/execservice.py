@@ -55,16 +55,16 @@ from collections.abc import Sequence
 
 from ipc_core import Context, EventType, HandedOver, IPCError, PeerInfo, UsageError
 
-from ..codecs.lines import LineLayer, RawLayer
-from ..codecs.ws import HoldPool, WebSocketServerLayer
-from ..codecs.wsrequest import TokenScrubber
-from .cgienv import connection_environment
-from .children import Child, Children, describe_status, spawn
-from .daemon import source_key
-from .log import LogThrottle, escape_log_text
-from .options import version
-from .piperelay import PipeRelay, PipeRelays
-from .tokens import find_token
+from .codecs.lines import LineLayer, RawLayer
+from .codecs.ws import HoldPool, WebSocketServerLayer
+from .codecs.wsrequest import TokenScrubber
+from .engine.cgienv import connection_environment
+from .engine.children import Child, Children, describe_status, spawn
+from .engine.daemon import source_key
+from .engine.log import LogThrottle, escape_log_text
+from .engine.options import version
+from .engine.piperelay import PipeRelay, PipeRelays
+from .engine.tokens import find_token
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "MODES", "ExecService", "frame_log"]
 

@@ -98,8 +98,8 @@ def main(verbose: int) -> None:
 def serve_pong(ctx: Context, name: str, ready: bool = True, *, handoff: bool = True) -> None:
     """Echo every message back to its sender until stopped. ``handoff``:
     take ipc-tcpd's connections over (no relay in the path)."""
+    ctx.handle_signals()  # before the socket exists: a SIGTERM once it does is a clean stop
     ctx.service_init(name, handoff=handoff)
-    ctx.handle_signals()
     if ready:
         click.echo(f"pongd: serving {name!r} in {ctx.rundir}", err=True)
     write = ctx.write

@@ -248,6 +248,7 @@ def exec_command(
         ping_interval=ping_interval,
         max_per_ip=max_per_ip,
     )
+    ctx.handle_signals()  # before the socket exists: a SIGTERM once it does is a clean stop
     try:
         service.start()
     except ServiceBusy as exc:
@@ -258,7 +259,6 @@ def exec_command(
         ctx.close_all()
         _fail(str(exc))
         return
-    ctx.handle_signals()
     log.info(
         "serving %r in %s: %s (%s mode, at most %d processes)",
         name,

@@ -452,16 +452,8 @@ class Doors:
                 self.accept_offer(fd)
 
     def refuse(self, fd: int, reason: str) -> None:
-        """Refuse a client that came through the door (its CONNECTION event
-        carried ``peer``): the daemon gets the refusal with ``reason`` (cut
-        to 512 UTF-8 bytes, control characters replaced) and the connection
-        closes once that is written; a DISCONNECTION event follows.
-
-        Only before the verdict: without a refusal the accept is sent at the
-        next ``wait_event()`` call or before the first write to ``fd``
-        (UsageError after that, or for a connection that did not come
-        through a door).
-        """
+        """:meth:`Context.refuse <ipc_core.Context.refuse>` (its docstring
+        says the rules): a held hand-off, or a door connection's offer."""
         if self.drop_held(fd, reason):
             log.debug("descriptor %d refused: %s", fd, _door.clean_reason(reason))
             return

@@ -34,11 +34,12 @@ bench/suites/asyncio.py). A lone connection (ping-pong) writes at once.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 from .. import door as _door
@@ -146,7 +147,7 @@ def _coalescer(loop: asyncio.AbstractEventLoop) -> _Coalescer:
     return out
 
 
-class MessageProtocol:
+class MessageProtocol(abc.ABC):
     """The callback shape of a service, as :class:`asyncio.Protocol` is
     the callback shape of asyncio's streams: ``serve(name,
     protocol=Factory)`` makes one per client and calls these methods from
@@ -161,15 +162,16 @@ class MessageProtocol:
     not read either; what one callback sends in a row is its own bound.
     """
 
-    def connection_made(self, conn: Connection) -> None:
+    def connection_made(self, conn: Connection) -> None:  # noqa: B027  (optional hook)
         """A client arrived (``conn.peer`` is set for a door connection;
         ``conn.refuse(reason)`` here refuses it)."""
 
+    @abc.abstractmethod
     def message_received(self, message: bytes) -> None:
-        """One message from the client, in order."""
-        raise NotImplementedError
+        """One message from the client, in order (the one method a
+        protocol must define)."""
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: B027  (optional hook)
         """The client is gone: None when it closed between two messages
         (or the service closed it), else why (PeerClosed in the middle of
         a message or on a reset, ProtocolError for bad framing)."""
@@ -447,11 +449,16 @@ class Connection(asyncio.BufferedProtocol):
 
     # ----------------------------------------------------------------- API
 
-    async def recv(self) -> bytes:
+    def recv(self) -> Coroutine[Any, Any, bytes]:
         """The next message. Raises PeerClosed once the peer is gone and
         every message it sent has been returned; ProtocolError (e.g.
         MessageTooLarge) if it broke the framing (the connection is then
         closed). Cancelling a ``recv`` loses no message."""
+        return self._next(False)
+
+    async def _next(self, iterating: bool) -> bytes:
+        """``recv`` and ``async for``: one coroutine per message either way;
+        ``iterating`` ends the iteration at a clean close instead of raising."""
         if self._offered:
             self._accept()
         queue = self._queue
@@ -459,6 +466,8 @@ class Connection(asyncio.BufferedProtocol):
             if self._sink is not None:
                 raise UsageError("this connection's messages go to its protocol")
             if self._error is not None:
+                if iterating and self._clean_end:
+                    raise StopAsyncIteration
                 raise self._error
             if self._waiter is not None:
                 raise UsageError("another coroutine is already waiting in recv()")
@@ -644,33 +653,11 @@ class Connection(asyncio.BufferedProtocol):
     def __aiter__(self) -> Connection:
         return self
 
-    async def __anext__(self) -> bytes:
+    def __anext__(self) -> Coroutine[Any, Any, bytes]:
         """``async for message in conn`` ends when the connection closes
         between two messages; a peer that vanished in the middle of one, a
         reset or a protocol error is raised (PeerClosed, ProtocolError)."""
-        # recv's body again, one coroutine frame less per message.
-        if self._offered:
-            self._accept()
-        queue = self._queue
-        while not queue:
-            if self._sink is not None:
-                raise UsageError("this connection's messages go to its protocol")
-            if self._error is not None:
-                if self._clean_end:
-                    raise StopAsyncIteration
-                raise self._error
-            if self._waiter is not None:
-                raise UsageError("another coroutine is already waiting in recv()")
-            waiter = self._waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-        message = queue.popleft()
-        self._queued -= len(message)
-        if self._reading_paused and self._queued <= self._read_low:
-            self._resume()
-        return message
+        return self._next(True)
 
     async def __aenter__(self) -> Connection:
         return self
